@@ -1,0 +1,97 @@
+"""The ``dict-rate-limit`` command: one console script, one subcommand per entry point."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from exporter import __version__, config, logsetup
+
+# subcommand -> (module:function taking Settings and returning an exit code, one-line help).
+# Modules are imported only when their subcommand runs, so `simulator` never loads psycopg or pulsar.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "exporter": ("exporter.app:run", "Poll the Bridge and serve /metrics, health and the policies API."),
+    "receiver": (
+        "exporter.receiver:run",
+        "Receive Alertmanager webhooks, record them, relay them to Pulsar.",
+    ),
+    "all-in-one": (
+        "exporter.app:run_all_in_one",
+        "Exporter and receiver in one process (small installations).",
+    ),
+    "migrate": ("exporter.migrations:run", "Apply (or roll back) the sql/ migrations."),
+    "simulator": ("exporter.simulator:run", "Serve a Bridge simulator with real token-bucket dynamics."),
+    "demo": ("exporter.demo:run", "Start the whole stack on embedded defaults and show it working."),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dict-rate-limit",
+        description="Monitoring of DICT rate-limit token buckets. Configuration precedence: "
+        "defaults < --config.file (or CONFIG_FILE) < environment < flags.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_target, help_text) in COMMANDS.items():
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        config.add_flags(command_parser, name)
+        if name == "migrate":
+            command_parser.add_argument(
+                "direction", nargs="?", choices=["up", "down", "status"], default="up"
+            )
+            command_parser.add_argument(
+                "--to",
+                dest="migrate_to",
+                type=int,
+                default=None,
+                help="With down: the version to roll back to (default: one step).",
+            )
+    check = sub.add_parser(
+        "check-config",
+        help="Validate the configuration of a command and print it.",
+        description="Validate the configuration and print the effective values, "
+        "secrets masked. Exit 2 and one line naming the key when invalid.",
+    )
+    check.add_argument("target", choices=sorted(COMMANDS), nargs="?", default="exporter")
+    config.add_flags(check, "check-config")
+    return parser
+
+
+def _resolve(target: str) -> Callable[..., int]:
+    module_name, _, function = target.partition(":")
+    module = importlib.import_module(module_name)
+    entry: Callable[..., int] = getattr(module, function)
+    return entry
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if k.startswith("cfg_") or k == "config_file"}
+    command = args.target if args.command == "check-config" else args.command
+    try:
+        settings = config.load(command, flags)
+    except config.ConfigError as exc:
+        print(f"dict-rate-limit {args.command}: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "check-config":
+        print(json.dumps(config.effective(settings, command), indent=2, sort_keys=True))
+        return 0
+    logsetup.setup(settings.log_level, settings.log_format)
+    entry = _resolve(COMMANDS[args.command][0])
+    try:
+        if args.command == "migrate":
+            return entry(settings, direction=args.direction, to=args.migrate_to)
+        return entry(settings)
+    except config.ConfigError as exc:  # checks that need the command's own context (e.g. poll budget)
+        print(f"dict-rate-limit {args.command}: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
