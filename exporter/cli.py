@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Receive Alertmanager webhooks, record them, relay them to Pulsar.",
     ),
     "all-in-one": (
-        "exporter.app:run_all_in_one",
+        "exporter.allinone:run",
         "Exporter and receiver in one process (small installations).",
     ),
     "migrate": ("exporter.migrations:run", "Apply (or roll back) the sql/ migrations."),
