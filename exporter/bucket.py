@@ -60,7 +60,7 @@ def gross_consumption(previous: PolicyReading, current: PolicyReading, elapsed_s
         current.refill_rate_per_second * elapsed_seconds,
         max(0, previous.capacity - previous.available_tokens),
     )
-    return max(0.0, (previous.available_tokens - current.available_tokens) + refill)
+    return max(0.0, float(previous.available_tokens - current.available_tokens) + refill)
 
 
 def exhaustion_projection_seconds(reading: PolicyReading, rate_per_second: float | None) -> float | None:
