@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -564,7 +565,8 @@ def add_flags(parser: argparse.ArgumentParser, command: str) -> None:
         help="YAML file of keys (lower-case key names); env CONFIG_FILE.",
     )
     for key in KEYS:
-        if command in key.commands:
+        # check-config validates any command's configuration, so it accepts every flag.
+        if command in key.commands or command == "check-config":
             parser.add_argument(
                 key.flag_name, dest=f"cfg_{key.name}", metavar=key.env, help=f"{key.help} [env {key.env}]"
             )
@@ -678,9 +680,8 @@ def effective(settings: Settings, command: str) -> dict[str, Any]:
 
 
 def _mask(name: str, value: str) -> str:
-    if name == "database_url" and "@" in value and "://" in value:
-        scheme, rest = value.split("://", 1)
-        credentials, host = rest.rsplit("@", 1)
-        user = credentials.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}"
-    return "***"
+    """Hides passwords in URLs and conninfo strings and every other secret entirely."""
+    if name != "database_url":
+        return "***"
+    masked = re.sub(r"(password=)[^&\s]+", r"\1***", value)
+    return re.sub(r"^([a-z]+://[^:/@]+:)[^@]*@", r"\1***@", masked)
