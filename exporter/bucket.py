@@ -6,6 +6,7 @@ zero: a snapshot whose ResponseTime does not advance yields no consumption and n
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from exporter.snapshot import PolicyReading, Snapshot
@@ -44,9 +45,13 @@ def remaining_ratio(reading: PolicyReading) -> float:
 
 
 def recovery_eta_seconds(reading: PolicyReading) -> float:
-    """Seconds to a full bucket at the refill rate if nothing is consumed."""
+    """Seconds to a full bucket at the refill rate if nothing is consumed; +inf when it never refills."""
     missing = max(0, reading.capacity - reading.available_tokens)
-    return missing / reading.refill_rate_per_second
+    if missing == 0:
+        return 0.0
+    # RefillTokens 0 is valid (only negative is rejected): such a bucket never recovers.
+    rate = reading.refill_rate_per_second
+    return missing / rate if rate > 0 else math.inf
 
 
 def gross_consumption(previous: PolicyReading, current: PolicyReading, elapsed_seconds: float) -> float:
