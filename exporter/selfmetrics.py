@@ -1,0 +1,186 @@
+"""The exporter's own health metrics: Bridge reachability, poll outcomes and durations, rejected policies.
+
+Unlike the bucket series these are never withdrawn. They live in a private registry (no module globals) and
+change only through the methods below, each of which bumps a generation number, so a scrape re-renders them
+only when something changed since the previous scrape.
+"""
+
+from __future__ import annotations
+
+import platform
+import threading
+from collections.abc import Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from exporter import __version__
+
+#: Reasons a Bridge response (or one policy of it) is rejected; created at start-up so the series exist.
+INVALID_REASONS = (
+    "missing_field",
+    "capacity_not_positive",
+    "refill_period_not_positive",
+    "refill_tokens_negative",
+    "unknown_category",
+    "duplicate_name",
+)
+#: Operations of dict_rate_limit_monitoring_duration_seconds timed inside the exporter.
+OPERATIONS = ("poll", "bridge_call", "history_write", "maintenance")
+#: A poll takes one loopback call (~1 ms) up to the Bridge timeout with retries (seconds).
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class _StateCollector(Collector):
+    """Gauges that describe the poller's state; values are read from :class:`SelfMetrics` at render time."""
+
+    def __init__(self, owner: SelfMetrics) -> None:
+        self._owner = owner
+
+    def describe(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        return self._families(with_samples=False)
+
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        return self._families(with_samples=True)
+
+    def _families(self, *, with_samples: bool) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        o = self._owner
+        specs: tuple[tuple[str, str, float], ...] = (
+            (
+                "dict_rate_limit_bridge_up",
+                "1 when the last poll of the Bridge succeeded, 0 when it failed.",
+                o.up,
+            ),
+            (
+                "dict_rate_limit_last_success_timestamp_seconds",
+                "Unix time (local clock) of the last successful poll of the Bridge; 0 before the first.",
+                o.last_success_timestamp,
+            ),
+            (
+                "dict_rate_limit_poll_interval_seconds",
+                "Configured seconds between Bridge list calls (POLL_INTERVAL_SECONDS).",
+                o.poll_interval,
+            ),
+            (
+                "dict_rate_limit_stale",
+                "1 while the bucket series are withdrawn because the last successful poll is older than "
+                "STALE_AFTER_INTERVALS intervals.",
+                1.0 if o.stale else 0.0,
+            ),
+        )
+        for name, help_text, value in specs:
+            gauge = GaugeMetricFamily(name, help_text)
+            if with_samples:
+                gauge.add_metric([], value)
+            yield gauge
+        changes = CounterMetricFamily(
+            "dict_rate_limit_category_changes",
+            "Times the PSP category DICT reported differed from the previous snapshot's (BCB changed it).",
+        )
+        build = GaugeMetricFamily(
+            "dict_rate_limit_exporter_build_info",
+            "Build information of the exporter (value 1).",
+            labels=["version", "python_version"],
+        )
+        if with_samples:
+            changes.add_metric([], o.category_changes)
+            build.add_metric([__version__, platform.python_version()], 1)
+        yield changes
+        yield build
+
+
+class SelfMetrics:
+    """Counters, histograms and state gauges of the exporter's own health, rendered on demand."""
+
+    def __init__(self, poll_interval: float) -> None:
+        self.registry = CollectorRegistry()
+        self.poll_interval = poll_interval
+        self.up = 0.0
+        self.last_success_timestamp = 0.0
+        self.stale = False
+        self.category_changes = 0
+        self._generation = 0
+        self._cache_key: tuple[int, bool] | None = None
+        self._cache = b""
+        self._lock = threading.Lock()
+        r = self.registry
+        self.polls = Counter(
+            "dict_rate_limit_polls", "Polls of the Bridge attempted, by result.", ["result"], registry=r
+        )
+        self.bridge_requests = Counter(
+            "dict_rate_limit_bridge_requests",
+            "Calls to the Bridge (retries included), by gRPC status code.",
+            ["code"],
+            registry=r,
+        )
+        self.poll_duration = Histogram(
+            "dict_rate_limit_poll_duration_seconds",
+            "Wall time of one poll of the Bridge, retries included.",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.invalid_policies = Counter(
+            "dict_rate_limit_invalid_policies",
+            "Policies (or whole snapshots, for unknown_category) rejected from a Bridge response, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.monitoring_duration = Histogram(
+            "dict_rate_limit_monitoring_duration_seconds",
+            "Time of the product's operations, by operation.",
+            ["operation"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        r.register(_StateCollector(self))
+        # Label values created up front so every series exists from the first scrape.
+        for result in ("success", "failure"):
+            self.polls.labels(result)
+        for reason in INVALID_REASONS:
+            self.invalid_policies.labels(reason)
+        for operation in OPERATIONS:
+            self.monitoring_duration.labels(operation)
+        self.bridge_requests.labels("OK")
+
+    def _changed(self) -> None:
+        with self._lock:
+            self._generation += 1
+
+    def record_bridge_request(self, code: str) -> None:
+        """The Bridge client's ``on_attempt`` hook: one call per gRPC attempt, by status name."""
+        self.bridge_requests.labels(code).inc()
+        self._changed()
+
+    def record_invalid(self, reason: str, count: int = 1) -> None:
+        self.invalid_policies.labels(reason).inc(count)
+        self._changed()
+
+    def observe(self, operation: str, seconds: float) -> None:
+        """Times one operation (also the history writer's ``observe`` hook)."""
+        self.monitoring_duration.labels(operation).observe(seconds)
+        self._changed()
+
+    def record_poll(self, *, success: bool, seconds: float, wall_time: float, category_changed: bool) -> None:
+        self.polls.labels("success" if success else "failure").inc()
+        self.poll_duration.observe(seconds)
+        self.monitoring_duration.labels("poll").observe(seconds)
+        self.up = 1.0 if success else 0.0
+        if success:
+            self.last_success_timestamp = wall_time
+        if category_changed:
+            self.category_changes += 1
+        self._changed()
+
+    def render(self, *, stale: bool) -> bytes:
+        """The health part of the exposition; re-rendered only when a value changed since the last call."""
+        with self._lock:
+            key = (self._generation, stale)
+            if key == self._cache_key:
+                return self._cache
+        self.stale = stale
+        body = generate_latest(self.registry)
+        with self._lock:
+            # A change that raced the render bumped the generation after we read it: cache under the old key.
+            self._cache_key, self._cache = key, body
+        return body
