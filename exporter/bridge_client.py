@@ -32,6 +32,7 @@ BACKOFF_MAX = 5.0
 MAX_ATTEMPTS = 3
 #: An attempt with less time than this left before the deadline could not succeed: it is not made.
 MIN_ATTEMPT_SECONDS = 0.05
+_HANDSHAKE_HINTS = ("handshake", "ssl", "tls", "certificate", "socket closed")
 
 Response = TypeVar("Response")
 
@@ -278,12 +279,13 @@ class BridgeClient:
 
     def _classify(self, code: str, details: str) -> BridgeError:
         lowered = details.lower()
-        if (
-            code == "UNAVAILABLE"
-            and self.tls
-            and any(word in lowered for word in ("handshake", "ssl", "tls", "certificate"))
-        ):
-            message = f"TLS handshake failed with the Bridge at {self.address}: {details}"
+        # gRPC reports a refused handshake as UNAVAILABLE, often only as "Socket closed" (TLS 1.3 servers
+        # reject a missing client certificate after the client considers the handshake done).
+        if code == "UNAVAILABLE" and self.tls and any(word in lowered for word in _HANDSHAKE_HINTS):
+            message = (
+                f"TLS handshake failed with the Bridge at {self.address} (check the CA, the client "
+                f"certificate and key, and the server name): {details}"
+            )
         else:
             message = f"Bridge call to {self.address} failed: {code}: {details}"
         if code in TRANSIENT_CODES:
