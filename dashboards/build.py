@@ -1,0 +1,143 @@
+"""Generates dashboards/dict-rate-limit.json from code (grafana-foundation-sdk); `--check` fails on drift.
+
+Run from the repository root: `python dashboards/build.py` (write) or `python dashboards/build.py --check`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from grafana_foundation_sdk.builders import dashboard
+from grafana_foundation_sdk.cog import builder as cogbuilder
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import dashboard as dm
+from panel_kit import PG, PROM, RUNBOOKS
+from panels import alert_panels, bucket_panels, danger_table, firing_stat, health_panels, history_panels
+
+OUTPUT = Path(__file__).resolve().parent / "dict-rate-limit.json"
+UID = "dict-rate-limit"
+
+# --- assembly
+
+
+def variables() -> list[cogbuilder.Builder[dm.VariableModel]]:
+    def label_values(name: str, label: str, query: str) -> dashboard.QueryVariable:
+        return (
+            dashboard.QueryVariable(name)
+            .label(label)
+            .datasource(PROM)
+            .query(query)
+            .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
+            .sort(dm.VariableSort.ALPHABETICAL_ASC)
+            .multi(True)
+            .include_all(True)
+            .current(dm.VariableOption(selected=True, text=["All"], value=["$__all"]))
+        )
+
+    return [
+        dashboard.DatasourceVariable("datasource").label("Prometheus").type("prometheus"),
+        dashboard.DatasourceVariable("postgres").label("PostgreSQL (history)").type(PG.type_val or ""),
+        label_values("category", "Category", "label_values(dict_rate_limit_psp_category_info, psp_category)"),
+        label_values(
+            "policy",
+            "Policy",
+            'label_values(dict_rate_limit_capacity{psp_category=~"$category"}, endpoint_id)',
+        ),
+    ]
+
+
+Row = tuple[str, list[tuple[cogbuilder.Builder[dm.Panel], int, int]]]
+
+
+def layout() -> list[Row]:
+    """Rows of (panel, width, height); the grid has 24 columns."""
+    danger = [
+        danger_table(),
+        firing_stat("DICTRateLimitCritical", "CRITICAL firing", "red", "dictratelimitcritical"),
+        firing_stat("DICTRateLimitWarning", "WARNING firing", "orange", "dictratelimitwarning"),
+    ]
+    rows = [
+        ("Buckets in danger", danger, "14x9 5x9 5x9"),
+        ("Buckets", bucket_panels(), "12x8 12x8 12x8 12x8 12x9 12x9"),
+        ("Alerts", alert_panels(), "12x8 12x8 24x9"),
+        ("Monitoring health", health_panels(), "4x6 4x6 16x6 8x7 8x7 8x7"),
+        ("History beyond Prometheus retention (PostgreSQL)", history_panels(), "12x8 12x8"),
+    ]
+    laid_out: list[Row] = []
+    for title, panels, sizes in rows:
+        dims = [tuple(int(n) for n in size.split("x")) for size in sizes.split()]
+        laid_out.append((title, [(panel, w, h) for panel, (w, h) in zip(panels, dims, strict=True)]))
+    return laid_out
+
+
+def build() -> dict[str, object]:
+    board = (
+        dashboard.Dashboard("DICT rate limits")
+        .uid(UID)
+        .description(
+            "DICT (Pix) rate-limit token buckets: danger first, then buckets, alerts, health, history."
+        )
+        .tags(["dict", "pix", "rate-limit"])
+        .time("now-6h", "now")
+        .refresh("30s")
+        .timezone("utc")
+        .tooltip(dm.DashboardCursorSync.CROSSHAIR)
+        .variables(variables())
+        .link(
+            dashboard.DashboardLink("Runbooks")
+            .url(RUNBOOKS)
+            .target_blank(True)
+            .type(dm.DashboardLinkType.LINK)
+        )
+    )
+    panel_id = 1
+    for title, panels in layout():
+        board = board.with_row(dashboard.Row(title).id(panel_id))
+        panel_id += 1
+        for panel, width, height in panels:
+            board = board.with_panel(_sized(panel, panel_id, width, height))
+            panel_id += 1
+    model: dict[str, object] = board.build().to_json()
+    return model
+
+
+def _sized(
+    panel: cogbuilder.Builder[dm.Panel], panel_id: int, width: int, height: int
+) -> cogbuilder.Builder[dm.Panel]:
+    built = panel.build()
+    built.id_val = panel_id
+    built.grid_pos = dm.GridPos(h=height, w=width)
+    return _Built(built)
+
+
+class _Built(cogbuilder.Builder[dm.Panel]):
+    def __init__(self, panel: dm.Panel) -> None:
+        self._panel = panel
+
+    def build(self) -> dm.Panel:
+        return self._panel
+
+
+def render() -> str:
+    return json.dumps(build(), cls=JSONEncoder, indent=2, sort_keys=True) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--check", action="store_true", help="exit 1 when the committed JSON differs")
+    args = parser.parse_args(argv)
+    text = render()
+    if args.check:
+        if OUTPUT.read_text(encoding="utf-8") != text:
+            print(f"{OUTPUT} is out of date: run python dashboards/build.py", file=sys.stderr)
+            return 1
+        return 0
+    OUTPUT.write_text(text, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
