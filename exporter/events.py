@@ -1,0 +1,140 @@
+"""The Pulsar alert event: its fields (the seeds' names), its JSON body, message key and properties.
+
+One event per alert state change: ``rate_limit.alert.created`` when an alert instance is first recorded
+firing, ``rate_limit.alert.resolved`` when it is resolved. The body is described by
+``schemas/rate-limit-alert-event.schema.json`` (a test keeps the two in step). ``event_id`` is chosen when the
+outbox row is written and never changes, so a consumer deduplicates retries and redeliveries on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+#: Bumped when a field changes meaning or is removed; adding optional fields keeps the version.
+SCHEMA_VERSION = "1.0"
+CREATED = "rate_limit.alert.created"
+RESOLVED = "rate_limit.alert.resolved"
+EVENT_TYPES = (CREATED, RESOLVED)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def event_id_for(fingerprint: str, starts_at: datetime, event_type: str) -> uuid.UUID:
+    """The id ``sql/0003`` gives the event: md5 of fingerprint, startsAt (µs since the epoch) and type."""
+    micros = (starts_at - _EPOCH) // timedelta(microseconds=1)
+    digest = hashlib.md5(f"{fingerprint}|{micros}|{event_type}".encode(), usedforsecurity=False).hexdigest()
+    return uuid.UUID(digest)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """An unsent outbox row joined with its alert: what the relay reads (column names = field names)."""
+
+    id: int
+    event_id: uuid.UUID
+    event_type: str
+    alert_name: str
+    fingerprint: str
+    severity: str
+    endpoint_id: str | None
+    psp_category: str | None
+    status: str
+    starts_at: datetime
+    ends_at: datetime | None
+    resolved_at: datetime | None
+    resolved_by: str | None
+    available_tokens: int | None
+    capacity: int | None
+    utilization_percent: float | None
+    recovery_eta_seconds: float | None
+    exhaustion_projection_seconds: float | None
+    summary: str | None
+    description: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AlertEvent:
+    """The body of one Pulsar message (field order = JSON order)."""
+
+    event_id: str
+    event_type: str
+    timestamp: str
+    endpoint_id: str | None
+    severity: str
+    available_tokens: int | None
+    capacity: int | None
+    utilization_percent: float | None
+    recovery_eta_seconds: float | None
+    exhaustion_projection_seconds: float | None
+    psp_category: str | None
+    message: str
+    schema_version: str
+    alert_name: str
+    fingerprint: str
+    starts_at: str
+    ends_at: str | None
+    resolved_by: str | None
+
+    @classmethod
+    def from_row(cls, row: OutboxRow) -> AlertEvent:
+        resolved = row.event_type == RESOLVED
+        # The time of the change itself, so a redelivered event carries the same timestamp.
+        when = (row.ends_at or row.resolved_at or row.starts_at) if resolved else row.starts_at
+        return cls(
+            event_id=str(row.event_id),
+            event_type=row.event_type,
+            timestamp=_rfc3339(when),
+            endpoint_id=row.endpoint_id,
+            severity=row.severity,
+            available_tokens=row.available_tokens,
+            capacity=row.capacity,
+            utilization_percent=row.utilization_percent,
+            recovery_eta_seconds=row.recovery_eta_seconds,
+            exhaustion_projection_seconds=row.exhaustion_projection_seconds,
+            psp_category=row.psp_category,
+            message=_message(row, resolved),
+            schema_version=SCHEMA_VERSION,
+            alert_name=row.alert_name,
+            fingerprint=row.fingerprint,
+            starts_at=_rfc3339(row.starts_at),
+            ends_at=_rfc3339(when) if resolved else None,
+            resolved_by=row.resolved_by if resolved else None,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def body(self) -> bytes:
+        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":")).encode()
+
+    @property
+    def key(self) -> str:
+        """Message key: the policy, so a keyed subscription keeps each policy's events in order.
+
+        Health alerts have no policy; their alert name keeps each one's created/resolved pair together.
+        """
+        return self.endpoint_id or self.alert_name
+
+    def properties(self) -> dict[str, str]:
+        return {
+            "event_type": self.event_type,
+            "severity": self.severity,
+            "psp_category": self.psp_category or "",
+            "schema_version": self.schema_version,
+            "event_id": self.event_id,
+        }
+
+
+def _rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _message(row: OutboxRow, resolved: bool) -> str:
+    text = row.summary or row.description or row.alert_name
+    if resolved:
+        return f"Resolved: {text}"
+    return text
