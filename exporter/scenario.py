@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -179,6 +180,8 @@ class _Reader:
 
     def until(self, items: dict[str, Node], key: str, at: float) -> float:
         """End time from ``for`` (a duration) or ``by`` (a scenario time after ``at``)."""
+        if "for" in items and "by" in items:
+            self.fail(items["by"], f"{key}.by", "give a duration (for) or an end time (by), not both")
         if "for" in items:
             return at + float(self.number(items["for"], f"{key}.for", 0.0, above=True))
         by = float(self.number(items["by"], f"{key}.by", 0.0))
@@ -206,82 +209,97 @@ def _one_of(r: _Reader, node: Node, items: dict[str, Node], key: str, *names: st
         r.fail(node, key, f"needs exactly one of {' or '.join(names)}")
 
 
-def _action(r: _Reader, kind: str, node: Node, key: str, at: float) -> Action:  # noqa: PLR0911 - one per kind
-    if kind == "traffic":
-        items = r.mapping(node, key, {"policy", "rate", "jitter", "not_found"}, {"policy", "rate"})
-        return _traffic_fields(r, r.name(items["policy"], f"{key}.policy"), items, key)
-    if kind == "burst":
-        items = r.mapping(node, key, {"policy", "requests", "cost"}, {"policy", "requests"})
-        cost = int(r.number(items["cost"], f"{key}.cost", 1, integer=True)) if "cost" in items else 1
-        requests = int(r.number(items["requests"], f"{key}.requests", 1, integer=True))
-        return Burst(r.name(items["policy"], f"{key}.policy"), requests, cost)
-    if kind == "drain":
-        items = r.mapping(node, key, {"policy", "rate", "to_ratio", "for", "by"}, {"policy"})
-        _one_of(r, node, items, key, "rate", "to_ratio")
-        _one_of(r, node, items, key, "for", "by")
-        return Drain(
-            policy=r.name(items["policy"], f"{key}.policy"),
-            until=r.until(items, key, at),
-            rate=float(r.number(items["rate"], f"{key}.rate", 0.0, above=True)) if "rate" in items else None,
-            to_ratio=r.ratio(items["to_ratio"], f"{key}.to_ratio") if "to_ratio" in items else None,
-        )
-    if kind == "storm_404":
-        items = r.mapping(node, key, {"policy", "rate", "for", "by"}, {"rate"})
-        _one_of(r, node, items, key, "for", "by")
-        policy = r.name(items["policy"], f"{key}.policy") if "policy" in items else ANTISCAN
-        return Storm404(
-            policy, float(r.number(items["rate"], f"{key}.rate", 0.0, above=True)), r.until(items, key, at)
-        )
-    if kind == "category":
-        letter = r.scalar(node, key)
-        if not isinstance(letter, str) or letter not in CATEGORY_LIMITS:
-            r.fail(node, key, f"must be one DICT category letter A-H (got {letter!r})")
-        return CategoryChange(letter)
-    if kind == "add_policy":
-        allowed = {"name", "capacity", "refill_tokens", "refill_period_sec", "available"}
-        items = r.mapping(node, key, allowed, allowed - {"available"})
-        name = r.name(items["name"], f"{key}.name", known=False)
-        r.added.add(name)
-        return AddPolicy(
-            name=name,
-            capacity=int(r.number(items["capacity"], f"{key}.capacity", 1, integer=True)),
-            refill_tokens=int(r.number(items["refill_tokens"], f"{key}.refill_tokens", 0, integer=True)),
-            refill_period_sec=int(
-                r.number(items["refill_period_sec"], f"{key}.refill_period_sec", 1, integer=True)
-            ),
-            available=int(r.number(items["available"], f"{key}.available", -1e18, integer=True))
-            if "available" in items
-            else None,
-        )
-    if kind == "remove_policy":
-        return RemovePolicy(r.name(node, key))
-    if kind == "latency":
-        items = r.mapping(node, key, {"seconds", "for", "by"}, {"seconds"})
-        seconds = float(r.number(items["seconds"], f"{key}.seconds", 0.0))
-        return Latency(seconds, r.until(items, key, at) if {"for", "by"} & items.keys() else None)
+def _parse_traffic(r: _Reader, node: Node, key: str, at: float) -> Action:
+    items = r.mapping(node, key, {"policy", "rate", "jitter", "not_found"}, {"policy", "rate"})
+    return _traffic_fields(r, r.name(items["policy"], f"{key}.policy"), items, key)
+
+
+def _parse_burst(r: _Reader, node: Node, key: str, at: float) -> Action:
+    items = r.mapping(node, key, {"policy", "requests", "cost"}, {"policy", "requests"})
+    cost = int(r.number(items["cost"], f"{key}.cost", 1, integer=True)) if "cost" in items else 1
+    requests = int(r.number(items["requests"], f"{key}.requests", 1, integer=True))
+    return Burst(r.name(items["policy"], f"{key}.policy"), requests, cost)
+
+
+def _parse_drain(r: _Reader, node: Node, key: str, at: float) -> Action:
+    items = r.mapping(node, key, {"policy", "rate", "to_ratio", "for", "by"}, {"policy"})
+    _one_of(r, node, items, key, "rate", "to_ratio")
+    _one_of(r, node, items, key, "for", "by")
+    return Drain(
+        policy=r.name(items["policy"], f"{key}.policy"),
+        until=r.until(items, key, at),
+        rate=float(r.number(items["rate"], f"{key}.rate", 0.0, above=True)) if "rate" in items else None,
+        to_ratio=r.ratio(items["to_ratio"], f"{key}.to_ratio") if "to_ratio" in items else None,
+    )
+
+
+def _parse_storm_404(r: _Reader, node: Node, key: str, at: float) -> Action:
+    items = r.mapping(node, key, {"policy", "rate", "for", "by"}, {"rate"})
+    _one_of(r, node, items, key, "for", "by")
+    policy = r.name(items["policy"], f"{key}.policy") if "policy" in items else ANTISCAN
+    rate = float(r.number(items["rate"], f"{key}.rate", 0.0, above=True))
+    return Storm404(policy, rate, r.until(items, key, at))
+
+
+def _parse_category(r: _Reader, node: Node, key: str, at: float) -> Action:
+    letter = r.scalar(node, key)
+    if not isinstance(letter, str) or letter not in CATEGORY_LIMITS:
+        r.fail(node, key, f"must be one DICT category letter A-H (got {letter!r})")
+    return CategoryChange(letter)
+
+
+def _parse_add_policy(r: _Reader, node: Node, key: str, at: float) -> Action:
+    allowed = {"name", "capacity", "refill_tokens", "refill_period_sec", "available"}
+    items = r.mapping(node, key, allowed, allowed - {"available"})
+    name = r.name(items["name"], f"{key}.name", known=False)
+    r.added.add(name)
+
+    def integer(field: str, minimum: float) -> int:
+        return int(r.number(items[field], f"{key}.{field}", minimum, integer=True))
+
+    return AddPolicy(
+        name=name,
+        capacity=integer("capacity", 1),
+        refill_tokens=integer("refill_tokens", 0),
+        refill_period_sec=integer("refill_period_sec", 1),
+        available=integer("available", -(10**12)) if "available" in items else None,
+    )
+
+
+def _parse_remove_policy(r: _Reader, node: Node, key: str, at: float) -> Action:
+    return RemovePolicy(r.name(node, key))
+
+
+def _parse_latency(r: _Reader, node: Node, key: str, at: float) -> Action:
+    items = r.mapping(node, key, {"seconds", "for", "by"}, {"seconds"})
+    seconds = float(r.number(items["seconds"], f"{key}.seconds", 0.0))
+    return Latency(seconds, r.until(items, key, at) if {"for", "by"} & items.keys() else None)
+
+
+def _parse_error(r: _Reader, node: Node, key: str, at: float) -> Action:
     items = r.mapping(node, key, {"code", "count", "for", "by"}, {"code"})
     code = r.scalar(items["code"], f"{key}.code")
     if code not in ERROR_CODES:
         r.fail(items["code"], f"{key}.code", f"must be a gRPC status name other than OK (got {code!r})")
-    if "count" in items:
-        if {"for", "by"} & items.keys():
-            r.fail(node, key, "needs count or a duration (for/by), not both")
-        return InjectError(code, count=int(r.number(items["count"], f"{key}.count", 1, integer=True)))
     _one_of(r, node, items, key, "count", "for", "by")
+    if "count" in items:
+        return InjectError(code, count=int(r.number(items["count"], f"{key}.count", 1, integer=True)))
     return InjectError(code, until=r.until(items, key, at))
 
 
-ACTIONS = (
-    "traffic",
-    "burst",
-    "drain",
-    "storm_404",
-    "category",
-    "add_policy",
-    "remove_policy",
-    "latency",
-    "error",
-)
+#: Event kind (its YAML key) -> parser of its body.
+_PARSERS: dict[str, Callable[[_Reader, Node, str, float], Action]] = {
+    "traffic": _parse_traffic,
+    "burst": _parse_burst,
+    "drain": _parse_drain,
+    "storm_404": _parse_storm_404,
+    "category": _parse_category,
+    "add_policy": _parse_add_policy,
+    "remove_policy": _parse_remove_policy,
+    "latency": _parse_latency,
+    "error": _parse_error,
+}
+ACTIONS = tuple(_PARSERS)
 
 
 def _events(r: _Reader, node: Node) -> list[ScenarioEvent]:
@@ -295,7 +313,7 @@ def _events(r: _Reader, node: Node) -> list[ScenarioEvent]:
         if len(items) != 1:
             r.fail(event_node, key, f"needs exactly one action ({', '.join(ACTIONS)})")
         ((kind, action_node),) = items.items()
-        events.append(ScenarioEvent(at, _action(r, kind, action_node, f"{key}.{kind}", at)))
+        events.append(ScenarioEvent(at, _PARSERS[kind](r, action_node, f"{key}.{kind}", at)))
     return events
 
 

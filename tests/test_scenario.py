@@ -64,6 +64,18 @@ def _error(text: str) -> sc.ScenarioError:
         ),
         ("repeat: 10\nevents:\n  - {at: 30, category: B}\n", 1, "repeat", "after the last event"),
         ("events: {at: 1}\n", 1, "events", "must be a list"),
+        (
+            "events:\n  - at: 1\n    error: {code: INTERNAL, count: 1, for: 5}\n",
+            3,
+            "events[0].error",
+            "exactly one",
+        ),
+        (
+            "events:\n  - at: 1\n    latency: {seconds: 1, for: 5,\n      by: 9}\n",
+            4,
+            "events[0].latency.by",
+            "not both",
+        ),
         ("name: [unclosed\n", 2, "(yaml)", ""),
     ],
 )
