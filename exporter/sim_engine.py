@@ -132,7 +132,8 @@ class BucketEngine:
         bucket.refill_to(now)
         served = bucket.admit(requests - not_found)
         served_404 = bucket.admit(not_found, dp.NOT_FOUND_COST)
-        if stream.not_found > 0:
+        # Once a policy sees lookups that can be 404, all its traffic counts in the share's denominator.
+        if stream.not_found > 0 or stream.policy in self._window:
             window_ticks = max(1, round(NOT_FOUND_WINDOW_SECONDS / self.tick))
             self._window.setdefault(stream.policy, deque(maxlen=window_ticks))
             lookups, misses = self._tick_counts.get(stream.policy, (0, 0))
@@ -267,6 +268,7 @@ class BucketEngine:
         return None
 
     def latency(self) -> float:
+        self.advance()
         seconds, until = self._latency
         return seconds if self._ticks * self.tick < until else 0.0
 

@@ -127,13 +127,16 @@ class SimulatorServer:
         server = grpc.aio.server()
         pb_grpc.add_RateLimitServiceServicer_to_server(_Servicer(self), server)  # type: ignore[no-untyped-call]
         cert, key, client_ca = self._tls
-        if cert and key:
-            credentials = grpc.ssl_server_credentials(
-                [(key, cert)], root_certificates=client_ca, require_client_auth=bool(client_ca)
-            )
-            self._port = server.add_secure_port(self.listen, credentials)
-        else:
-            self._port = server.add_insecure_port(self.listen)
+        try:
+            if cert and key:
+                credentials = grpc.ssl_server_credentials(
+                    [(key, cert)], root_certificates=client_ca, require_client_auth=bool(client_ca)
+                )
+                self._port = server.add_secure_port(self.listen, credentials)
+            else:
+                self._port = server.add_insecure_port(self.listen)
+        except RuntimeError as exc:  # grpc's way of saying the address is taken or invalid
+            raise OSError(f"cannot listen on {self.listen}: {exc}") from None
         await server.start()
         self._server = server
         # Plays scenario ticks as they come, so each event is applied and logged at its time even when
@@ -156,29 +159,18 @@ class SimulatorServer:
             self._server = None
 
 
-async def _serve(settings: Settings, scenario: Scenario) -> None:
-    server = SimulatorServer(
-        category=settings.simulator_category,
-        scenario=scenario,
-        seed=settings.simulator_seed,
-        refill=settings.simulator_refill,
-        listen=settings.simulator_listen,
-        tls_cert_file=settings.simulator_tls_cert_file,
-        tls_key_file=settings.simulator_tls_key_file,
-        tls_client_ca_file=settings.simulator_tls_client_ca_file,
-    )
+def _transport(settings: Settings) -> str:
+    if settings.simulator_tls_client_ca_file:
+        return "mTLS"
+    return "TLS" if settings.simulator_tls_cert_file else "plaintext"
+
+
+async def _serve(settings: Settings, scenario: Scenario, server: SimulatorServer) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await server.start()
-    mode = (
-        "mTLS"
-        if settings.simulator_tls_client_ca_file
-        else "TLS"
-        if settings.simulator_tls_cert_file
-        else None
-    )
     log.info(
         "Bridge simulator serving",
         extra={
@@ -188,7 +180,7 @@ async def _serve(settings: Settings, scenario: Scenario) -> None:
                 "scenario": scenario.name,
                 "seed": settings.simulator_seed,
                 "refill": settings.simulator_refill,
-                "transport": mode or "plaintext",
+                "transport": _transport(settings),
             }
         },
     )
@@ -206,7 +198,20 @@ def run(settings: Settings) -> int:
     except ScenarioError as exc:
         raise ConfigError("SIMULATOR_SCENARIO", str(exc)) from None
     try:
-        asyncio.run(_serve(settings, scenario))
-    except RuntimeError as exc:  # grpc cannot bind the address
+        server = SimulatorServer(
+            category=settings.simulator_category,
+            scenario=scenario,
+            seed=settings.simulator_seed,
+            refill=settings.simulator_refill,
+            listen=settings.simulator_listen,
+            tls_cert_file=settings.simulator_tls_cert_file,
+            tls_key_file=settings.simulator_tls_key_file,
+            tls_client_ca_file=settings.simulator_tls_client_ca_file,
+        )
+    except OSError as exc:
+        raise ConfigError("SIMULATOR_TLS_CERT_FILE", f"cannot read a TLS file: {exc}") from None
+    try:
+        asyncio.run(_serve(settings, scenario, server))
+    except OSError as exc:
         raise ConfigError("SIMULATOR_LISTEN", str(exc)) from None
     return 0
