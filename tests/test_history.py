@@ -299,7 +299,7 @@ async def test_auto_resolve_waits_for_the_grace_period(migrated: str) -> None:
     await writer.stop()
     with psycopg.connect(migrated) as conn:
         insert_alert(
-            conn, "f", "DICTRateLimitCritical", "critical", "ENTRIES_WRITE", start + timedelta(minutes=3)
+            conn, ("f", "DICTRateLimitCritical", "critical", "ENTRIES_WRITE", start + timedelta(minutes=3))
         )
         assert conn.execute("SELECT auto_resolve_alerts()").fetchone() == (0,)
         assert conn.execute("SELECT auto_resolve_alerts(interval '90 seconds')").fetchone() == (1,)
