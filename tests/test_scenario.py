@@ -153,3 +153,14 @@ def test_resolve_defaults_to_the_built_in_default_and_reads_files(tmp_path: Path
     with pytest.raises(sc.ScenarioError) as caught:
         sc.resolve_scenario(str(tmp_path / "missing.yaml"))
     assert "cannot be read" in str(caught.value)
+
+
+def test_the_example_in_docs_simulator_md_is_valid() -> None:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "simulator.md").read_text(encoding="utf-8")
+    example = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    scenario = sc.parse_scenario(example, "docs/simulator.md")
+    assert scenario.name == "incident-42"
+    assert {type(e.action).__name__ for e in scenario.events} == {
+        "Drain", "Burst", "Storm404", "CategoryChange", "AddPolicy", "RemovePolicy", "Traffic", "Latency",
+        "InjectError",
+    }  # fmt: skip
