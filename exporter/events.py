@@ -134,7 +134,6 @@ def _rfc3339(moment: datetime) -> str:
 
 
 def _message(row: OutboxRow, resolved: bool) -> str:
-    text = row.summary or row.description or row.alert_name
-    if resolved:
-        return f"Resolved: {text}"
-    return text
+    # The rules' description names the policy and its numbers; the summary is the static fallback.
+    text = " ".join((row.description or row.summary or row.alert_name).split()) or row.alert_name
+    return f"Resolved: {text}" if resolved else text
