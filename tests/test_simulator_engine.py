@@ -244,10 +244,10 @@ def test_latency_and_error_windows_end_on_time() -> None:
     text = "events: [{at: 1, latency: {seconds: 2, for: 5}}, {at: 1, error: {code: INTERNAL, by: 4}}]"
     engine = _play(text, 3)
     assert (engine.latency(), engine.next_error()) == (2.0, "INTERNAL")
-    engine.clock.advance(3)  # type: ignore[attr-defined]
-    assert (engine.latency(), engine.next_error()) == (2.0, None)
+    engine.clock.advance(2)  # type: ignore[attr-defined]
+    assert (engine.latency(), engine.next_error()) == (2.0, None)  # t=5: the errors ended at 4
     engine.clock.advance(1)  # type: ignore[attr-defined]
-    assert engine.latency() == 0.0
+    assert engine.latency() == 0.0  # t=6: 5 s after it began
 
 
 def test_repeat_replays_the_events_every_cycle() -> None:
