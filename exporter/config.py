@@ -162,6 +162,7 @@ EXPORTER = frozenset({"exporter", "all-in-one"})
 HISTORY = frozenset({"exporter", "migrate", "receiver", "all-in-one"})
 RECEIVER = frozenset({"receiver", "all-in-one"})
 SIMULATOR = frozenset({"simulator"})
+DEMO = frozenset({"demo"})
 EVERY = frozenset({"exporter", "migrate", "receiver", "simulator", "all-in-one", "demo"})
 
 KEYS: tuple[Key, ...] = (
@@ -496,6 +497,25 @@ KEYS: tuple[Key, ...] = (
         SIMULATOR,
         flag="--tls-client-ca-file",
     ),
+    # --- demo
+    Key(
+        "demo_state_dir",
+        "DEMO_STATE_DIR",
+        _str,
+        ".state/demo",
+        "Directory holding everything the demo starts (databases, logs, rendered configs).",
+        DEMO,
+        flag="--state-dir",
+    ),
+    Key(
+        "demo_duration_seconds",
+        "DEMO_DURATION_SECONDS",
+        _number(float, 0.0),
+        0.0,
+        "Stop the demo after this many seconds (0: run until Ctrl-C or SIGTERM).",
+        DEMO,
+        flag="--duration",
+    ),
 )
 
 KEYS_BY_NAME = {key.name: key for key in KEYS}
@@ -546,6 +566,8 @@ class Settings:
     simulator_tls_cert_file: str | None = None
     simulator_tls_key_file: str | None = None
     simulator_tls_client_ca_file: str | None = None
+    demo_state_dir: str = ".state/demo"
+    demo_duration_seconds: float = 0.0
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
