@@ -72,6 +72,8 @@ class _Servicer(pb_grpc.RateLimitServiceServicer):
         self, request: pb.GetRateLimitPolicyRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.GetRateLimitPolicyResponse:
         self._server.read_calls += 1
+        if not request.policy_name:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "policy_name is required")
         await self._gate(context, dp.POLICIES_READ)
         reading = self._engine.reading(request.policy_name)
         if reading is None:

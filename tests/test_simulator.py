@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from exporter import dict_policies as dp
-from exporter.bridge_client import BridgeClient, BridgeResult, BridgeTransientError
+from exporter.bridge_client import BridgeClient, BridgeConfigError, BridgeResult, BridgeTransientError
 from exporter.sim_clock import ManualClock
 from exporter.simulator import SimulatorServer
 
@@ -187,3 +187,12 @@ async def test_the_server_binds_the_requested_host_and_reports_its_port() -> Non
         assert int(port) > 0
     finally:
         await server.stop()
+
+
+async def test_a_read_without_a_policy_name_is_invalid_argument_and_free(
+    client: BridgeClient, simulator: SimulatorServer
+) -> None:
+    with pytest.raises(BridgeConfigError) as caught:
+        await client.get_policy("")
+    assert caught.value.code == "INVALID_ARGUMENT"
+    assert simulator.engine.tokens(dp.POLICIES_READ) == 200
