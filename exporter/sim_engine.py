@@ -165,14 +165,14 @@ class BucketEngine:
                 self._extra.append(storm)
                 detail = {"policy": action.policy, "rate_per_min": action.rate, "until_s": action.until}
             case sc.CategoryChange():
-                self.set_category(action.category, advance=False)
+                self._change_category(action.category, self.start + s)
                 detail = {"category": action.category}
             case sc.AddPolicy():
                 if action.name not in self._buckets:
-                    self.add_policy(
-                        action.name, action.capacity, action.refill_tokens, action.refill_period_sec,
-                        available=action.available, advance=False,
-                    )  # fmt: skip
+                    spec = dp.PolicySpec(
+                        action.name, action.refill_tokens, action.refill_period_sec, action.capacity
+                    )
+                    self._buckets[action.name] = self._bucket(spec, action.available, self.start + s)
                 detail = {"policy": action.name}
             case sc.RemovePolicy():
                 self._buckets.pop(action.name, None)
@@ -207,8 +207,12 @@ class BucketEngine:
         needed = (bucket.tokens - drain.to_ratio * bucket.capacity) / seconds + bucket.rate
         return max(0.0, needed - steady) * 60.0
 
-    def _bucket(self, spec: dp.PolicySpec, available: float | None = None) -> SimBucket:
-        now = self.clock.time()
+    def _bucket(
+        self, spec: dp.PolicySpec, available: float | None = None, now: float | None = None
+    ) -> SimBucket:
+        """A bucket as of ``now``: the clock's present for knobs, the tick's time for scenario events, so a
+        replayed tick never stamps a bucket with a later time than its own."""
+        now = self.clock.time() if now is None else now
         tokens = float(spec.capacity if available is None else available)
         return SimBucket(
             spec.name, spec.capacity, spec.refill_tokens, spec.refill_period_sec, tokens, now, self.start,
@@ -295,16 +299,18 @@ class BucketEngine:
         bucket.refill_to(self.clock.time())
         bucket.charge(n)
 
-    def set_category(self, letter: str, *, advance: bool = True) -> None:
+    def set_category(self, letter: str) -> None:
         if letter not in dp.CATEGORY_LIMITS:
             raise ValueError(f"unknown DICT category {letter!r}")
-        if advance:
-            self.advance()
+        self.advance()
+        self._change_category(letter, self.clock.time())
+
+    def _change_category(self, letter: str, now: float) -> None:
         self.category = letter
         for name in dp.CATEGORY_POLICIES:
             bucket = self._buckets.get(name)
             if bucket is not None:
-                bucket.refill_to(self.clock.time())
+                bucket.refill_to(now)
                 spec = dp.category_spec(name, letter)
                 bucket.set_limits(spec.capacity, spec.refill_tokens, spec.refill_period_sec)
 
@@ -316,10 +322,8 @@ class BucketEngine:
         refill_period_sec: int,
         *,
         available: float | None = None,
-        advance: bool = True,
     ) -> None:
-        if advance:
-            self.advance()
+        self.advance()
         if name in self._buckets:
             raise ValueError(f"policy {name} already exists")
         self._buckets[name] = self._bucket(

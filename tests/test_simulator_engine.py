@@ -192,6 +192,30 @@ def test_reads_do_not_change_the_history() -> None:
     assert a.readings() == b.readings()
 
 
+def test_events_replayed_late_act_at_their_own_time() -> None:
+    text = """
+traffic:
+  ENTRIES_READ_PARTICIPANT_ANTISCAN: {rate: 30000, jitter: 0.1}
+events:
+  - {at: 50, category: D}
+  - at: 60
+    add_policy: {name: EVENT_LIST, capacity: 100, refill_tokens: 60, refill_period_sec: 60, available: 0}
+  - {at: 70, traffic: {policy: EVENT_LIST, rate: 30}}
+"""
+    scenario = sc.parse_scenario(text, "late.yaml")
+    often, once = ManualClock(0.0), ManualClock(0.0)
+    a = BucketEngine(scenario=scenario, clock=often, seed=4)
+    b = BucketEngine(scenario=scenario, clock=once, seed=4)
+    for _ in range(200):
+        often.advance(1)
+        a.readings()
+    once.advance(200)
+    assert a.readings() == b.readings()
+    added = b.reading("EVENT_LIST")
+    assert added is not None
+    assert added.available_tokens == 75  # 0 at 60 s, +1/s, then +1 - 0.5 per s from 70 s: 10 + 65
+
+
 def _play(text: str, seconds: float, category: str = "A") -> BucketEngine:
     clock = ManualClock(0.0)
     engine = BucketEngine(scenario=sc.parse_scenario(text, "t.yaml"), clock=clock, category=category)
