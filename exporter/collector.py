@@ -190,11 +190,20 @@ class RenderedBuckets:
         self.text = render_buckets(derived, thresholds)
         self._gzip_prefix: bytes | None = None
         self._compressor: zlib._Compress | None = None
+        # The last body of each variant by its tail: between polls the tail rarely changes, and reusing
+        # the joined bytes spares a copy of a large exposition (and a compression) on most scrapes.
+        self._last: dict[bool, tuple[bytes, bytes]] = {}
 
     def body(self, tail: bytes, *, gzip: bool) -> bytes:
         """The whole exposition: these buckets followed by ``tail`` (the per-scrape health part)."""
-        if not gzip:
-            return self.text + tail
+        last = self._last.get(gzip)
+        if last is not None and last[0] == tail:
+            return last[1]
+        body = self._gzip_body(tail) if gzip else self.text + tail
+        self._last[gzip] = (tail, body)
+        return body
+
+    def _gzip_body(self, tail: bytes) -> bytes:
         if self._compressor is None:
             compressor = zlib.compressobj(6, zlib.DEFLATED, 31)  # wbits 31: gzip header and trailer
             prefix = compressor.compress(self.text) + compressor.flush(zlib.Z_SYNC_FLUSH)
