@@ -86,7 +86,8 @@ SERIES: tuple[_Series, ...] = (
     ),
     _Series(
         "dict_rate_limit_recovery_eta_seconds",
-        "Seconds until the bucket is full at the refill rate if nothing is consumed; 0 when full.",
+        "Seconds until the bucket is full at the refill rate if nothing is consumed; 0 when full, "
+        "+Inf when RefillTokens is 0.",
         lambda s, _t: s.recovery_eta_seconds,
     ),
     _Series(
