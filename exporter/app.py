@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
 from datetime import UTC
 from typing import Any, Protocol
@@ -254,7 +255,10 @@ def _policy_json(state: Any, settings: Settings) -> dict[str, Any]:
         "consumed_tokens": state.consumed_tokens,
         "consumed_tokens_total": state.consumed_tokens_total,
         "consumption_rate_per_minute": state.consumption_rate_per_minute,
-        "recovery_eta_seconds": state.recovery_eta_seconds,
+        # JSON has no infinity: null means "never", as for the exhaustion projection.
+        "recovery_eta_seconds": state.recovery_eta_seconds
+        if math.isfinite(state.recovery_eta_seconds)
+        else None,
         "exhaustion_projection_seconds": state.exhaustion_projection_seconds,
         "warning_remaining_ratio": threshold.warning,
         "critical_remaining_ratio": threshold.critical,

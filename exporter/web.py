@@ -36,7 +36,7 @@ def _service(request: web.Request) -> ExporterService:
 
 def _json(payload: dict[str, Any], status: int = 200) -> web.Response:
     return web.Response(
-        body=json.dumps(payload, separators=(",", ":")).encode(),
+        body=json.dumps(payload, separators=(",", ":"), allow_nan=False).encode(),
         status=status,
         content_type="application/json",
     )

@@ -232,6 +232,7 @@ async def _at_least(running: Running, polls: float) -> bool:
 
 async def test_endpoints_before_and_after_the_first_poll(sim: SimulatorServer, start: Any) -> None:
     sim.engine.inject_latency(1.0)
+    sim.engine.add_policy("EVENT_LIST", 50, 0, 60, available=10)  # unknown name, no refill
     running = await start(settings_for(sim.address, poll_interval_seconds=30.0, bridge_timeout_seconds=5.0))
     status, body = await running.status("/api/v1/policies")
     assert (status, body["status"]) == (503, "unavailable")
@@ -248,6 +249,10 @@ async def test_endpoints_before_and_after_the_first_poll(sim: SimulatorServer, s
     assert write["capacity"] == 36_000
     assert write["warning_remaining_ratio"] == 0.2
     assert write["consumption_rate_per_minute"] is None
+    event = next(p for p in body["policies"] if p["name"] == "EVENT_LIST")
+    assert event["recovery_eta_seconds"] is None  # never: JSON has no infinity
+    event_labels = {"endpoint_id": "EVENT_LIST", "psp_category": "A"}
+    assert await running.value("dict_rate_limit_recovery_eta_seconds", **event_labels) == float("inf")
     assert (await running.status("/health/startup")) == (
         200,
         {"status": "ok", "checks": {"first_poll": "done"}},
