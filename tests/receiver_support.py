@@ -65,7 +65,8 @@ def alert(
 
 def payload(*alerts: dict[str, Any], truncated: int = 0) -> dict[str, Any]:
     """A webhook notification (version 4) holding ``alerts``."""
-    status = "firing" if any(a["status"] == "firing" for a in alerts) else "resolved"
+    firing = any(isinstance(a, dict) and a.get("status") == "firing" for a in alerts)
+    status = "firing" if firing else "resolved"
     return {
         "version": "4",
         "groupKey": '{}:{alertname="DICTRateLimitWarning"}',
