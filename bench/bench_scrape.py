@@ -29,7 +29,7 @@ from exporter.snapshot import PolicyReading, Snapshot
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "3"))
 CONNECTIONS = 8
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "2"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 POLLS = int(os.environ.get("BENCH_POLLS", "10000"))
 SERIES_PER_POLICY = 14  # the per-policy bucket series of one snapshot with two polls behind it
 

@@ -225,7 +225,12 @@ class Poller:
         clock = self.clock
         while not self._stopping:
             self._inflight = asyncio.ensure_future(self.poll_once())
-            await asyncio.shield(self._inflight)
+            try:
+                await asyncio.shield(self._inflight)
+            except Exception:
+                # Bridge trouble never gets here: this is a bug (e.g. in rendering). /health/live says so.
+                log.exception("the poll loop stopped")
+                raise
             # Computed after the poll: a poll that overran a boundary skips it instead of bunching up.
             now = clock.time()
             await clock.sleep(next_poll_at(now, self.interval, self.lead) - now)

@@ -180,3 +180,28 @@ async def test_stop_waits_for_the_in_flight_poll_within_the_bound() -> None:
     await poller2.stop(0.1)
     assert asyncio.get_running_loop().time() - started < 1.0
     assert poller2.latest is None
+
+
+async def test_a_bug_after_a_poll_ends_the_loop_visibly() -> None:
+    clock = FakeClock(0.0)
+
+    def broken(_derived: object) -> None:
+        raise ValueError("render bug")
+
+    poller = Poller(
+        ScriptedBridge(clock),
+        SelfMetrics(30.0),
+        interval=30.0,
+        lead=2.0,
+        stale_after=3,
+        on_snapshot=broken,
+        clock=clock,
+    )
+    assert poller.failed is None
+    poller.start()
+    for _ in range(100):
+        if poller.failed is not None:
+            break
+        await asyncio.sleep(0)
+    assert isinstance(poller.failed, ValueError)
+    await poller.stop(0.1)
