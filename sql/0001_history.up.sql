@@ -46,6 +46,10 @@ CREATE TABLE dict_rate_limit_states (
     PRIMARY KEY (endpoint_id, response_time)
 ) PARTITION BY RANGE (response_time);
 
+-- The seeds' troubleshooting query reads the newest rows by created_at: without this index it scans every
+-- partition (seconds to tens of seconds at a year of data); with it, a few index probes per partition.
+CREATE INDEX dict_rate_limit_states_created_at ON dict_rate_limit_states (created_at);
+
 COMMENT ON TABLE dict_rate_limit_states IS
     'Bucket state per policy per snapshot (response_time = DICT ResponseTime); monthly partitions dict_rate_limit_states_YYYY_MM.';
 COMMENT ON COLUMN dict_rate_limit_states.consumed_tokens IS
