@@ -287,3 +287,32 @@ async def test_one_port_serves_metrics_and_health(sim: SimulatorServer, start: A
     assert running.service.ports == {"metrics": port, "health": port}
     assert (await running.status("/health/live"))[0] == 200
     assert "dict_rate_limit_bridge_up" in await running.text()
+
+
+async def test_history_is_written_and_part_of_readiness(
+    sim: SimulatorServer, start: Any, database_url: str
+) -> None:
+    from exporter import migrations
+
+    await asyncio.to_thread(migrations.apply, database_url)
+    running = await start(settings_for(sim.address, database_url=database_url))
+    await running.until(lambda: _rows_written_at_least(running, 2 * len(sim.engine.policy_names())))
+    status, body = await running.status("/health/ready")
+    assert (status, body["checks"]) == (200, {"bridge": "ok", "database": "ok"})
+    assert await running.value("dict_rate_limit_history_enabled") == 1.0
+    write_count = await running.value(
+        "dict_rate_limit_monitoring_duration_seconds_count", operation="history_write"
+    )
+    assert write_count is not None
+    assert write_count >= 1
+
+
+async def _rows_written_at_least(running: Running, rows: int) -> bool:
+    return (await running.value("dict_rate_limit_history_rows_written_total") or 0) >= rows
+
+
+async def test_without_database_history_is_visibly_disabled(sim: SimulatorServer, start: Any) -> None:
+    running = await start(settings_for(sim.address))
+    assert await running.value("dict_rate_limit_history_enabled") == 0.0
+    await running.until(lambda: asyncio.sleep(0, running.service.poller.attempted >= 1))
+    assert "database" not in (await running.status("/health/ready"))[1]["checks"]
