@@ -262,3 +262,11 @@ def test_fast_warning_fires_within_seconds_in_promtool(tmp_path: Path) -> None:
     test_file.write_text(yaml.safe_dump(case), encoding="utf-8")
     result = promtool("test", "rules", str(test_file))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_recording_rules_queried_by_dashboards_and_runbooks_exist() -> None:
+    texts = [(ROOT / "docs" / "runbooks.md").read_text(encoding="utf-8")]
+    texts += [p.read_text(encoding="utf-8") for p in sorted((ROOT / "dashboards").glob("*.json"))]
+    queried = set(re.findall(r"endpoint:dict_rate_limit_\w+:\w+", " ".join(texts)))
+    assert queried, "no recording rule queried: the pattern is wrong"
+    assert sorted(queried - set(RECORDS)) == []
