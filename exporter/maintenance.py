@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -63,7 +62,8 @@ class Maintenance:
         finally:
             if self._observe is not None:
                 self._observe("maintenance", time.perf_counter() - started)
-        summary: dict[str, Any] = row[0] if row and isinstance(row[0], dict) else json.loads(str(row))
+        # psycopg loads jsonb into a dict.
+        summary: dict[str, Any] = row[0] if row is not None and isinstance(row[0], dict) else {}
         self.runs.labels("success").inc()
         self.last_success_timestamp = time.time()
         self.last_summary = summary
