@@ -1,0 +1,200 @@
+"""End to end: a bucket crossing its threshold in the simulator reaches Pulsar as an alert event, and back.
+
+Simulator (in-process, engine knobs) → exporter → Prometheus (the bundle's rules, ``for: 2s``) →
+Alertmanager (1 s grouping) → receiver → ``dict_rate_limit_alerts`` + outbox → Pulsar. All real processes.
+
+Detection latency is measured from the moment the simulator's balance crossed the threshold (the knob
+call that set it, timed in the simulator's own thread) to the arrival of the event at a Pulsar consumer.
+That includes waiting for the exporter's next poll, so its floor is the sum of the waits the pipeline is
+built from: poll interval + evaluation interval + ``for`` + Alertmanager ``group_wait``. It must stay
+within that floor plus 2 s (scrapes every 0.5 s, so waiting for the scrape after a poll stays small).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psycopg
+import pytest
+from conftest import require_binary
+
+from exporter.demo import EventTail
+from exporter.embedded import EmbeddedPulsar
+from exporter.processes import http_json
+from exporter.simulator import SimulatorServer
+from exporter.stack import Stack, Timings
+
+T = TypeVar("T")
+POLICY = "CIDS_FILES_WRITE"  # capacity 200, refill 40 per DAY: it stays where the test puts it
+FOR_SECONDS = 2.0
+TIMINGS = Timings(
+    poll_interval=1.0,
+    poll_lead=0.1,
+    scrape_interval=0.5,
+    evaluation_interval=1.0,
+    alert_for={"DICTRateLimitWarning": "2s", "DICTRateLimitCritical": "2s"},
+)
+GROUP_WAIT = 1.0  # exporter.alertmanager_config.FAST_TIMINGS
+FLOOR = TIMINGS.poll_interval + TIMINGS.evaluation_interval + FOR_SECONDS + GROUP_WAIT
+
+pytestmark = pytest.mark.slow
+
+
+class ThreadedSimulator:
+    """The Bridge simulator on its own event loop thread; knobs run on that thread too (no races)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="simulator", daemon=True)
+        self.server = SimulatorServer(scenario=None, listen="127.0.0.1:0")
+        # The simulator charges each list call to POLICIES_LIST like DICT (6/min): at one poll a second
+        # the test would drain it in 20 s. Without that policy, list calls are free.
+        self.server.engine.remove_policy("POLICIES_LIST")
+
+    def start(self) -> str:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(timeout=10)
+        return self.server.address
+
+    def call(self, function: Callable[[], T]) -> T:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(function())
+            except BaseException as exc:  # pragma: no cover - surfaces in the test thread
+                future.set_exception(exc)
+
+        self.loop.call_soon_threadsafe(run)
+        return future.result(timeout=10)
+
+    def set_tokens(self, tokens: float) -> float:
+        """Sets the balance of POLICY; returns the wall-clock time it took effect."""
+
+        def apply() -> float:
+            self.server.engine.set_tokens(POLICY, tokens)
+            return time.time()
+
+        return self.call(apply)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+@pytest.fixture
+def simulator() -> Iterator[ThreadedSimulator]:
+    sim = ThreadedSimulator()
+    yield sim
+    sim.stop()
+
+
+def prom_query(stack: Stack, expr: str) -> list[dict[str, Any]]:
+    url = f"http://127.0.0.1:{stack.ports.prometheus}/api/v1/query"
+    result: list[dict[str, Any]] = http_json(f"{url}?query={_quote(expr)}")["data"]["result"]
+    return result
+
+
+def _quote(text: str) -> str:
+    import urllib.parse
+
+    return urllib.parse.quote(text, safe="")
+
+
+def wait_for(condition: Callable[[], T], timeout: float, what: str) -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def next_event(tail: EventTail, event_type: str, timeout: float) -> tuple[float, dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for arrived, event in tail.poll(0.2):
+            if (event["event_type"], event["alert_name"], event["endpoint_id"]) == (
+                event_type,
+                "DICTRateLimitCritical",
+                POLICY,
+            ):
+                return arrived, event
+    raise AssertionError(f"no {event_type} event for DICTRateLimitCritical/{POLICY} within {timeout:.0f} s")
+
+
+def alert_rows(database_url: str) -> list[tuple[str, str, str | None]]:
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT status, severity, resolved_by FROM dict_rate_limit_alerts"
+            " WHERE alert_name = %s AND endpoint_id = %s",
+            ("DICTRateLimitCritical", POLICY),
+        ).fetchall()
+    return [(str(r[0]), str(r[1]), r[2]) for r in rows]
+
+
+def test_threshold_crossing_reaches_pulsar_within_its_latency_floor_and_recovery_resolves_it(
+    tmp_path: Path, database_url: str, pulsar_broker: EmbeddedPulsar, simulator: ThreadedSimulator
+) -> None:
+    require_binary("prometheus")
+    require_binary("prometheus-alertmanager")
+    topic = f"persistent://lb-conn/dict/e2e-{uuid.uuid4().hex[:10]}"
+    stack = Stack(tmp_path / "stack", TIMINGS, scenario=None, topic=topic)
+    stack.start(database_url=database_url, pulsar_url=pulsar_broker.url, bridge_address=simulator.start())
+    tail = EventTail(pulsar_broker.url, topic, subscription="e2e")
+    try:
+        ratio = f'endpoint:dict_rate_limit_remaining:ratio{{endpoint_id="{POLICY}"}}'
+        wait_for(lambda: prom_query(stack, f"{ratio} == 1"), 30, f"{POLICY} full in Prometheus")
+
+        crossed_at = simulator.set_tokens(10)  # 5 % left: below CRITICAL (10 %) and WARNING (20 %)
+        arrived, created = next_event(tail, "rate_limit.alert.created", timeout=30)
+        latency = arrived - crossed_at
+        print(
+            f"\ndetection latency {latency:.2f} s (bucket below threshold -> event on Pulsar); floor "
+            f"{FLOOR:g} s = poll {TIMINGS.poll_interval:g} + evaluation {TIMINGS.evaluation_interval:g} "
+            f"+ for {FOR_SECONDS:g} + group_wait {GROUP_WAIT:g}; limit {FLOOR + 2:g} s"
+        )
+        assert FOR_SECONDS <= latency <= FLOOR + 2.0
+        assert created["severity"] == "critical"
+        assert created["psp_category"] == "A"
+        firing = prom_query(
+            stack, f'ALERTS{{alertname="DICTRateLimitCritical", alertstate="firing", endpoint_id="{POLICY}"}}'
+        )
+        assert len(firing) == 1
+        managed = http_json(f"http://127.0.0.1:{stack.ports.alertmanager}/api/v2/alerts")
+        assert [
+            a["labels"]["endpoint_id"] for a in managed if a["labels"]["alertname"] == "DICTRateLimitCritical"
+        ] == [POLICY]
+        assert alert_rows(database_url) == [("firing", "critical", None)]
+
+        recovered_at = simulator.set_tokens(200)
+        arrived, resolved = next_event(tail, "rate_limit.alert.resolved", timeout=30)
+        print(f"resolution latency {arrived - recovered_at:.2f} s (bucket full again -> resolved event)")
+        assert resolved["fingerprint"] == created["fingerprint"]
+        assert resolved["event_id"] != created["event_id"]
+        assert alert_rows(database_url) == [("resolved", "critical", "alertmanager")]
+    finally:
+        tail.close()
+        ports = [p for name, p in vars(stack.ports).items() if name != "simulator"]
+        children = list(stack.children)
+        stack.stop()
+    assert [c.name for c in children if c.alive()] == []
+    assert [p for p in ports if _listening(p)] == []
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
