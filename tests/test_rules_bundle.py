@@ -96,6 +96,34 @@ def test_every_alert_has_a_firing_and_a_silent_promtool_case() -> None:
     assert sorted(set(ALERTS) - silent) == [], "alerts without a promtool case where they stay silent"
 
 
+def _lifecycles() -> dict[str, set[str]]:
+    """Alert -> what its test groups show: silent one evaluation before firing, and silent after firing."""
+    seen: dict[str, set[str]] = {name: set() for name in ALERTS}
+    for path in TEST_FILES:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        for test in document["tests"]:
+            step = parse_duration(document.get("evaluation_interval", "1m"))
+            timeline: dict[str, list[tuple[float, bool]]] = {}
+            for case in test.get("alert_rule_test", []):
+                timeline.setdefault(case["alertname"], []).append(
+                    (parse_duration(case["eval_time"]), bool(case.get("exp_alerts")))
+                )
+            for name, points in timeline.items():
+                firing = [t for t, fires in points if fires]
+                if not firing:
+                    continue
+                if (min(firing) - step, False) in points:
+                    seen[name].add("just before")
+                if any(t > max(firing) and not fires for t, fires in points):
+                    seen[name].add("resolved")
+    return seen
+
+
+def test_every_alert_is_tested_just_before_its_for_elapses_and_after_it_resolves() -> None:
+    incomplete = {n: sorted({"just before", "resolved"} - s) for n, s in _lifecycles().items() if len(s) < 2}
+    assert incomplete == {}
+
+
 def test_every_firing_case_asserts_exact_labels_and_all_annotations() -> None:
     for case in _alert_cases():
         for expected in case.get("exp_alerts") or []:
