@@ -14,6 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -198,3 +205,61 @@ def _listening(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
         return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in args:
+            found.append(args)
+    return found
+
+
+def test_demo_says_where_to_look_and_leaves_no_process_or_port_behind_on_sigterm(tmp_path: Path) -> None:
+    require_binary("prometheus")
+    require_binary("prometheus-alertmanager")
+    state = tmp_path / "demo-state"
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "exporter.cli", "demo", "--state-dir", str(state), "--duration", "120"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "DATABASE_URL"},
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in demo.stderr or []], daemon=True)
+    reader.start()
+    said: list[str] = []
+    try:
+        deadline = time.monotonic() + 90
+        while not any("Alert events on Pulsar follow" in line for line in said):
+            assert time.monotonic() < deadline, "".join(said)
+            assert demo.poll() is None, "".join(said)
+            with contextlib.suppress(queue.Empty):
+                said.append(lines.get(timeout=0.5))
+        text = "".join(said)
+        for name in ("Prometheus (alerts)", "Alertmanager", "Exporter metrics", "Receiver metrics", "Pulsar"):
+            assert name in text
+        assert f"state under {state}" in text
+        assert "for: durations" in text  # it says the rules are faster than production
+        ports = [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", text)]
+        assert len(ports) >= 6
+        assert all(_listening(p) for p in ports)
+        assert _processes_mentioning(str(state))
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(timeout=60) == 0
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+        reader.join(timeout=5)
+        for stream in (demo.stdout, demo.stderr):
+            if stream is not None:
+                stream.close()
+    assert [p for p in ports if _listening(p)] == []
+    assert _processes_mentioning(str(state)) == []
+    assert (state / "logs" / "exporter.log").stat().st_size > 0
