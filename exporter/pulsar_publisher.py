@@ -65,7 +65,7 @@ class PulsarPublisher:
             authentication=auth,
             operation_timeout_seconds=self._operation_timeout_s,
             connection_timeout_ms=self._operation_timeout_s * 1000,
-            logger=logging.getLogger("pulsar"),
+            logger=_client_logger(),
         )
         try:
             producer = client.create_producer(
@@ -130,6 +130,14 @@ class PulsarPublisher:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(producer.flush)
         await self.reset()
+
+
+def _client_logger() -> logging.Logger:
+    # The C++ client logs every connection at INFO; keep its warnings and errors unless asked for more.
+    logger = logging.getLogger("pulsar")
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.WARNING)
+    return logger
 
 
 def _settle(future: asyncio.Future[str | None], outcome: str | None) -> None:

@@ -105,14 +105,15 @@ class Received:
 class EventConsumer:
     """A real ``core-dict`` subscription that deduplicates by event_id, as every consumer must."""
 
-    def __init__(self, broker_url: str, topic: str) -> None:
+    def __init__(self, broker_url: str, topic: str, seen: set[str] | None = None) -> None:
         self._client = pulsar.Client(broker_url, operation_timeout_seconds=10, logger=_quiet_logger())
         self._consumer = self._client.subscribe(
             topic, "core-dict", initial_position=pulsar.InitialPosition.Earliest
         )
         self.events: list[Received] = []
-        self._seen: set[str] = set()
+        self.seen: set[str] = set(seen or ())
         self.duplicates = 0
+        self._closed = False
 
     def receive(self, count: int, timeout: float) -> list[Received]:
         """Blocks until ``count`` distinct events arrived (in arrival order) or ``timeout`` passes."""
@@ -124,16 +125,18 @@ class EventConsumer:
                 continue
             self._consumer.acknowledge(message)
             event = json.loads(message.data())
-            if event["event_id"] in self._seen:
+            if event["event_id"] in self.seen:
                 self.duplicates += 1
                 continue
-            self._seen.add(event["event_id"])
+            self.seen.add(event["event_id"])
             self.events.append(Received(message.partition_key(), dict(message.properties()), event))
         return list(self.events)
 
     def close(self) -> None:
-        self._consumer.close()
-        self._client.close()
+        if not self._closed:
+            self._closed = True
+            self._consumer.close()
+            self._client.close()
 
 
 def _quiet_logger() -> Any:
