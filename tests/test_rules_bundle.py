@@ -14,7 +14,9 @@ from conftest import ROOT, require_binary
 
 from exporter.rules_render import (
     MANIFEST,
+    RulesBundleError,
     bundle_version,
+    format_duration,
     parse_duration,
     render_fast_rules,
     render_prometheusrule,
@@ -298,3 +300,34 @@ def test_recording_rules_queried_by_dashboards_and_runbooks_exist() -> None:
     queried = set(re.findall(r"endpoint:dict_rate_limit_\w+:\w+", " ".join(texts)))
     assert queried, "no recording rule queried: the pattern is wrong"
     assert sorted(queried - set(RECORDS)) == []
+
+
+def test_rule_files_that_disagree_on_the_bundle_version_are_refused(tmp_path: Path) -> None:
+    for name, version in (("a.rules.yml", "1.0.0"), ("b.rules.yml", "1.1.0")):
+        (tmp_path / name).write_text(f"# bundle-version: {version}\ngroups: []\n", encoding="utf-8")
+    with pytest.raises(RulesBundleError, match="different bundle versions"):
+        bundle_version(tmp_path)
+    (tmp_path / "b.rules.yml").write_text("groups: []\n", encoding="utf-8")
+    with pytest.raises(RulesBundleError, match=r"b\.rules\.yml has no"):
+        bundle_version(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("scale", "message"),
+    [
+        (0, "for_scale must be in"),
+        (1.5, "for_scale must be in"),
+        ({"DICTRateLimitWarning": "5 min"}, "5 min"),
+    ],
+)
+def test_fast_rules_refuse_an_unusable_scale_or_duration(tmp_path: Path, scale: Any, message: str) -> None:
+    with pytest.raises(RulesBundleError, match=message):
+        render_fast_rules(RULES, tmp_path, scale)
+
+
+def test_durations_parse_and_format_like_prometheus() -> None:
+    assert parse_duration("1h30m") == 5400
+    assert parse_duration("0s") == 0
+    assert format_duration(5400) == "1h30m"
+    assert format_duration(1.2) == "2s"
+    assert format_duration(0) == "0s"
