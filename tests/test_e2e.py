@@ -12,8 +12,6 @@ within that floor plus 2 s (scrapes every 0.5 s, so waiting for the scrape after
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
 import os
 import queue
@@ -24,22 +22,20 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import psycopg
 import pytest
 from conftest import require_binary
+from stack_support import POLICY, ThreadedSimulator, prom_query, wait_for
 
 from exporter.demo import EventTail
 from exporter.embedded import EmbeddedPulsar
 from exporter.processes import http_json
-from exporter.simulator import SimulatorServer
 from exporter.stack import Stack, Timings
 
-T = TypeVar("T")
-POLICY = "CIDS_FILES_WRITE"  # capacity 200, refill 40 per DAY: it stays where the test puts it
 FOR_SECONDS = 2.0
 TIMINGS = Timings(
     poll_interval=1.0,
@@ -54,77 +50,11 @@ FLOOR = TIMINGS.poll_interval + TIMINGS.evaluation_interval + FOR_SECONDS + GROU
 pytestmark = pytest.mark.slow
 
 
-class ThreadedSimulator:
-    """The Bridge simulator on its own event loop thread; knobs run on that thread too (no races)."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="simulator", daemon=True)
-        self.server = SimulatorServer(scenario=None, listen="127.0.0.1:0")
-        # The simulator charges each list call to POLICIES_LIST like DICT (6/min): at one poll a second
-        # the test would drain it in 20 s. Without that policy, list calls are free.
-        self.server.engine.remove_policy("POLICIES_LIST")
-
-    def start(self) -> str:
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(timeout=10)
-        return self.server.address
-
-    def call(self, function: Callable[[], T]) -> T:
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-        def run() -> None:
-            try:
-                future.set_result(function())
-            except BaseException as exc:  # pragma: no cover - surfaces in the test thread
-                future.set_exception(exc)
-
-        self.loop.call_soon_threadsafe(run)
-        return future.result(timeout=10)
-
-    def set_tokens(self, tokens: float) -> float:
-        """Sets the balance of POLICY; returns the wall-clock time it took effect."""
-
-        def apply() -> float:
-            self.server.engine.set_tokens(POLICY, tokens)
-            return time.time()
-
-        return self.call(apply)
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(timeout=10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        self.loop.close()
-
-
 @pytest.fixture
 def simulator() -> Iterator[ThreadedSimulator]:
     sim = ThreadedSimulator()
     yield sim
     sim.stop()
-
-
-def prom_query(stack: Stack, expr: str) -> list[dict[str, Any]]:
-    url = f"http://127.0.0.1:{stack.ports.prometheus}/api/v1/query"
-    result: list[dict[str, Any]] = http_json(f"{url}?query={_quote(expr)}")["data"]["result"]
-    return result
-
-
-def _quote(text: str) -> str:
-    import urllib.parse
-
-    return urllib.parse.quote(text, safe="")
-
-
-def wait_for(condition: Callable[[], T], timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def next_event(tail: EventTail, event_type: str, timeout: float) -> tuple[float, dict[str, Any]]:
