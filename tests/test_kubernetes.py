@@ -139,3 +139,8 @@ def test_service_monitors_scrape_at_the_poll_interval() -> None:
 def test_migration_job_runs_migrate_up() -> None:
     (container,) = pod_specs()["dict-rate-limit-migrate"]["containers"]
     assert container["args"] == ["migrate", "up"]
+
+
+def test_exporter_stays_scrapeable_while_not_ready() -> None:
+    # Not ready = Bridge or database unreachable: the moment its metrics matter most.
+    assert of_kind("Service")["dict-rate-limit-exporter"]["spec"]["publishNotReadyAddresses"] is True
