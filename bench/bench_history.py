@@ -219,7 +219,15 @@ def generate_year(url: str, months: int) -> int:
             cursor = chunk_end
         conn.execute("VACUUM ANALYZE dict_rate_limit_states")
         conn.execute("ANALYZE dict_rate_limit_policies")
+        size = conn.execute(
+            "SELECT sum(pg_total_relation_size(inhrelid)) FROM pg_inherits"
+            " WHERE inhparent = 'dict_rate_limit_states'::regclass"
+        ).fetchone()
+    bytes_used = int(size[0]) if size and size[0] else 0
     print(f"generated {total:,} rows in {time.perf_counter() - began:.0f} s")
+    print(
+        f"  on disk with indexes: {bytes_used / 2**30:.2f} GiB ({bytes_used / max(total, 1):.0f} bytes/row)"
+    )
     return total
 
 
