@@ -42,14 +42,11 @@ def fabricate(policies: int, at: float, drop: int = 0) -> Snapshot:
     return Snapshot(datetime.fromtimestamp(at, UTC), f"{int(at):032x}", "A", readings)
 
 
-def _settings(port: int) -> Any:
-    from exporter.config import Settings
-
-    return Settings(listen_host="127.0.0.1", metrics_port=port, health_check_port=port, log_level="warning")
-
-
-async def _exporter(policies: int, port: int) -> None:
+def _service(policies: int, port: int, serve_http: bool) -> Any:
+    """An exporter whose Bridge answers two snapshots 30 s apart (rates and projections present), then the
+    second one again."""
     from exporter.app import ExporterService
+    from exporter.config import Settings
 
     last = fabricate(policies, 1_700_000_030.0, drop=100)
     snapshots = iter([fabricate(policies, 1_700_000_000.0), last])
@@ -57,21 +54,21 @@ async def _exporter(policies: int, port: int) -> None:
     async def fetch(_deadline: float | None) -> BridgeResult:
         return BridgeResult(next(snapshots, last), ())
 
-    service = ExporterService(_settings(port), fetch=fetch)
-    await service.start()
-    await service.poller.poll_once()  # the second snapshot: rates and projections present
+    settings = Settings(
+        listen_host="127.0.0.1", metrics_port=port, health_check_port=port, log_level="warning"
+    )
+    return ExporterService(settings, fetch=fetch, serve_http=serve_http)
+
+
+async def _exporter(policies: int, port: int) -> None:
+    service = _service(policies, port, serve_http=True)
+    await service.start()  # the first poll runs at start-up
+    await service.poller.poll_once()
     await asyncio.Event().wait()
 
 
 async def _static(policies: int, port: int) -> None:
-    from exporter.app import ExporterService
-
-    snapshots = iter([fabricate(policies, 1_700_000_000.0), fabricate(policies, 1_700_000_030.0, drop=100)])
-
-    async def fetch(_deadline: float | None) -> BridgeResult:
-        return BridgeResult(next(snapshots), ())
-
-    service = ExporterService(_settings(0), fetch=fetch, serve_http=False)
+    service = _service(policies, 0, serve_http=False)
     await service.poller.poll_once()
     await service.poller.poll_once()
     body = service.metrics_body(gzip=False)  # the same bytes, rendered once: the limit

@@ -1,4 +1,7 @@
-"""`make bench`: runs the main() of every bench/bench_*.py in turn (scrape, history, receiver, ...)."""
+"""`make bench`: runs the main() of every bench/bench_*.py in turn (scrape, history, receiver, ...).
+
+``python bench/run.py scrape history`` runs only the benchmarks whose names contain one of the words.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +17,11 @@ def main() -> int:
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
     failed = []
+    words = sys.argv[1:]
+    del sys.argv[1:]  # each benchmark's main() parses its own (empty) command line
     for path in sorted(HERE.glob("bench_*.py")):
+        if words and not any(word in path.stem for word in words):
+            continue
         print(f"\n=== {path.stem} ===", flush=True)
         started = time.monotonic()
         try:
