@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 ERROR_KINDS = ("connection", "query", "other")
 #: One snapshot is ~1 ms on loopback; a slow disk or a busy server is seconds.
+FAILURE_LOG_INTERVAL = 60.0
 WRITE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -91,6 +92,7 @@ class HistoryWriter:
         self._ping_interval = ping_interval
         self._months: set[date] = set()
         self._ok = False
+        self._last_warning = 0.0
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()  # set while the queue is empty and nothing is being written
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -229,7 +231,7 @@ class HistoryWriter:
             except Exception as exc:
                 self._requeue(derived)
                 delay = min(self._retry_max_delay, max(0.1, delay * 2))
-                self._failed(exc, delay)
+                self._failed(exc)
             finally:
                 self._inflight = 0
             if delay:
@@ -243,10 +245,13 @@ class HistoryWriter:
         else:
             self._queue.appendleft(derived)
 
-    def _failed(self, exc: Exception, delay: float) -> None:
+    def _failed(self, exc: Exception) -> None:
         kind = error_kind(exc)
         self.write_errors.labels(kind).inc()
-        if self._ok or delay >= self._retry_max_delay:
+        # The first failure, then one line a minute: an hour-long outage must not flood the logs.
+        now = time.monotonic()
+        if self._ok or now - self._last_warning >= FAILURE_LOG_INTERVAL:
+            self._last_warning = now
             log.warning("history write failed (%s, %d queued, retrying): %s", kind, self.queue_depth, exc)
         self._ok = False
 
