@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from psycopg import sql
+
 from exporter.bucket import DerivedSnapshot, PolicyState
 from exporter.config import PolicyThreshold
 
@@ -25,7 +27,8 @@ STATE_COLUMNS = (
     "response_time",
     "correlation_id",
 )
-COPY_STATES = b"COPY dict_rate_limit_states (" + ", ".join(STATE_COLUMNS).encode() + b") FROM STDIN"
+_COLUMNS = sql.SQL(", ").join(map(sql.Identifier, STATE_COLUMNS))
+COPY_STATES = sql.SQL("COPY dict_rate_limit_states ({}) FROM STDIN").format(_COLUMNS)
 # The path for a snapshot that is (partly) stored already: a retry after a lost commit acknowledgement, or
 # another replica. The temporary table is created once per pooled connection, with its own column list so
 # that it exists even before `migrate` has run; no ON COMMIT DELETE ROWS, which truncates at every commit
@@ -39,14 +42,11 @@ CREATE TEMP TABLE IF NOT EXISTS dict_rate_limit_states_incoming (
     error_404_rate double precision, response_time timestamptz, correlation_id text
 )"""
 CLEAR_INCOMING = b"DELETE FROM dict_rate_limit_states_incoming"
-COPY_INCOMING = (
-    b"COPY dict_rate_limit_states_incoming (" + ", ".join(STATE_COLUMNS).encode() + b") FROM STDIN"
-)
-INSERT_INCOMING = (
-    b"INSERT INTO dict_rate_limit_states (" + ", ".join(STATE_COLUMNS).encode() + b") "
-    b"SELECT " + ", ".join(STATE_COLUMNS).encode() + b" FROM dict_rate_limit_states_incoming "
-    b"ON CONFLICT (endpoint_id, response_time) DO NOTHING"
-)
+COPY_INCOMING = sql.SQL("COPY dict_rate_limit_states_incoming ({}) FROM STDIN").format(_COLUMNS)
+INSERT_INCOMING = sql.SQL(
+    "INSERT INTO dict_rate_limit_states ({columns}) SELECT {columns} FROM dict_rate_limit_states_incoming"
+    " ON CONFLICT (endpoint_id, response_time) DO NOTHING"
+).format(columns=_COLUMNS)
 # A replayed older snapshot never rolls a policy's values back (the WHERE on last_seen_at).
 UPSERT_POLICIES = b"""
 INSERT INTO dict_rate_limit_policies AS p (endpoint_id, psp_category, capacity, refill_tokens,
