@@ -93,7 +93,7 @@ class Poller:
         interval: float,
         lead: float,
         stale_after: int,
-        on_snapshot: Callable[[DerivedSnapshot], None] | None = None,
+        on_snapshot: Callable[[DerivedSnapshot], Awaitable[None]] | None = None,
         clock: Clock | None = None,
     ) -> None:
         self._fetch = fetch
@@ -162,6 +162,8 @@ class Poller:
         self.attempted += 1
         if derived is not None:
             self._succeeded(derived, started)
+            if self._on_snapshot is not None:
+                await self._on_snapshot(derived)  # rendering and history: part of the poll's duration
         self._metrics.record_poll(
             success=derived is not None,
             seconds=clock.monotonic() - started,
@@ -199,8 +201,6 @@ class Poller:
                 }
             },
         )
-        if self._on_snapshot is not None:
-            self._on_snapshot(derived)
 
     def _failed(self, message: str, code: str) -> None:
         self.consecutive_failures += 1

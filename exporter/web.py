@@ -42,8 +42,21 @@ def _json(payload: dict[str, Any], status: int = 200) -> web.Response:
     )
 
 
+def accepts_gzip(header: str) -> bool:
+    """True when Accept-Encoding lists gzip without refusing it (``gzip;q=0``)."""
+    for part in header.split(","):
+        coding, _, params = part.partition(";")
+        if coding.strip().lower() == "gzip":
+            quality = params.strip().lower().removeprefix("q=").strip() or "1"
+            try:
+                return float(quality) > 0
+            except ValueError:
+                return False
+    return False
+
+
 async def metrics(request: web.Request) -> web.Response:
-    gzip = "gzip" in request.headers.get("Accept-Encoding", "")
+    gzip = accepts_gzip(request.headers.get("Accept-Encoding", ""))
     body = _service(request).metrics_body(gzip=gzip)
     headers = {"Content-Type": METRICS_CONTENT_TYPE, "Vary": "Accept-Encoding"}
     if gzip:

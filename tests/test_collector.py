@@ -144,3 +144,13 @@ def test_promtool_accepts_buckets_and_health_together() -> None:
         [promtool, "check", "metrics"], input=body, capture_output=True, timeout=30, check=False
     )
     assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
+
+
+def test_gzip_is_served_only_when_accepted() -> None:
+    from exporter.web import accepts_gzip
+
+    assert accepts_gzip("gzip") is True
+    assert accepts_gzip("deflate, gzip;q=0.5") is True
+    assert accepts_gzip("gzip;q=0") is False
+    assert accepts_gzip("identity") is False
+    assert accepts_gzip("") is False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 import time
 
@@ -79,3 +80,21 @@ async def test_sigterm_stops_polling_and_exits_zero() -> None:
             process.kill()
             await process.wait()
         await sim.stop()
+
+
+async def test_a_busy_port_ends_the_exporter_with_a_clear_error() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        process = await asyncio.create_subprocess_exec(
+            *COMMAND,
+            env=environment(
+                METRICS_PORT=str(port), HEALTH_CHECK_PORT=str(port), BRIDGE_ADDRESS="127.0.0.1:1"
+            ),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 1
+    assert "cannot serve HTTP" in stderr.decode()

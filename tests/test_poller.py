@@ -185,7 +185,7 @@ async def test_stop_waits_for_the_in_flight_poll_within_the_bound() -> None:
 async def test_a_bug_after_a_poll_ends_the_loop_visibly() -> None:
     clock = FakeClock(0.0)
 
-    def broken(_derived: object) -> None:
+    async def broken(_derived: object) -> None:
         raise ValueError("render bug")
 
     poller = Poller(
