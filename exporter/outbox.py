@@ -3,8 +3,10 @@
 One relay runs in every receiver replica, but only the holder of a PostgreSQL session advisory lock (the
 leader) publishes; the others wait to take over when its session ends (crash, network loss). So two
 replicas never publish the same row at once, and the leader publishes in outbox order (``id``), which keeps
-every policy's events in order. The leader wakes on the trigger's NOTIFY and also polls, in case a
-notification is missed.
+every policy's events in order. The leader polls the (indexed, usually empty) unsent rows every
+``poll_interval`` and is woken at once by its own receiver after a commit (:meth:`OutboxRelay.wake`);
+events recorded by another replica wait at most one poll interval. (No LISTEN/NOTIFY: NOTIFY serializes
+the committing transactions.)
 
 A batch is sent asynchronously (the producer batches per key) and the relay waits for every ack; then the
 acknowledged prefix is marked sent in one UPDATE. Anything after the first failure is sent again later
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from psycopg import AsyncConnection, sql
+from psycopg import AsyncConnection
 from psycopg.rows import class_row
 
 from exporter.events import AlertEvent, OutboxRow
@@ -36,7 +38,6 @@ log = logging.getLogger(__name__)
 
 #: Session advisory lock of the relay leader (ascii "drlrely").
 RELAY_LOCK = 28554171249207673
-NOTIFY_CHANNEL = "dict_rate_limit_alert_outbox"
 STATS_INTERVAL = 1.0
 SELECT_UNSENT = """
 SELECT o.id, o.event_id, o.event_type, a.alert_name, a.fingerprint, a.severity, a.endpoint_id,
@@ -65,7 +66,7 @@ class RelayTuning:
     """Relay knobs (defaults suit production; tests shorten the timeouts)."""
 
     batch_size: int = 1000
-    poll_interval: float = 1.0
+    poll_interval: float = 0.5
     backoff_initial: float = 0.5
     backoff_max: float = 5.0
     send_timeout_ms: int = 5000
@@ -107,6 +108,7 @@ class OutboxRelay:
         self.is_leader = False
         self.last_error: str | None = None
         self._stats_at = 0.0
+        self._work = asyncio.Event()
 
     async def run(self) -> None:
         """Until :meth:`stop`: connect, try to lead, relay; every failure is logged and retried."""
@@ -138,7 +140,6 @@ class OutboxRelay:
             if row is not None and row[0]:
                 self.is_leader = True
                 log.info("outbox relay: this replica publishes (leader)")
-                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
                 await self._lead(conn)
                 return
             await self._sleep(self._poll_interval)  # a follower: try to take over later
@@ -154,16 +155,21 @@ class OutboxRelay:
                     await self._sleep(self._backoff.next())
                 continue
             await self._refresh_backlog(conn)
-            await self._wait_for_work(conn)
+            await self._wait_for_work()
 
     async def _unsent(self, conn: AsyncConnection[Any]) -> list[OutboxRow]:
         async with conn.cursor(row_factory=class_row(OutboxRow)) as cursor:
             await cursor.execute(SELECT_UNSENT, [self._batch_size])
             return await cursor.fetchall()
 
-    async def _wait_for_work(self, conn: AsyncConnection[Any]) -> None:
-        async for _ in conn.notifies(timeout=self._poll_interval, stop_after=1):
-            break
+    def wake(self) -> None:
+        """Called by the receiver after a commit that queued events: publish now, not at the next poll."""
+        self._work.set()
+
+    async def _wait_for_work(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._work.wait(), self._poll_interval)
+        self._work.clear()
 
     async def _refresh_backlog(self, conn: AsyncConnection[Any], *, force: bool = False) -> None:
         """Updates the backlog gauges, at most about once a second (the leader may wake far more often)."""

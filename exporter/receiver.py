@@ -200,6 +200,8 @@ async def _receive(request: web.Request, state: ReceiverState) -> web.Response:
         log.exception("recording alerts failed")
         return _error(500, "recording alerts failed")
     state.metrics.count_recorded(result)
+    if result.transitions and state.relay is not None:
+        state.relay.wake()
     _log_result(payload, result)
     return web.json_response(
         {

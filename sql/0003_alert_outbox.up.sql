@@ -52,8 +52,8 @@ BEGIN
                 NEW.id, 'rate_limit.alert.resolved')
         ON CONFLICT DO NOTHING;
     END IF;
-    -- Wakes the relay at commit (delivered only if the transaction commits).
-    PERFORM pg_notify('dict_rate_limit_alert_outbox', '');
+    -- No pg_notify here: a transaction that notifies takes a global lock through its commit, which would
+    -- serialize the receivers' commits (and their fsyncs). The relay polls, and is woken in-process.
     RETURN NULL;
 END;
 $$;
