@@ -198,7 +198,7 @@ class OutboxRelay:
         prefix = next((i for i, result in enumerate(results) if result is not None), len(results))
         if prefix:
             await conn.execute(MARK_SENT, [[row.id for row in rows[:prefix]]])
-        self._metrics.operation_duration.labels("publish").observe(time.perf_counter() - started)
+        self._metrics.observe("publish", time.perf_counter() - started)
         if prefix == len(rows):
             self.last_error = None
             return True

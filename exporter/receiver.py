@@ -168,7 +168,7 @@ async def handle_alerts(request: web.Request) -> web.Response:
     started = time.perf_counter()
     response = await _receive(request, state)
     state.metrics.webhook_requests.labels(str(response.status)).inc()
-    state.metrics.operation_duration.labels("webhook").observe(time.perf_counter() - started)
+    state.metrics.observe("webhook", time.perf_counter() - started)
     return response
 
 
@@ -272,14 +272,14 @@ async def handle_ready(request: web.Request) -> web.Response:
             async with state.pool.connection(timeout=2.0) as conn:
                 await conn.execute("SELECT 1")
                 database = "ok"
-    checks = {"database": database, "pulsar": _pulsar_check(state)}
+    checks = {"database": database, "pulsar": pulsar_check(state)}
     ready = database == "ok"
     return web.json_response(
         {"status": "ok" if ready else "unavailable", "checks": checks}, status=200 if ready else 503
     )
 
 
-def _pulsar_check(state: ReceiverState) -> str:
+def pulsar_check(state: ReceiverState) -> str:
     if state.relay is None or state.publisher is None:
         return "disabled"
     if not state.relay.is_leader:
@@ -289,7 +289,7 @@ def _pulsar_check(state: ReceiverState) -> str:
     return "down"
 
 
-def _tls_context(settings: Settings) -> ssl.SSLContext | None:
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
     if not settings.receiver_tls_cert_file or not settings.receiver_tls_key_file:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -305,9 +305,7 @@ async def serve(settings: Settings, stop: asyncio.Event, *, metrics: ReceiverMet
     await runners[0].setup()
     try:
         host = settings.listen_host
-        await web.TCPSite(
-            runners[0], host, settings.receiver_port, ssl_context=_tls_context(settings)
-        ).start()
+        await web.TCPSite(runners[0], host, settings.receiver_port, ssl_context=tls_context(settings)).start()
         ops_ports.discard(settings.receiver_port)
         if ops_ports:
             runners.append(web.AppRunner(create_ops_app(app), access_log=None))

@@ -86,7 +86,10 @@ class ReceiverMetrics:
     """Every metric of ``dict-rate-limit receiver``, registered in ``registry`` (a new one by default)."""
 
     def __init__(
-        self, registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.time
+        self,
+        registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.time,
+        observe: Callable[[str, float], None] | None = None,
     ) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         reg = self.registry
@@ -141,13 +144,26 @@ class ReceiverMetrics:
             buckets=DURATION_BUCKETS,
             registry=reg,
         )
-        self.operation_duration = Histogram(
-            "dict_rate_limit_monitoring_duration_seconds",
-            "Time of the product's operations (receiver: webhook = one request, publish = one relay batch).",
-            ["operation"],
-            buckets=DURATION_BUCKETS,
-            registry=reg,
-        )
+        self._observe: Callable[[str, float], None]
+        if observe is not None:
+            self._observe = observe
+        else:
+            # Standalone: the seed histogram is ours. In the all-in-one process the exporter owns it (one
+            # family per exposition), and ``observe`` records into it.
+            duration = Histogram(
+                "dict_rate_limit_monitoring_duration_seconds",
+                "Time of the product's operations (webhook = one request, publish = one relay batch).",
+                ["operation"],
+                buckets=DURATION_BUCKETS,
+                registry=reg,
+            )
+            for operation in ("webhook", "publish"):
+                duration.labels(operation)
+
+            def observe_own(operation: str, seconds: float) -> None:
+                duration.labels(operation).observe(seconds)
+
+            self._observe = observe_own
         build = Gauge(
             "dict_rate_limit_receiver_build_info",
             "Build information of the receiver (value 1).",
@@ -160,8 +176,10 @@ class ReceiverMetrics:
             self.webhook_requests.labels(status)
         for reason in INVALID_REASONS:
             self.invalid_payloads.labels(reason)
-        for operation in ("webhook", "publish"):
-            self.operation_duration.labels(operation)
+
+    def observe(self, operation: str, seconds: float) -> None:
+        """Times one operation in dict_rate_limit_monitoring_duration_seconds (webhook, publish)."""
+        self._observe(operation, seconds)
 
     def count_recorded(self, result: RecordResult) -> None:
         """Counts a committed notification (never before commit: a rollback changed nothing)."""
