@@ -74,6 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = args.target if args.command == "check-config" else args.command
     try:
         settings = config.load(command, flags)
+        if args.command == "check-config" and command in {"exporter", "all-in-one"}:
+            # The exporter refuses an interval that would drain DICT's POLICIES_LIST: say so here too.
+            from exporter.poller import check_budget
+
+            check_budget(settings.poll_interval_seconds, settings.poll_budget_override)
     except config.ConfigError as exc:
         print(f"dict-rate-limit {args.command}: invalid configuration: {exc}", file=sys.stderr)
         return 2

@@ -147,3 +147,13 @@ def test_check_config_exits_2_with_one_line_naming_the_key() -> None:
         "dict-rate-limit check-config: invalid configuration: "
         "HEALTH_CHECK_PORT: must be a number (got 'http')"
     ]
+
+
+def test_check_config_refuses_an_interval_that_would_drain_policies_list() -> None:
+    done = _cli("check-config", "exporter", env={"POLL_INTERVAL_SECONDS": "10"})
+    assert done.returncode == 2
+    assert done.stderr.startswith(
+        "dict-rate-limit check-config: invalid configuration: POLL_INTERVAL_SECONDS: 10 s"
+    )
+    assert "POLICIES_LIST" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
