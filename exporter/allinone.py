@@ -9,12 +9,10 @@ RECEIVER_PORT. One ``/metrics`` (METRICS_PORT) carries both parts' series (the s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gzip
 import logging
 import signal
 
-import psycopg
 from aiohttp import web
 from prometheus_client import generate_latest
 
@@ -43,12 +41,7 @@ async def metrics(request: web.Request) -> web.Response:
 async def ready(request: web.Request) -> web.Response:
     service, state = request.app[SERVICE], request.app[RECEIVER]
     exporter_ok, checks = service.readiness()
-    database = "down"
-    if state.pool is not None:
-        with contextlib.suppress(psycopg.Error):
-            async with state.pool.connection(timeout=2.0) as conn:
-                await conn.execute("SELECT 1")
-                database = "ok"
+    database = await receiver.database_check(state)
     checks = {**checks, "receiver_database": database, "pulsar": receiver.pulsar_check(state)}
     ok = exporter_ok and database == "ok"
     return web.json_response(

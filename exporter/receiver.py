@@ -266,17 +266,22 @@ async def handle_ready(request: web.Request) -> web.Response:
     """Ready when PostgreSQL answers. Pulsar is reported but does not gate readiness: the outbox exists
     so that alerts are accepted during a broker outage, which an unready receiver would refuse."""
     state = request.app[STATE]
-    database = "down"
-    if state.pool is not None:
-        with contextlib.suppress(psycopg.Error):
-            async with state.pool.connection(timeout=2.0) as conn:
-                await conn.execute("SELECT 1")
-                database = "ok"
+    database = await database_check(state)
     checks = {"database": database, "pulsar": pulsar_check(state)}
     ready = database == "ok"
     return web.json_response(
         {"status": "ok" if ready else "unavailable", "checks": checks}, status=200 if ready else 503
     )
+
+
+async def database_check(state: ReceiverState) -> str:
+    """ "ok" when a pooled connection answers within 2 s, else "down"."""
+    if state.pool is not None:
+        with contextlib.suppress(psycopg.Error):
+            async with state.pool.connection(timeout=2.0) as conn:
+                await conn.execute("SELECT 1")
+                return "ok"
+    return "down"
 
 
 def pulsar_check(state: ReceiverState) -> str:

@@ -113,6 +113,7 @@ class EventConsumer:
         self.events: list[Received] = []
         self.seen: set[str] = set(seen or ())
         self.duplicates = 0
+        self.message_ids: dict[str, set[str]] = {}
         self._closed = False
 
     def receive(self, count: int, timeout: float) -> list[Received]:
@@ -125,6 +126,8 @@ class EventConsumer:
                 continue
             self._consumer.acknowledge(message)
             event = json.loads(message.data())
+            # A redelivery has the same message id; a second publication of the event would have another.
+            self.message_ids.setdefault(event["event_id"], set()).add(str(message.message_id()))
             if event["event_id"] in self.seen:
                 self.duplicates += 1
                 continue

@@ -137,6 +137,12 @@ def _state(manager: Any, name: str, endpoint: str | None) -> str:
     return "absent"
 
 
+def _wait_for_state(manager: Any, name: str, endpoint: str, state: str) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _state(manager, name, endpoint) != state:
+        time.sleep(0.2)
+
+
 def test_inhibitions_silence_warnings_under_a_critical_and_bucket_alerts_under_bridge_down(
     tmp_path: Path,
 ) -> None:
@@ -174,24 +180,14 @@ def test_inhibitions_silence_warnings_under_a_critical_and_bucket_alerts_under_b
             am_alert({"alertname": "DICTRateLimitPollsFailing", "severity": "warning", **job}),
             am_alert({"alertname": "DICTRateLimitHistoryDropping", "severity": "warning", **job}),
         )
-        deadline = time.monotonic() + 10
-        while (
-            time.monotonic() < deadline
-            and _state(manager, "DICTRateLimitWarning", "ENTRIES_WRITE") != "suppressed"
-        ):
-            time.sleep(0.2)
+        _wait_for_state(manager, "DICTRateLimitWarning", "ENTRIES_WRITE", "suppressed")
         assert _state(manager, "DICTRateLimitWarning", "ENTRIES_WRITE") == "suppressed"
         assert _state(manager, "DICTRateLimitWarning", "CLAIMS_READ") == "active"
         assert _state(manager, "DICTRateLimitCritical", "ENTRIES_WRITE") == "active"
         assert _state(manager, "DICTRateLimitPollsFailing", None) == "active"
 
         manager.post(am_alert({"alertname": "DICTRateLimitBridgeDown", "severity": "critical", **job}))
-        deadline = time.monotonic() + 10
-        while (
-            time.monotonic() < deadline
-            and _state(manager, "DICTRateLimitWarning", "CLAIMS_READ") != "suppressed"
-        ):
-            time.sleep(0.2)
+        _wait_for_state(manager, "DICTRateLimitWarning", "CLAIMS_READ", "suppressed")
         assert _state(manager, "DICTRateLimitWarning", "CLAIMS_READ") == "suppressed"
         assert _state(manager, "DICTRateLimitCritical", "ENTRIES_WRITE") == "suppressed"
         # Health alerts carry no policy: Bridge down does not hide them, nor does one hide another.

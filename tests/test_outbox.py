@@ -39,6 +39,19 @@ async def record(database_url: str, *alerts: dict[str, Any]) -> None:
         await record_alerts(conn, parsed.alerts)
 
 
+async def record_cycle(database_url: str, policy: str, starts: str, fingerprint: str) -> None:
+    """An alert recorded firing, then resolved (two notifications, two events)."""
+    await record(database_url, alert(endpoint_id=policy, starts_at=starts, fingerprint=fingerprint))
+    resolved = alert(
+        "resolved",
+        endpoint_id=policy,
+        starts_at=starts,
+        ends_at="2026-11-23T11:00:00Z",
+        fingerprint=fingerprint,
+    )
+    await record(database_url, resolved)
+
+
 def expected_order(database_url: str) -> dict[str, list[str]]:
     """Event ids per policy in outbox order: the order consumers must see them in."""
     order: dict[str, list[str]] = {}
@@ -102,19 +115,7 @@ async def test_relay_publishes_in_order_per_policy_with_key_properties_and_marks
     migrate(database_url)
     for index, policy in enumerate(POLICIES * 3):
         starts = f"2026-11-23T09:{index:02d}:00Z"
-        await record(
-            database_url, alert(endpoint_id=policy, starts_at=starts, fingerprint=f"{policy}-{index}")
-        )
-        await record(
-            database_url,
-            alert(
-                "resolved",
-                endpoint_id=policy,
-                starts_at=starts,
-                ends_at="2026-11-23T10:00:00Z",
-                fingerprint=f"{policy}-{index}",
-            ),
-        )
+        await record_cycle(database_url, policy, starts, f"{policy}-{index}")
     metrics = ReceiverMetrics()
     async with running_relay(database_url, pulsar_broker.url, topic, metrics) as relay:
         received = await asyncio.to_thread(consumer.receive, 24, 30)
@@ -152,19 +153,7 @@ async def test_events_committed_while_the_broker_is_down_are_all_delivered_in_or
             while loop.time() < deadline:  # alerts keep arriving during the outage
                 policy = POLICIES[index % len(POLICIES)]
                 starts = f"2026-11-23T09:{index % 60:02d}:{index // 60:02d}Z"
-                await record(
-                    database_url, alert(endpoint_id=policy, starts_at=starts, fingerprint=f"out-{index}")
-                )
-                await record(
-                    database_url,
-                    alert(
-                        "resolved",
-                        endpoint_id=policy,
-                        starts_at=starts,
-                        ends_at="2026-11-23T11:00:00Z",
-                        fingerprint=f"out-{index}",
-                    ),
-                )
+                await record_cycle(database_url, policy, starts, f"out-{index}")
                 index += 1
                 await asyncio.sleep(0.5)
             unsent = rows(
@@ -220,5 +209,6 @@ async def test_two_relays_on_one_database_never_publish_the_same_event_twice_and
         for m in (metrics_a, metrics_b)
     )
     assert published == 60, "each event published exactly once across both replicas"
-    assert consumer.duplicates == 0
+    # Redeliveries by the broker are the consumer's to absorb; publishing an event twice is ours to avoid.
+    assert all(len(ids) == 1 for ids in consumer.message_ids.values())
     assert leader_was_a in (True, False)

@@ -68,6 +68,11 @@ def receiver_settings(database_url: str, broker: EmbeddedPulsar, topic: str, tok
     )
 
 
+async def statuses(database_url: str, expected: str, seconds: float) -> list[tuple[object, ...]]:
+    """The alert rows' statuses once they are all ``expected`` (or whatever they are after ``seconds``)."""
+    return await eventually("SELECT status FROM dict_rate_limit_alerts", database_url, [(expected,)], seconds)
+
+
 async def eventually(
     query: str, database_url: str, expected: object, seconds: float
 ) -> list[tuple[object, ...]]:
@@ -111,15 +116,9 @@ async def test_firing_then_resolved_through_alertmanager_is_one_row_and_two_even
         async with running_receiver(settings, ReceiverMetrics()):
             with alertmanager(binary, config, tmp_path) as manager:
                 manager.post(am_alert(LABELS, starts_at=starts))
-                firing = await eventually(
-                    "SELECT status FROM dict_rate_limit_alerts", database_url, [("firing",)], 20
-                )
-                assert firing == [("firing",)]
+                assert await statuses(database_url, "firing", 20) == [("firing",)]
                 manager.post(am_alert(LABELS, starts_at=starts, resolved=True))
-                resolved = await eventually(
-                    "SELECT status FROM dict_rate_limit_alerts", database_url, [("resolved",)], 20
-                )
-                assert resolved == [("resolved",)]
+                assert await statuses(database_url, "resolved", 20) == [("resolved",)]
                 events = await asyncio.to_thread(consumer.receive, 2, 20)
     finally:
         consumer.close()
@@ -162,10 +161,7 @@ async def test_database_cut_off_gets_503_and_alertmanager_retries_until_recorded
                     assert refused, "the receiver never answered 503 while PostgreSQL was cut off"
                     assert rows(database_url, "SELECT count(*) FROM dict_rate_limit_alerts") == [(0,)]
                     await asyncio.to_thread(proxy.start)
-                    recorded = await eventually(
-                        "SELECT status FROM dict_rate_limit_alerts", database_url, [("firing",)], 40
-                    )
-                    assert recorded == [("firing",)]
+                    assert await statuses(database_url, "firing", 40) == [("firing",)]
                     events = await asyncio.to_thread(consumer.receive, 1, 20)
         finally:
             consumer.close()
