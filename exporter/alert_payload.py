@@ -62,7 +62,7 @@ class AlertNotification:
 
     @property
     def severity(self) -> str:
-        return self.labels["severity"]
+        return self.labels["severity"].lower()  # the seeds wrote WARNING/CRITICAL
 
     @property
     def endpoint_id(self) -> str | None:
@@ -198,7 +198,7 @@ def _alert(raw: Any, field: str) -> AlertNotification:
     labels = _string_map(raw.get("labels"), f"{field}.labels")
     if not labels.get("alertname"):
         raise PayloadError(f"{field}.labels.alertname", "missing")
-    if labels.get("severity") not in SEVERITIES:
+    if labels.get("severity", "").lower() not in SEVERITIES:
         raise PayloadError(f"{field}.labels.severity", "must be critical, warning or info")
     fingerprint = _text(raw.get("fingerprint"), f"{field}.fingerprint")
     if not fingerprint or len(fingerprint) > 128:

@@ -4,17 +4,22 @@ reasons, metrics after commit, 503 while the database is unreachable, health."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from certs import make_pki
 from receiver_support import AUTH, TOKEN, alert, migrate, payload, rows
 from tcp_proxy import TcpProxy
 
 from exporter.config import ConfigError, Settings
-from exporter.receiver import create_app, run
+from exporter.embedded import free_port
+from exporter.receiver import create_app, run, serve
 from exporter.receiver_metrics import ReceiverMetrics
 
 Client = TestClient[Any, Any]
@@ -289,6 +294,51 @@ async def test_database_unreachable_is_503_and_the_retry_after_it_returns_is_rec
         assert {status for status, _ in answers[:-1]} <= {503}
         assert (answers[-1][0], answers[-1][1]["created"]) == (200, 1)
     assert rows(database_url, "SELECT count(*) FROM dict_rate_limit_alert_outbox") == [(1,)]
+
+
+async def test_upper_case_severity_of_older_rules_is_recorded_in_lower_case(
+    client: Client, database_url: str
+) -> None:
+    assert (await post(client, payload(alert(severity="CRITICAL"))))[0] == 200
+    assert rows(database_url, "SELECT severity FROM dict_rate_limit_alerts") == [("critical",)]
+
+
+async def test_webhook_over_tls_accepts_a_client_trusting_the_ca(tmp_path: Path, database_url: str) -> None:
+    migrate(database_url)
+    pki = make_pki(tmp_path)
+    ops = free_port()
+    settings = settings_for(
+        database_url,
+        listen_host="127.0.0.1",
+        receiver_port=free_port(),
+        metrics_port=ops,
+        health_check_port=ops,
+        receiver_tls_cert_file=pki.server_cert,
+        receiver_tls_key_file=pki.server_key,
+        pulsar_url=f"pulsar://127.0.0.1:{free_port()}",
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(settings, stop))
+    try:
+        trusted = ssl.create_default_context(cafile=pki.ca)
+        url = f"https://127.0.0.1:{settings.receiver_port}/alerts"
+        async with aiohttp.ClientSession() as session:
+            for _ in range(100):
+                try:
+                    async with session.post(
+                        url, json=payload(alert()), headers=AUTH, ssl=trusted
+                    ) as response:
+                        status = response.status
+                        break
+                except aiohttp.ClientConnectorError:
+                    await asyncio.sleep(0.1)
+            with pytest.raises(aiohttp.ClientConnectorCertificateError):
+                await session.post(url, json=payload(alert()), headers=AUTH)  # the system CAs do not know it
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert status == 200
+    assert rows(database_url, "SELECT count(*) FROM dict_rate_limit_alerts") == [(1,)]
 
 
 async def test_health_and_metrics_are_served(client: Client) -> None:
