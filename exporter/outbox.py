@@ -121,6 +121,9 @@ class OutboxRelay:
                 log.warning(
                     "outbox relay: database unavailable, retrying", extra={"ctx": {"error": str(exc)}}
                 )
+            except Exception as exc:  # a bug must not stop delivery for the life of the process
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("outbox relay failed, restarting it")
             finally:
                 self.is_leader = False
             await self._sleep(self._backoff.next())
