@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from certs import make_pki
+from conftest import require_binary
 from receiver_support import AUTH, TOKEN, alert, migrate, payload, rows
 from tcp_proxy import TcpProxy
 
@@ -349,6 +351,16 @@ async def test_health_and_metrics_are_served(client: Client) -> None:
     assert 'dict_rate_limit_webhook_requests_total{status="503"} 0.0' in text
     assert "dict_rate_limit_outbox_backlog 0.0" in text
     assert "dict_rate_limit_receiver_build_info{" in text
+    promtool = require_binary("promtool")
+    lint = await asyncio.to_thread(
+        subprocess.run,
+        [promtool, "check", "metrics"],
+        input=text,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert lint.returncode == 0, lint.stderr
 
 
 def test_start_up_refuses_without_a_token_unless_told_to(database_url: str) -> None:
