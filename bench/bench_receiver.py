@@ -38,10 +38,12 @@ from exporter.receiver_metrics import ReceiverMetrics
 TOKEN = "bench-token"  # noqa: S105 - a benchmark token on loopback
 
 
-def _serve(kind: str, port: int, database_url: str) -> None:
+def _serve(kind: str, port: int, database_url: str, pool: int) -> None:
     """Child process: the real receiver (no relay) or a no-op handler that reads the body and answers 200."""
     if kind == "receiver":
-        settings = Settings(database_url=database_url, webhook_bearer_token=TOKEN, database_max_connections=8)
+        settings = Settings(
+            database_url=database_url, webhook_bearer_token=TOKEN, database_max_connections=pool
+        )
         app = create_app(settings, relay=None, include_ops=False)
     else:
 
@@ -116,7 +118,7 @@ async def _load(port: int, requests: int, concurrency: int, per_request: int) ->
 def _measure(kind: str, database_url: str, args: argparse.Namespace) -> dict[str, float]:
     port = free_port()
     process = multiprocessing.get_context("spawn").Process(
-        target=_serve, args=(kind, port, database_url), daemon=True
+        target=_serve, args=(kind, port, database_url, args.pool), daemon=True
     )
     process.start()
     try:
@@ -187,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=4000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--alerts-per-request", type=int, default=1)
+    parser.add_argument("--pool", type=int, default=4, help="DATABASE_MAX_CONNECTIONS of the receiver")
     parser.add_argument("--relay-events", type=int, default=20000)
     parser.add_argument(
         "--database-url", help="an administrative database URL (default: embedded PostgreSQL)"
@@ -219,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             "requests": args.requests,
             "concurrency": args.concurrency,
             "alerts_per_request": args.alerts_per_request,
+            "pool": args.pool,
         },
         "noop_handler": noop,
         "receiver": receiver,
