@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -58,14 +58,21 @@ class Timings:
 
 @dataclass
 class Ports:
-    simulator: int = field(default_factory=free_port)
-    exporter_metrics: int = field(default_factory=free_port)
-    exporter_health: int = field(default_factory=free_port)
-    receiver_webhook: int = field(default_factory=free_port)
-    receiver_metrics: int = field(default_factory=free_port)
-    receiver_health: int = field(default_factory=free_port)
-    alertmanager: int = field(default_factory=free_port)
-    prometheus: int = field(default_factory=free_port)
+    """Loopback ports, each taken just before its component starts (a port found free long before it is
+    bound may meanwhile be taken by someone else on a busy machine)."""
+
+    simulator: int = 0
+    exporter_metrics: int = 0
+    exporter_health: int = 0
+    receiver_webhook: int = 0
+    receiver_metrics: int = 0
+    receiver_health: int = 0
+    alertmanager: int = 0
+    prometheus: int = 0
+
+    def take(self, *names: str) -> None:
+        for name in names:
+            setattr(self, name, free_port())
 
 
 def prometheus_duration(seconds: float) -> str:
@@ -219,6 +226,7 @@ class Stack:
         return self._child(name, [sys.executable, "-m", "exporter.cli", name], env)
 
     def _start_simulator(self) -> str:
+        self.ports.take("simulator")
         listen = f"127.0.0.1:{self.ports.simulator}"
         child = self._command("simulator", SIMULATOR_LISTEN=listen, SIMULATOR_SCENARIO=self.scenario or "")
         try:
@@ -228,6 +236,7 @@ class Stack:
         return listen
 
     def _start_exporter(self) -> None:
+        self.ports.take("exporter_metrics", "exporter_health")
         t, p = self.timings, self.ports
         child = self._command(
             "exporter",
@@ -250,6 +259,7 @@ class Stack:
         self.token_file.parent.mkdir(parents=True, exist_ok=True)
         self.token_file.write_text(secrets.token_urlsafe(32), encoding="utf-8")
         self.token_file.chmod(0o600)
+        self.ports.take("receiver_webhook", "receiver_metrics", "receiver_health")
         p = self.ports
         child = self._command(
             "receiver",
@@ -271,6 +281,7 @@ class Stack:
             directory / "alertmanager.yml",
             fast=True,
         )
+        self.ports.take("alertmanager")
         address = f"127.0.0.1:{self.ports.alertmanager}"
         child = self._child(
             "alertmanager",
@@ -316,6 +327,7 @@ class Stack:
         return path
 
     def _start_prometheus(self) -> None:
+        self.ports.take("prometheus")
         config = self.prometheus_config()
         address = f"127.0.0.1:{self.ports.prometheus}"
         child = self._child(
