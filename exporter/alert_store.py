@@ -12,7 +12,8 @@ of a notification:
 - resolved, resolved row: nothing.
 
 The outbox rows are written by the trigger inside the same transaction, so "recorded" and "will be
-published" commit together. Statements use only ``%s`` parameters.
+published" commit together. Bucket values come from the alert's numeric annotations, else from the
+policy's latest snapshot in ``dict_rate_limit_states``. Statements use only ``%s`` parameters.
 """
 
 from __future__ import annotations
@@ -26,17 +27,34 @@ from psycopg.types.json import Jsonb
 
 from exporter.alert_payload import AlertNotification, to_bigint
 
-_COLUMNS = (
-    "fingerprint, alert_name, severity, endpoint_id, psp_category, status, starts_at, ends_at, resolved_at,"
-    " resolved_by, available_tokens, capacity, utilization_percent, recovery_eta_seconds,"
-    " exhaustion_projection_seconds, summary, description, labels, annotations, payload, generator_url"
-)
-INSERT = (
-    f"INSERT INTO dict_rate_limit_alerts ({_COLUMNS})"  # noqa: S608 - a constant column list, values are %s
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, CASE WHEN %s THEN now() END, %s, %s, %s, %s, %s, %s, %s, %s,"
-    " %s, %s, %s, %s)"
-    " ON CONFLICT (fingerprint, starts_at) DO NOTHING RETURNING id"
-)
+# Bucket values: the alert's numeric annotations when the rules provide them, else the policy's latest
+# snapshot in the exporter's history (same database), else NULL. Casts: a None parameter is untyped.
+INSERT = """
+INSERT INTO dict_rate_limit_alerts (
+    fingerprint, alert_name, severity, endpoint_id, psp_category, status, starts_at, ends_at, resolved_at,
+    resolved_by, available_tokens, capacity, utilization_percent, recovery_eta_seconds,
+    exhaustion_projection_seconds, summary, description, labels, annotations, payload, generator_url)
+SELECT %(fingerprint)s, %(alert_name)s, %(severity)s, %(endpoint_id)s::text, %(psp_category)s::text,
+       %(status)s, %(starts_at)s, %(ends_at)s::timestamptz, CASE WHEN %(resolved)s THEN now() END,
+       %(resolved_by)s::text,
+       coalesce(%(available_tokens)s::bigint, s.available_tokens),
+       coalesce(%(capacity)s::bigint, s.capacity),
+       coalesce(%(utilization_percent)s::float8, s.utilization_percent),
+       coalesce(%(recovery_eta_seconds)s::float8, s.recovery_eta_seconds),
+       coalesce(%(exhaustion_projection_seconds)s::float8, s.exhaustion_projection_seconds),
+       %(summary)s::text, %(description)s::text, %(labels)s, %(annotations)s, %(payload)s,
+       %(generator_url)s::text
+  FROM (SELECT 1) AS one
+  LEFT JOIN LATERAL (
+        SELECT st.available_tokens, st.capacity, st.utilization_percent, st.recovery_eta_seconds,
+               st.exhaustion_projection_seconds
+          FROM dict_rate_limit_states st
+         WHERE st.endpoint_id = %(endpoint_id)s::text
+         ORDER BY st.response_time DESC
+         LIMIT 1) s ON true
+ON CONFLICT (fingerprint, starts_at) DO NOTHING
+RETURNING id
+"""
 RESOLVE = (
     "UPDATE dict_rate_limit_alerts"
     "   SET status = 'resolved', ends_at = %s, resolved_at = now(), resolved_by = 'alertmanager',"
@@ -77,31 +95,31 @@ def _transition(kind: str, alert: AlertNotification) -> Transition:
     return Transition(kind, alert.endpoint_id or "", alert.severity, alert.psp_category or "")
 
 
-def _insert_params(alert: AlertNotification) -> list[Any]:
+def _insert_params(alert: AlertNotification) -> dict[str, Any]:
     resolved = alert.status == "resolved"
-    return [
-        alert.fingerprint,
-        alert.alert_name,
-        alert.severity,
-        alert.endpoint_id,
-        alert.psp_category,
-        alert.status,
-        alert.starts_at,
-        alert.ends_at if resolved else None,
-        resolved,
-        "alertmanager" if resolved else None,
-        to_bigint(alert.number("available_tokens")),
-        to_bigint(alert.number("capacity")),
-        alert.number("utilization_percent"),
-        alert.number("recovery_eta_seconds"),
-        alert.number("exhaustion_projection_seconds"),
-        alert.annotations.get("summary"),
-        alert.annotations.get("description"),
-        Jsonb(dict(alert.labels)),
-        Jsonb(dict(alert.annotations)),
-        Jsonb(alert.raw, dumps=_dumps),
-        alert.generator_url or None,
-    ]
+    return {
+        "fingerprint": alert.fingerprint,
+        "alert_name": alert.alert_name,
+        "severity": alert.severity,
+        "endpoint_id": alert.endpoint_id,
+        "psp_category": alert.psp_category,
+        "status": alert.status,
+        "starts_at": alert.starts_at,
+        "ends_at": alert.ends_at if resolved else None,
+        "resolved": resolved,
+        "resolved_by": "alertmanager" if resolved else None,
+        "available_tokens": to_bigint(alert.number("available_tokens")),
+        "capacity": to_bigint(alert.number("capacity")),
+        "utilization_percent": alert.number("utilization_percent"),
+        "recovery_eta_seconds": alert.number("recovery_eta_seconds"),
+        "exhaustion_projection_seconds": alert.number("exhaustion_projection_seconds"),
+        "summary": alert.annotations.get("summary"),
+        "description": alert.annotations.get("description"),
+        "labels": Jsonb(dict(alert.labels)),
+        "annotations": Jsonb(dict(alert.annotations)),
+        "payload": Jsonb(alert.raw, dumps=_dumps),
+        "generator_url": alert.generator_url or None,
+    }
 
 
 def _dumps(value: Any) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psycopg
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -157,6 +158,23 @@ async def test_bucket_values_come_from_numeric_annotations_and_odd_ones_are_stor
     assert status == 200
     [record] = rows(database_url, ALERT_ROW)
     assert record[5:10] == (-15, 36000, 100.04, None, None)
+
+
+async def test_without_numeric_annotations_values_come_from_the_policys_latest_snapshot(
+    client: Client, database_url: str
+) -> None:
+    with psycopg.connect(database_url) as conn:
+        for available, age in ((30000, "2 minutes"), (3000, "1 minute")):  # the newest one counts
+            conn.execute(
+                "INSERT INTO dict_rate_limit_states (endpoint_id, psp_category, available_tokens, capacity,"
+                " refill_tokens, refill_period_sec, utilization_percent, remaining_ratio,"
+                " recovery_eta_seconds, exhaustion_projection_seconds, response_time)"
+                " VALUES ('ENTRIES_WRITE', 'A', %s, 36000, 1200, 60, %s, %s, %s, 600, now() - %s::interval)",
+                [available, 100 * (1 - available / 36000), available / 36000, (36000 - available) / 20, age],
+            )
+    assert (await post(client, payload(alert(annotations={"summary": "low", "capacity": "40000"}))))[0] == 200
+    [record] = rows(database_url, ALERT_ROW)
+    assert record[5:10] == (3000, 40000, pytest.approx(91.6667, abs=1e-3), 1650.0, 600.0)
 
 
 async def test_health_alert_without_policy_is_counted_with_empty_labels(
