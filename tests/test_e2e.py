@@ -105,6 +105,12 @@ def test_threshold_crossing_reaches_pulsar_within_its_latency_floor_and_recovery
         assert FOR_SECONDS <= latency <= FLOOR + 2.0
         assert created["severity"] == "critical"
         assert created["psp_category"] == "A"
+        # The bucket's values travel with the event (from the exporter's history in the same database).
+        assert (created["available_tokens"], created["capacity"], created["utilization_percent"]) == (
+            10,
+            200,
+            95.0,
+        )
         firing = prom_query(
             stack, f'ALERTS{{alertname="DICTRateLimitCritical", alertstate="firing", endpoint_id="{POLICY}"}}'
         )
