@@ -72,6 +72,25 @@ class RelayTuning:
     send_timeout_ms: int = 5000
 
 
+#: The leader's lock lives as long as its session. A leader host that vanishes without closing the
+#: connection would keep it for hours (TCP's default keepalive); these make the server end such a session
+#: within about a minute. The relay never stays idle that long (it polls every poll_interval).
+SESSION_SETTINGS = (
+    ("idle_session_timeout", "60s"),
+    ("tcp_keepalives_idle", "10"),
+    ("tcp_keepalives_interval", "5"),
+    ("tcp_keepalives_count", "3"),
+)
+
+
+async def _bound_session(conn: AsyncConnection[Any]) -> None:
+    for name, value in SESSION_SETTINGS:
+        try:
+            await conn.execute("SELECT set_config(%s, %s, false)", [name, value])
+        except psycopg.errors.UndefinedObject:  # idle_session_timeout needs PostgreSQL 14
+            log.info("outbox relay: %s is not supported by this server", name)
+
+
 class Backoff:
     """Capped exponential delays with full jitter; reset after a success."""
 
@@ -115,6 +134,7 @@ class OutboxRelay:
         while not self._stopping.is_set():
             try:
                 async with await AsyncConnection.connect(self._database_url, autocommit=True) as conn:
+                    await _bound_session(conn)
                     await self._session(conn)
             except (psycopg.Error, OSError) as exc:
                 self.last_error = f"database: {exc}"
