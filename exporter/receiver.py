@@ -15,6 +15,7 @@ import hmac
 import logging
 import signal
 import ssl
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -36,6 +37,10 @@ log = logging.getLogger(__name__)
 OUTBOX_TABLE = "dict_rate_limit_alert_outbox"
 #: How long a request waits for a pooled connection before answering 503 (Alertmanager then retries).
 POOL_TIMEOUT_SECONDS = 5.0
+
+
+class StartupError(RuntimeError):
+    """The receiver cannot start (unmigrated database...); ``str()`` is the one line shown."""
 
 
 @dataclass
@@ -149,7 +154,7 @@ async def _require_schema(pool: AsyncConnectionPool) -> None:
         cursor = await conn.execute("SELECT to_regclass(%s)", [OUTBOX_TABLE])
         row = await cursor.fetchone()
     if row is None or row[0] is None:
-        raise RuntimeError("the database has no alert tables yet: run `dict-rate-limit migrate` first")
+        raise StartupError("the database has no alert tables yet: run `dict-rate-limit migrate` first")
 
 
 def _error(status: int, message: str, **extra: str) -> web.Response:
@@ -338,5 +343,10 @@ def run(settings: Settings) -> int:
             loop.add_signal_handler(signum, stop.set)
         await serve(settings, stop)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except (StartupError, psycopg.OperationalError, OSError) as exc:
+        log.error("receiver cannot start: %s", exc)
+        print(f"dict-rate-limit receiver: cannot start: {exc}", file=sys.stderr)
+        return 1
     return 0

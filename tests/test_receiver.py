@@ -22,7 +22,7 @@ from tcp_proxy import TcpProxy
 
 from exporter.config import ConfigError, Settings
 from exporter.embedded import free_port
-from exporter.receiver import create_app, run, serve
+from exporter.receiver import StartupError, create_app, run, serve
 from exporter.receiver_metrics import ReceiverMetrics
 
 Client = TestClient[Any, Any]
@@ -392,5 +392,5 @@ def test_start_up_refuses_without_a_token_unless_told_to(database_url: str) -> N
 
 async def test_start_up_fails_clearly_on_an_unmigrated_database(database_url: str) -> None:
     runner = web.AppRunner(create_app(settings_for(database_url), relay=None))
-    with pytest.raises(RuntimeError, match="dict-rate-limit migrate"):
+    with pytest.raises(StartupError, match="dict-rate-limit migrate"):
         await runner.setup()

@@ -110,3 +110,22 @@ def test_receiver_refuses_to_start_without_a_token(tmp_path: Path, database_url:
     )
     assert result.returncode == 2
     assert "WEBHOOK_BEARER_TOKEN_FILE" in result.stderr
+
+
+def test_receiver_exits_1_with_one_clear_line_on_an_unmigrated_database(
+    tmp_path: Path, database_url: str
+) -> None:
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    env = receiver_env(database_url, token, "pulsar://127.0.0.1:1", unique_topic(), free_port())
+    result = subprocess.run(
+        [sys.executable, "-m", "exporter.cli", "receiver"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "run `dict-rate-limit migrate` first" in result.stderr
+    assert "Traceback" not in result.stderr
