@@ -12,7 +12,9 @@ import asyncio
 import gzip
 import logging
 import signal
+import sys
 
+import psycopg
 from aiohttp import web
 from prometheus_client import generate_latest
 
@@ -115,4 +117,9 @@ def run(settings: Settings) -> int:
             loop.add_signal_handler(signum, stop.set)
         return await serve(settings, stop)
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    except (receiver.StartupError, psycopg.OperationalError) as exc:
+        log.error("all-in-one cannot start: %s", exc)
+        print(f"dict-rate-limit all-in-one: cannot start: {exc}", file=sys.stderr)
+        return 1
