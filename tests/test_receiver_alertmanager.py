@@ -68,6 +68,12 @@ def receiver_settings(database_url: str, broker: EmbeddedPulsar, topic: str, tok
     )
 
 
+def alertmanager_config(settings: Settings, directory: Path) -> Path:
+    """alertmanager.yml rendered for this receiver and its token file, with one-second grouping."""
+    webhook = f"http://127.0.0.1:{settings.receiver_port}/alerts"
+    return render_alertmanager_config(webhook, directory / "token", directory / "am.yml", fast=True)
+
+
 async def statuses(database_url: str, expected: str, seconds: float) -> list[tuple[object, ...]]:
     """The alert rows' statuses once they are all ``expected`` (or whatever they are after ``seconds``)."""
     return await eventually("SELECT status FROM dict_rate_limit_alerts", database_url, [(expected,)], seconds)
@@ -104,12 +110,7 @@ async def test_firing_then_resolved_through_alertmanager_is_one_row_and_two_even
     migrate(database_url)
     topic = unique_topic()
     settings = receiver_settings(database_url, pulsar_broker, topic, tmp_path / "token")
-    config = render_alertmanager_config(
-        f"http://127.0.0.1:{settings.receiver_port}/alerts",
-        tmp_path / "token",
-        tmp_path / "am.yml",
-        fast=True,
-    )
+    config = alertmanager_config(settings, tmp_path)
     consumer = EventConsumer(pulsar_broker.url, topic)
     starts = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=20)
     try:
@@ -146,12 +147,7 @@ async def test_database_cut_off_gets_503_and_alertmanager_retries_until_recorded
     consumer = EventConsumer(pulsar_broker.url, topic)
     with TcpProxy.for_postgres(database_url) as proxy:
         settings = receiver_settings(proxy.url_for(database_url), pulsar_broker, topic, tmp_path / "token")
-        config = render_alertmanager_config(
-            f"http://127.0.0.1:{settings.receiver_port}/alerts",
-            tmp_path / "token",
-            tmp_path / "am.yml",
-            fast=True,
-        )
+        config = alertmanager_config(settings, tmp_path)
         try:
             async with running_receiver(settings, metrics):
                 with alertmanager(binary, config, tmp_path) as manager:

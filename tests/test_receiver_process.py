@@ -98,16 +98,15 @@ def test_receiver_killed_between_commit_and_publish_publishes_after_restart(
     assert rows(database_url, "SELECT count(*) FROM dict_rate_limit_alerts") == [(1,)]
 
 
+def start_once(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """A receiver expected to exit at start-up."""
+    command = [sys.executable, "-m", "exporter.cli", "receiver"]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
+
+
 def test_receiver_refuses_to_start_without_a_token(tmp_path: Path, database_url: str) -> None:
     env = receiver_env(database_url, None, "pulsar://127.0.0.1:1", unique_topic(), free_port())
-    result = subprocess.run(
-        [sys.executable, "-m", "exporter.cli", "receiver"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = start_once(env)
     assert result.returncode == 2
     assert "WEBHOOK_BEARER_TOKEN_FILE" in result.stderr
 
@@ -118,14 +117,7 @@ def test_receiver_exits_1_with_one_clear_line_on_an_unmigrated_database(
     token = tmp_path / "token"
     token.write_text(TOKEN)
     env = receiver_env(database_url, token, "pulsar://127.0.0.1:1", unique_topic(), free_port())
-    result = subprocess.run(
-        [sys.executable, "-m", "exporter.cli", "receiver"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = start_once(env)
     assert result.returncode == 1
     assert "run `dict-rate-limit migrate` first" in result.stderr
     assert "Traceback" not in result.stderr
