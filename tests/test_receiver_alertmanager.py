@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import aiohttp
 from conftest import require_binary
 from receiver_support import TOKEN, EventConsumer, alertmanager, am_alert, migrate, rows, unique_topic
 from tcp_proxy import TcpProxy
@@ -121,8 +122,13 @@ async def test_firing_then_resolved_through_alertmanager_is_one_row_and_two_even
                 manager.post(am_alert(LABELS, starts_at=starts, resolved=True))
                 assert await statuses(database_url, "resolved", 20) == [("resolved",)]
                 events = await asyncio.to_thread(consumer.receive, 2, 20)
+            async with aiohttp.ClientSession() as session:
+                health = f"http://127.0.0.1:{settings.health_check_port}/health/ready"
+                async with session.get(health) as response:
+                    readiness = (response.status, await response.json())
     finally:
         consumer.close()
+    assert readiness == (200, {"status": "ok", "checks": {"database": "ok", "pulsar": "ok"}})
     [(status, starts_at, ends_at, resolved_by)] = rows(database_url, ROW)
     assert (status, resolved_by) == ("resolved", "alertmanager")
     assert starts_at == starts
