@@ -2,7 +2,8 @@
 and the simulator (default scenario, real traffic), and PostgreSQL written by the exporter's history.
 
 A query fails on a parse error, and on an empty result unless its panel is one documented to be empty
-in a healthy state (docs/dashboards.md, "Panels empty in a healthy state"). Grafana's variables and
+in a healthy state (docs/dashboards.md, "Panels empty in a healthy state"); once a bucket is put below
+CRITICAL, every panel, those included, must show data. Grafana's variables and
 macros are replaced the way Grafana would: ``$__rate_interval`` by 15s, ``$policy``/``$category`` by
 ``.*`` (All) and by real values, the SQL macros by their PostgreSQL expansions.
 """
