@@ -26,7 +26,7 @@ import psycopg
 from aiohttp import web
 
 from devstack.embedded import EmbeddedPostgres, EmbeddedPulsar, free_port, wait_for_port
-from exporter.config import Settings
+from exporter.config import ReceiverSettings
 from exporter.history import migrations
 from exporter.receiver.metrics import ReceiverMetrics
 from exporter.receiver.outbox import OutboxRelay, RelayTuning
@@ -39,7 +39,7 @@ TOKEN = "bench-token"  # noqa: S105 - a benchmark token on loopback
 def _serve(kind: str, port: int, database_url: str, pool: int) -> None:
     """Child process: the real receiver (no relay) or a no-op handler that reads the body and answers 200."""
     if kind == "receiver":
-        settings = Settings(
+        settings = ReceiverSettings(
             database_url=database_url, webhook_bearer_token=TOKEN, database_max_connections=pool
         )
         app = create_app(settings, relay=None, include_ops=False)

@@ -42,7 +42,7 @@ def fabricate(policies: int, at: float, drop: int = 0) -> Snapshot:
 def _service(policies: int, port: int, serve_http: bool) -> Any:
     """An exporter whose Bridge answers two snapshots 30 s apart (rates and projections present), then the
     second one again."""
-    from exporter.config import Settings
+    from exporter.config import ExporterSettings
     from exporter.service.app import ExporterService
 
     last = fabricate(policies, 1_700_000_030.0, drop=100)
@@ -51,7 +51,7 @@ def _service(policies: int, port: int, serve_http: bool) -> Any:
     async def fetch(_deadline: float | None) -> BridgeResult:
         return BridgeResult(next(snapshots, last), ())
 
-    settings = Settings(
+    settings = ExporterSettings(
         listen_host="127.0.0.1", metrics_port=port, health_check_port=port, log_level="warning"
     )
     return ExporterService(settings, fetch=fetch, serve_http=serve_http)
@@ -179,14 +179,14 @@ def _rss_mb() -> float:
 
 async def _polls_and_calls() -> dict[str, float]:
     """RSS over POLLS polls of the simulator over gRPC, then Bridge calls during 1,000 scrapes."""
-    from exporter.config import Settings
+    from exporter.config import ExporterSettings
     from exporter.service.app import ExporterService
     from exporter.simulator.server import SimulatorServer
 
     sim = SimulatorServer(category="A", seed=3)
     await sim.start()
     port = free_port()
-    settings = Settings(
+    settings = ExporterSettings(
         bridge_address=sim.address,
         listen_host="127.0.0.1",
         metrics_port=port,

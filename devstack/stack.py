@@ -28,7 +28,7 @@ from psycopg import sql
 from devstack.alertmanager_config import render_alertmanager_config
 from devstack.embedded import EmbeddedPostgres, EmbeddedPulsar, free_port, wait_for_port
 from devstack.processes import ChildProcess, http_json, wait_until_ok
-from exporter.config import DEFAULT_PULSAR_TOPIC, KEYS
+from exporter.config import DEFAULT_PULSAR_TOPIC, all_keys
 from exporter.history import migrations
 from exporter.rules.render import RULES_DIR, render_fast_rules
 
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 DEMO_DATABASE = "dict_rate_limit_demo"
 #: Variables of ours a caller's environment must not leak into the children (CI sets DATABASE_URL).
-_OWN_ENV = {key.env for key in KEYS} | {key.env + "_FILE" for key in KEYS} | {"CONFIG_FILE"}
+_OWN_ENV = {k.env for k in all_keys()} | {k.env + "_FILE" for k in all_keys()} | {"CONFIG_FILE"}
 #: Per-run directories, wiped at start so every run begins clean (the PostgreSQL server's is reused).
 _RUN_DIRS = ("logs", "prometheus", "alertmanager", "pulsar", "receiver")
 

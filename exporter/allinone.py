@@ -9,20 +9,19 @@ RECEIVER_PORT. One ``/metrics`` (METRICS_PORT) carries both parts' series (the s
 from __future__ import annotations
 
 import asyncio
-import gzip
 import logging
-import signal
-import sys
 
 import psycopg
 from aiohttp import web
 from prometheus_client import generate_latest
 
-from exporter.config import Settings
+from exporter import runtime
+from exporter.config import AllInOneSettings
 from exporter.receiver import webhook as receiver
 from exporter.receiver.metrics import ReceiverMetrics
 from exporter.service import http as exporter_web
 from exporter.service.app import ExporterService
+from exporter.telemetry import new_registry
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +31,11 @@ RECEIVER = receiver.STATE
 
 async def metrics(request: web.Request) -> web.Response:
     service, state = request.app[SERVICE], request.app[RECEIVER]
-    body = service.metrics_body(gzip=False) + generate_latest(state.metrics.registry)
+    compress = exporter_web.accepts_gzip(request.headers.get("Accept-Encoding", ""))
+    # The bucket part stays pre-compressed; only the per-scrape tail (both parts' own series) is new.
+    body = service.metrics_body(gzip=compress, extra=generate_latest(state.metrics.registry))
     headers = {"Content-Type": exporter_web.METRICS_CONTENT_TYPE, "Vary": "Accept-Encoding"}
-    if exporter_web.accepts_gzip(request.headers.get("Accept-Encoding", "")):
-        body = gzip.compress(body, compresslevel=1)
+    if compress:
         headers["Content-Encoding"] = "gzip"
     return web.Response(body=body, headers=headers)
 
@@ -52,19 +52,20 @@ async def ready(request: web.Request) -> web.Response:
 
 
 def build_apps(
-    service: ExporterService, webhook: web.Application, settings: Settings
+    service: ExporterService, webhook: web.Application, settings: AllInOneSettings
 ) -> dict[int, web.Application]:
     """One application per distinct port; the webhook app takes the other roles when ports coincide."""
     apps: dict[int, web.Application] = {settings.receiver_port: webhook}
     webhook[SERVICE] = service
-    for port in (settings.metrics_port, settings.health_check_port):
+    metrics_port = settings.metrics_listen[1]
+    for port in (metrics_port, settings.health_check_port):
         if port not in apps:
             app = web.Application()
             app[SERVICE], app[RECEIVER] = service, webhook[RECEIVER]
             apps[port] = app
-    metrics_app, health_app = apps[settings.metrics_port], apps[settings.health_check_port]
+    metrics_app, health_app = apps[metrics_port], apps[settings.health_check_port]
     metrics_app.router.add_get("/", exporter_web.landing)
-    metrics_app.router.add_get("/metrics", metrics)
+    metrics_app.router.add_get(settings.web_telemetry_path, metrics)
     metrics_app.router.add_get("/api/v1/policies", exporter_web.policies)
     health_app.router.add_get("/health/live", exporter_web.live)
     health_app.router.add_get("/health/startup", exporter_web.startup)
@@ -72,12 +73,15 @@ def build_apps(
     return apps
 
 
-async def serve(settings: Settings, stop: asyncio.Event) -> int:
-    """Runs both parts until ``stop`` is set; 1 when a port cannot be bound."""
+async def serve(settings: AllInOneSettings, stop: asyncio.Event) -> None:
+    """Runs both parts until ``stop`` is set; a port that cannot be bound ends start-up (OSError)."""
     receiver.check_settings(settings)
     service = ExporterService(settings, serve_http=False)
     webhook = receiver.create_app(
-        settings, metrics=ReceiverMetrics(observe=service.metrics.observe), include_ops=False
+        settings,
+        # process_* come once, from the exporter's registry; the seed histogram once, from the exporter's.
+        metrics=ReceiverMetrics(registry=new_registry(process=False), observe=service.metrics.observe),
+        include_ops=False,
     )
     apps = build_apps(service, webhook, settings)
     runners: list[web.AppRunner] = []
@@ -87,14 +91,12 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
             await runner.setup()
             runners.append(runner)
             tls = receiver.tls_context(settings) if app is webhook else None
-            await web.TCPSite(runner, settings.listen_host, port, ssl_context=tls).start()
+            host = settings.metrics_listen[0] if port == settings.metrics_listen[1] else settings.listen_host
+            await web.TCPSite(runner, host, port, ssl_context=tls).start()
         await service.start()
-    except BaseException as exc:
+    except BaseException:
         for runner in reversed(runners):
             await runner.cleanup()
-        if isinstance(exc, OSError):
-            log.error("cannot serve HTTP on %s: %s", settings.listen_host, exc)
-            return 1
         raise
     log.info("all-in-one started", extra={"ctx": {"ports": sorted(apps)}})
     try:
@@ -103,23 +105,11 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
         await service.stop()
         for runner in reversed(runners):
             await runner.cleanup()
-    return 0
 
 
-def run(settings: Settings) -> int:
-    """Entry point of ``dict-rate-limit all-in-one``."""
+def run(settings: AllInOneSettings) -> int:
+    """Entry point of ``dict-rate-limit all-in-one`` (signals and exit codes: :mod:`exporter.runtime`)."""
     receiver.check_settings(settings)
-
-    async def main() -> int:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        return await serve(settings, stop)
-
-    try:
-        return asyncio.run(main())
-    except (receiver.StartupError, psycopg.OperationalError) as exc:
-        log.error("all-in-one cannot start: %s", exc)
-        print(f"dict-rate-limit all-in-one: cannot start: {exc}", file=sys.stderr)
-        return 1
+    return runtime.run(
+        "all-in-one", lambda stop: serve(settings, stop), startup_errors=(psycopg.OperationalError,)
+    )

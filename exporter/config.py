@@ -1,25 +1,36 @@
-"""Configuration: one table of keys, read from defaults < YAML file < environment < command-line flags.
+"""Configuration: one settings type per command, read from defaults < YAML file < environment < flags.
 
-Every key has one canonical name (the YAML key), one environment variable (the seeds' names where they
-exist) and one flag. Secrets may come from a file: for a secret key ``X`` the variable ``X_FILE`` (or the
-YAML key ``x_file``) names a file whose content is the value, the way Kubernetes and secret managers mount
-them. Any invalid value raises :class:`ConfigError`, which the CLI prints as one line and exits 2.
+Each key is declared once, as a field of a group dataclass (``BridgeKeys``, ``PollKeys``...) whose metadata
+holds its parser, help and sources: the field name is the YAML key, its upper case the environment variable
+(the seeds' names), and it has a flag (``--poll-interval-seconds``, plus the Prometheus-style spelling where
+the ecosystem has one, e.g. ``--log.level``). A command's settings type (``ExporterSettings``...) inherits the
+groups it uses, so it knows exactly its keys and its checks: ``check-config <command>`` fails where the
+command would. Secrets never come from flags (they show in ``ps``): from the environment, or from a file named
+by ``X_FILE`` (or the YAML key ``x_file``), the way Kubernetes and secret managers mount them. Any invalid
+value raises :class:`ConfigError`, which the CLI prints as one line and exits 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
+log = logging.getLogger(__name__)
+
 DEFAULT_PULSAR_TOPIC = "persistent://lb-conn/dict/rate-limit-alerts"
+#: DICT's POLICIES_LIST bucket: refill 6 tokens/min, capacity 20, shared by everything that lists policies.
+DICT_LIST_REFILL_PER_MINUTE = 6.0
+#: What the exporter may spend without POLL_BUDGET_OVERRIDE: a third of the refill, leaving room for others.
+SAFE_LIST_CALLS_PER_MINUTE = 2.0
 
 
 class ConfigError(Exception):
@@ -140,201 +151,444 @@ def parse_policy_thresholds(raw: Any) -> dict[str, PolicyThreshold]:
     return result
 
 
+def _path(raw: Any) -> str:
+    value = _str(raw)
+    if not value.startswith("/"):
+        raise ValueError(f"must be an absolute URL path starting with / (got {raw!r})")
+    return value
+
+
+# --- keys: declared once, as fields of the groups below
+
+
 @dataclass(frozen=True, slots=True)
 class Key:
-    """One configuration key: where it comes from and how it is checked."""
+    """One configuration key as the sources see it (derived from a field's metadata)."""
 
     name: str
     env: str
     parse: Callable[[Any], Any]
     help: str
-    commands: frozenset[str]
-    secret: bool = False
-    flag: str | None = None
+    secret: bool
+    flags: tuple[str, ...]
 
     @property
     def flag_name(self) -> str:
-        return self.flag or "--" + self.name.replace("_", "-")
+        """The first flag (errors name it when the value came from the command line)."""
+        return self.flags[0] if self.flags else self.env
 
 
-EXPORTER = frozenset({"exporter", "all-in-one"})
-HISTORY = frozenset({"exporter", "migrate", "receiver", "all-in-one"})
-RECEIVER = frozenset({"receiver", "all-in-one"})
-SIMULATOR = frozenset({"simulator"})
-EVERY = frozenset({"exporter", "migrate", "receiver", "simulator", "all-in-one"})
+def key(
+    default: Any,
+    parse: Callable[[Any], Any],
+    help: str,
+    *,
+    secret: bool = False,
+    flags: tuple[str, ...] = (),
+) -> Any:
+    """A settings field. ``flags`` adds spellings to the default ``--name-with-dashes`` (secrets get none)."""
+    meta = {"parse": parse, "help": help, "secret": secret, "flags": flags}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
-# A table reads better one key per entry than one argument per line.
-# fmt: off
-KEYS: tuple[Key, ...] = (
-    # --- common
-    Key("log_level", "LOG_LEVEL", _choice("debug", "info", "warning", "error"), "Log level.", EVERY),
-    Key("log_format", "LOG_FORMAT", _choice("json", "human", "auto"),
-        "json (one object per line), human, or auto (human on a terminal, json otherwise).", EVERY),
-    Key("listen_host", "LISTEN_HOST", _str,
-        "Address the HTTP servers bind (all interfaces by default, as in a container).", EXPORTER | RECEIVER),
-    # --- the Bridge
-    Key("bridge_address", "BRIDGE_ADDRESS", _host_port, "Bridge gRPC address, HOST:PORT.", EXPORTER),
-    Key("bridge_tls", "BRIDGE_TLS", _bool,
-        "Use TLS to the Bridge (implied when a CA or client certificate is given).", EXPORTER),
-    Key("bridge_tls_ca_file", "BRIDGE_TLS_CA_FILE", _opt_str,
-        "PEM file of the CA that signed the Bridge's certificate.", EXPORTER),
-    Key("bridge_tls_cert_file", "BRIDGE_TLS_CERT_FILE", _opt_str,
-        "PEM client certificate for mTLS.", EXPORTER),
-    Key("bridge_tls_key_file", "BRIDGE_TLS_KEY_FILE", _opt_str, "PEM client private key for mTLS.", EXPORTER),
-    Key("bridge_tls_server_name", "BRIDGE_TLS_SERVER_NAME", _opt_str,
-        "Override of the name checked in the Bridge's certificate.", EXPORTER),
-    Key("bridge_timeout_seconds", "BRIDGE_TIMEOUT_SECONDS", _number(float, 0.01),
-        "Deadline of one Bridge call; retries of a poll never overrun the poll interval.", EXPORTER),
-    # --- polling and metrics
-    Key("poll_interval_seconds", "POLL_INTERVAL_SECONDS", _number(float, 0.05),
-        "Seconds between Bridge list calls; match Prometheus' scrape_interval.", EXPORTER),
-    Key("poll_lead_seconds", "POLL_LEAD_SECONDS", _number(float, 0.0),
-        "Poll this many seconds before each wall-clock multiple of the interval (the scrape boundary).",
-        EXPORTER),
-    Key("poll_budget_override", "POLL_BUDGET_OVERRIDE", _bool,
-        "Allow polling faster than 2 list calls/min (simulators and benchmarks only above 6/min).", EXPORTER),
-    Key("stale_after_intervals", "STALE_AFTER_INTERVALS", _number(int, 1),
-        "Withdraw bucket series after this many intervals without a successful poll.", EXPORTER),
-    Key("metrics_port", "METRICS_PORT", _number(int, 0, 65535),
-        "Port of /metrics, / and /api/v1/policies.", EXPORTER | RECEIVER),
-    Key("health_check_port", "HEALTH_CHECK_PORT", _number(int, 0, 65535),
+
+def keys_of(settings_type: type[Any] | Any) -> tuple[Key, ...]:
+    """Every key of a settings type (or instance), in declaration order of its groups."""
+    found: list[Key] = []
+    for f in dataclasses.fields(settings_type):
+        if "parse" not in f.metadata:
+            continue
+        meta = f.metadata
+        default_flag = "--" + f.name.replace("_", "-")
+        flags = () if meta["secret"] else (*meta["flags"], default_flag)
+        found.append(Key(f.name, f.name.upper(), meta["parse"], meta["help"], meta["secret"], flags))
+    return tuple(found)
+
+
+class _Keys:
+    """Base of the key groups: :meth:`validate` runs every group's ``_check`` (cross-key rules)."""
+
+    def validate(self) -> None:
+        for klass in reversed(type(self).__mro__):
+            check = klass.__dict__.get("_check")
+            if check is not None:
+                check(self)
+
+    def replace(self: _S, **changes: Any) -> _S:
+        replaced: _S = dataclasses.replace(self, **changes)  # type: ignore[type-var]
+        return replaced
+
+
+_S = TypeVar("_S", bound=_Keys)
+
+
+def _require_pair(settings: Any, first: str, second: str, message: str) -> None:
+    if bool(getattr(settings, first)) != bool(getattr(settings, second)):
+        raise ConfigError(first.upper(), message)
+
+
+def _require_files(settings: Any, *names: str) -> None:
+    for name in names:
+        path = getattr(settings, name)
+        if path and not Path(path).is_file():
+            raise ConfigError(name.upper(), f"file {path!r} does not exist")
+
+
+def _host_port_or_none(raw: Any) -> str | None:
+    return _host_port(raw) if _str(raw) else None
+
+
+@dataclass(frozen=True)
+class LogKeys(_Keys):
+    log_level: str = key(
+        "info", _choice("debug", "info", "warning", "error"), "Log level.", flags=("--log.level",)
+    )
+    log_format: str = key(
+        "auto",
+        _choice("json", "human", "auto"),
+        "json (one object per line), human, or auto (human on a terminal, json otherwise).",
+        flags=("--log.format",),
+    )
+
+
+@dataclass(frozen=True)
+class HttpKeys(_Keys):
+    listen_host: str = key(
+        "0.0.0.0", _str, "Address the HTTP servers bind (all interfaces by default, as in a container)."
+    )
+    metrics_port: int = key(9090, _number(int, 0, 65535), "Port of /metrics (and /, /api/v1/policies).")
+    health_check_port: int = key(
+        8080,
+        _number(int, 0, 65535),
         "Port of /health/live, /health/ready, /health/startup (may equal METRICS_PORT).",
-        EXPORTER | RECEIVER),
-    Key("warning_remaining_ratio", "WARNING_REMAINING_RATIO", _ratio,
-        "Default WARNING threshold: remaining tokens / capacity at or below this.", EXPORTER),
-    Key("critical_remaining_ratio", "CRITICAL_REMAINING_RATIO", _ratio,
-        "Default CRITICAL threshold: remaining tokens / capacity at or below this.", EXPORTER),
-    Key("policy_thresholds", "POLICY_THRESHOLDS", parse_policy_thresholds,
-        "Per-policy overrides, NAME=WARNING/CRITICAL,... (YAML: NAME: {warning:, critical:}).", EXPORTER),
-    # --- PostgreSQL history
-    Key("database_url", "DATABASE_URL", _opt_str,
-        "PostgreSQL URL. Without it the exporter keeps no history (visibly).", HISTORY, secret=True),
-    Key("database_max_connections", "DATABASE_MAX_CONNECTIONS", _number(int, 1),
-        "Connection pool size.", HISTORY),
-    Key("history_queue_size", "HISTORY_QUEUE_SIZE", _number(int, 1),
-        "Snapshots kept in memory while PostgreSQL is unreachable (2880 = 24 h at 30 s).", EXPORTER),
-    Key("rate_limit_retention_months", "RATE_LIMIT_RETENTION_MONTHS", _number(int, 1),
-        "Months of bucket history kept (whole monthly partitions are dropped).", HISTORY),
-    Key("maintenance_interval_seconds", "MAINTENANCE_INTERVAL_SECONDS", _number(float, 1.0),
-        "Seconds between partition maintenance runs.", EXPORTER),
-    # --- receiver and Pulsar
-    Key("receiver_port", "RECEIVER_PORT", _number(int, 0, 65535),
-        "Port of the Alertmanager webhook (POST /alerts).", RECEIVER),
-    Key("webhook_bearer_token", "WEBHOOK_BEARER_TOKEN", _opt_str,
-        "Bearer token Alertmanager must send (prefer WEBHOOK_BEARER_TOKEN_FILE).", RECEIVER, secret=True),
-    Key("webhook_allow_unauthenticated", "WEBHOOK_ALLOW_UNAUTHENTICATED", _bool,
-        "Run the webhook without a token (local experiments only).", RECEIVER),
-    Key("webhook_max_body_bytes", "WEBHOOK_MAX_BODY_BYTES", _number(int, 1024),
-        "Largest accepted webhook body; larger gets 413.", RECEIVER),
-    Key("receiver_tls_cert_file", "RECEIVER_TLS_CERT_FILE", _opt_str,
-        "PEM certificate to serve the webhook over TLS.", RECEIVER),
-    Key("receiver_tls_key_file", "RECEIVER_TLS_KEY_FILE", _opt_str,
-        "PEM private key to serve the webhook over TLS.", RECEIVER),
-    Key("pulsar_url", "PULSAR_URL", _str, "Pulsar service URL.", RECEIVER),
-    Key("pulsar_topic", "PULSAR_TOPIC", _str, "Topic alert events are published to.", RECEIVER),
-    Key("pulsar_auth_token", "PULSAR_AUTH_TOKEN", _opt_str,
-        "Pulsar JWT token, if the broker requires one.", RECEIVER, secret=True),
-    # --- simulator
-    Key("simulator_listen", "SIMULATOR_LISTEN", _host_port,
-        "Address the Bridge simulator serves gRPC on.", SIMULATOR, flag="--listen"),
-    Key("simulator_category", "SIMULATOR_CATEGORY", _category,
-        "Participant category the simulator starts with (A-H).", SIMULATOR, flag="--category"),
-    Key("simulator_scenario", "SIMULATOR_SCENARIO", _opt_str,
-        "Scenario YAML file; 'default' or empty runs the built-in scenario.", SIMULATOR, flag="--scenario"),
-    Key("simulator_seed", "SIMULATOR_SEED", _number(int, 0),
-        "Random seed: the same seed and scenario give the same run.", SIMULATOR, flag="--seed"),
-    Key("simulator_refill", "SIMULATOR_REFILL", _choice("continuous", "period"),
-        "Refill continuously or in steps of RefillPeriodSec.", SIMULATOR, flag="--refill"),
-    Key("simulator_tls_cert_file", "SIMULATOR_TLS_CERT_FILE", _opt_str,
-        "PEM server certificate (enables TLS).", SIMULATOR, flag="--tls-cert-file"),
-    Key("simulator_tls_key_file", "SIMULATOR_TLS_KEY_FILE", _opt_str,
-        "PEM server private key.", SIMULATOR, flag="--tls-key-file"),
-    Key("simulator_tls_client_ca_file", "SIMULATOR_TLS_CLIENT_CA_FILE", _opt_str,
-        "PEM CA for client certificates (enables mTLS: clients without a certificate are refused).",
-        SIMULATOR, flag="--tls-client-ca-file"),
-)
-# fmt: on
+    )
+    web_listen_address: str | None = key(
+        None,
+        _host_port_or_none,
+        "HOST:PORT of the metrics server; overrides LISTEN_HOST and METRICS_PORT "
+        "for it (the Prometheus exporters' flag).",
+        flags=("--web.listen-address",),
+    )
+    web_telemetry_path: str = key(
+        "/metrics", _path, "URL path of the metrics exposition.", flags=("--web.telemetry-path",)
+    )
+    web_config_file: str | None = key(
+        None,
+        _opt_str,
+        "exporter-toolkit web configuration (TLS, basic auth) of the metrics server.",
+        flags=("--web.config.file",),
+    )
 
-KEYS_BY_NAME = {key.name: key for key in KEYS}
+    @property
+    def metrics_listen(self) -> tuple[str, int]:
+        """(host, port) the metrics server binds: WEB_LISTEN_ADDRESS, else LISTEN_HOST and METRICS_PORT."""
+        if self.web_listen_address:
+            host, _, port = self.web_listen_address.rpartition(":")
+            return host.strip("[]"), int(port)
+        return self.listen_host, self.metrics_port
+
+    def _check(self) -> None:
+        _require_files(self, "web_config_file")
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """The effective configuration. Field names are the keys' canonical names."""
+@dataclass(frozen=True)
+class BridgeKeys(_Keys):
+    bridge_address: str = key("127.0.0.1:50051", _host_port, "Bridge gRPC address, HOST:PORT.")
+    bridge_tls: bool = key(
+        False, _bool, "Use TLS to the Bridge (implied when a CA or client certificate is given)."
+    )
+    bridge_tls_ca_file: str | None = key(
+        None, _opt_str, "PEM file of the CA that signed the Bridge's certificate."
+    )
+    bridge_tls_cert_file: str | None = key(None, _opt_str, "PEM client certificate for mTLS.")
+    bridge_tls_key_file: str | None = key(None, _opt_str, "PEM client private key for mTLS.")
+    bridge_tls_server_name: str | None = key(
+        None, _opt_str, "Override of the name checked in the Bridge's certificate."
+    )
+    bridge_timeout_seconds: float = key(
+        5.0,
+        _number(float, 0.01),
+        "Deadline of one Bridge call; retries of a poll never overrun the interval.",
+    )
 
-    log_level: str = "info"
-    log_format: str = "auto"
-    listen_host: str = "0.0.0.0"
-    bridge_address: str = "127.0.0.1:50051"
-    bridge_tls: bool = False
-    bridge_tls_ca_file: str | None = None
-    bridge_tls_cert_file: str | None = None
-    bridge_tls_key_file: str | None = None
-    bridge_tls_server_name: str | None = None
-    bridge_timeout_seconds: float = 5.0
-    poll_interval_seconds: float = 30.0
-    poll_lead_seconds: float = 2.0
-    poll_budget_override: bool = False
-    stale_after_intervals: int = 3
-    metrics_port: int = 9090
-    health_check_port: int = 8080
-    warning_remaining_ratio: float = 0.20
-    critical_remaining_ratio: float = 0.10
-    policy_thresholds: dict[str, PolicyThreshold] = field(default_factory=dict)
-    database_url: str | None = None
-    database_max_connections: int = 4
-    history_queue_size: int = 2880
-    rate_limit_retention_months: int = 13
-    maintenance_interval_seconds: float = 86400.0
-    receiver_port: int = 9097
-    webhook_bearer_token: str | None = None
-    webhook_allow_unauthenticated: bool = False
-    webhook_max_body_bytes: int = 1048576
-    receiver_tls_cert_file: str | None = None
-    receiver_tls_key_file: str | None = None
-    pulsar_url: str = "pulsar://127.0.0.1:6650"
-    pulsar_topic: str = DEFAULT_PULSAR_TOPIC
-    pulsar_auth_token: str | None = None
-    simulator_listen: str = "127.0.0.1:50051"
-    simulator_category: str = "A"
-    simulator_scenario: str | None = None
-    simulator_seed: int = 0
-    simulator_refill: str = "continuous"
-    simulator_tls_cert_file: str | None = None
-    simulator_tls_key_file: str | None = None
-    simulator_tls_client_ca_file: str | None = None
+    def _check(self) -> None:
+        _require_pair(
+            self,
+            "bridge_tls_cert_file",
+            "bridge_tls_key_file",
+            "mTLS needs both BRIDGE_TLS_CERT_FILE and BRIDGE_TLS_KEY_FILE",
+        )
+        _require_files(self, "bridge_tls_ca_file", "bridge_tls_cert_file", "bridge_tls_key_file")
 
-    def replace(self, **changes: Any) -> Settings:
-        return dataclasses.replace(self, **changes)
+
+@dataclass(frozen=True)
+class PollKeys(_Keys):
+    poll_interval_seconds: float = key(
+        30.0, _number(float, 0.05), "Seconds between Bridge list calls; match Prometheus' scrape_interval."
+    )
+    poll_lead_seconds: float = key(
+        2.0, _number(float, 0.0), "Poll this many seconds before each wall-clock multiple of the interval."
+    )
+    poll_budget_override: bool = key(
+        False, _bool, "Allow polling faster than 2 list calls/min (simulators and benchmarks)."
+    )
+    stale_after_intervals: int = key(
+        3, _number(int, 1), "Withdraw bucket series after this many intervals without a successful poll."
+    )
+
+    def _check(self) -> None:
+        check_budget(self.poll_interval_seconds, self.poll_budget_override)
+
+
+@dataclass(frozen=True)
+class ThresholdKeys(_Keys):
+    warning_remaining_ratio: float = key(
+        0.20, _ratio, "Default WARNING threshold: remaining tokens / capacity at or below this."
+    )
+    critical_remaining_ratio: float = key(
+        0.10, _ratio, "Default CRITICAL threshold: remaining tokens / capacity at or below this."
+    )
+    policy_thresholds: dict[str, PolicyThreshold] = key(
+        {},
+        parse_policy_thresholds,
+        "Per-policy overrides, NAME=WARNING/CRITICAL,... (YAML: NAME: {warning:, critical:}).",
+    )
 
     def threshold_for(self, policy: str) -> PolicyThreshold:
         return self.policy_thresholds.get(
             policy, PolicyThreshold(self.warning_remaining_ratio, self.critical_remaining_ratio)
         )
 
+    def _check(self) -> None:
+        if self.critical_remaining_ratio >= self.warning_remaining_ratio:
+            raise ConfigError("CRITICAL_REMAINING_RATIO", "must be below WARNING_REMAINING_RATIO")
+
+
+@dataclass(frozen=True)
+class DatabaseKeys(_Keys):
+    database_url: str | None = key(
+        None, _opt_str, "PostgreSQL URL. Without it the exporter keeps no history (visibly).", secret=True
+    )
+    database_max_connections: int = key(4, _number(int, 1), "Connection pool size.")
+    rate_limit_retention_months: int = key(
+        13, _number(int, 1), "Months of bucket history kept (whole monthly partitions are dropped)."
+    )
+
+
+@dataclass(frozen=True)
+class HistoryKeys(_Keys):
+    history_queue_size: int = key(
+        2880,
+        _number(int, 1),
+        "Snapshots kept in memory while PostgreSQL is unreachable (2880 = 24 h at 30 s).",
+    )
+    maintenance_interval_seconds: float = key(
+        86400.0, _number(float, 1.0), "Seconds between partition maintenance runs."
+    )
+
+
+@dataclass(frozen=True)
+class ReceiverKeys(_Keys):
+    receiver_port: int = key(9097, _number(int, 0, 65535), "Port of the Alertmanager webhook (POST /alerts).")
+    webhook_bearer_token: str | None = key(
+        None, _opt_str, "Bearer token Alertmanager must send (prefer WEBHOOK_BEARER_TOKEN_FILE).", secret=True
+    )
+    webhook_allow_unauthenticated: bool = key(
+        False, _bool, "Run the webhook without a token (local experiments only)."
+    )
+    webhook_max_body_bytes: int = key(
+        1048576, _number(int, 1024), "Largest accepted webhook body; larger gets 413."
+    )
+    receiver_tls_cert_file: str | None = key(None, _opt_str, "PEM certificate to serve the webhook over TLS.")
+    receiver_tls_key_file: str | None = key(None, _opt_str, "PEM private key to serve the webhook over TLS.")
+
+    def _check(self) -> None:
+        if not getattr(self, "database_url", None):
+            raise ConfigError("DATABASE_URL", "the receiver records alerts in PostgreSQL; set DATABASE_URL")
+        if not self.webhook_bearer_token and not self.webhook_allow_unauthenticated:
+            raise ConfigError(
+                "WEBHOOK_BEARER_TOKEN_FILE",
+                "no webhook token: set WEBHOOK_BEARER_TOKEN_FILE"
+                " (or WEBHOOK_ALLOW_UNAUTHENTICATED=true, for local experiments only)",
+            )
+        _require_pair(
+            self,
+            "receiver_tls_cert_file",
+            "receiver_tls_key_file",
+            "TLS needs both RECEIVER_TLS_CERT_FILE and RECEIVER_TLS_KEY_FILE",
+        )
+        _require_files(self, "receiver_tls_cert_file", "receiver_tls_key_file")
+
+
+@dataclass(frozen=True)
+class PulsarKeys(_Keys):
+    pulsar_url: str = key("pulsar://127.0.0.1:6650", _str, "Pulsar service URL.")
+    pulsar_topic: str = key(DEFAULT_PULSAR_TOPIC, _str, "Topic alert events are published to.")
+    pulsar_auth_token: str | None = key(
+        None, _opt_str, "Pulsar JWT token, if the broker requires one.", secret=True
+    )
+
+
+@dataclass(frozen=True)
+class SimulatorKeys(_Keys):
+    simulator_listen: str = key(
+        "127.0.0.1:50051", _host_port, "Address the Bridge simulator serves gRPC on.", flags=("--listen",)
+    )
+    simulator_category: str = key(
+        "A", _category, "Participant category the simulator starts with (A-H).", flags=("--category",)
+    )
+    simulator_scenario: str | None = key(
+        None,
+        _opt_str,
+        "Scenario YAML file; 'default' or empty runs the built-in scenario.",
+        flags=("--scenario",),
+    )
+    simulator_seed: int = key(
+        0, _number(int, 0), "Random seed: the same seed and scenario give the same run.", flags=("--seed",)
+    )
+    simulator_refill: str = key(
+        "continuous",
+        _choice("continuous", "period"),
+        "Refill continuously or in steps of RefillPeriodSec.",
+        flags=("--refill",),
+    )
+    simulator_tls_cert_file: str | None = key(
+        None, _opt_str, "PEM server certificate (enables TLS).", flags=("--tls-cert-file",)
+    )
+    simulator_tls_key_file: str | None = key(
+        None, _opt_str, "PEM server private key.", flags=("--tls-key-file",)
+    )
+    simulator_tls_client_ca_file: str | None = key(
+        None,
+        _opt_str,
+        "PEM CA for client certificates (enables mTLS: clients without a certificate are refused).",
+        flags=("--tls-client-ca-file",),
+    )
+
+    def _check(self) -> None:
+        _require_pair(
+            self,
+            "simulator_tls_cert_file",
+            "simulator_tls_key_file",
+            "TLS needs both a certificate and a key file",
+        )
+        if self.simulator_tls_client_ca_file and not self.simulator_tls_cert_file:
+            raise ConfigError("SIMULATOR_TLS_CLIENT_CA_FILE", "mTLS needs the server certificate and key too")
+        _require_files(
+            self, "simulator_tls_cert_file", "simulator_tls_key_file", "simulator_tls_client_ca_file"
+        )
+
+
+# --- one settings type per command
+
+
+@dataclass(frozen=True)
+class ExporterSettings(HistoryKeys, DatabaseKeys, ThresholdKeys, PollKeys, BridgeKeys, HttpKeys, LogKeys):
+    """``dict-rate-limit exporter``."""
+
+
+@dataclass(frozen=True)
+class ReceiverSettings(PulsarKeys, ReceiverKeys, DatabaseKeys, HttpKeys, LogKeys):
+    """``dict-rate-limit receiver``."""
+
+
+@dataclass(frozen=True)
+class AllInOneSettings(ReceiverSettings, ExporterSettings):
+    """``dict-rate-limit all-in-one``: the exporter's and the receiver's keys and checks."""
+
+
+@dataclass(frozen=True)
+class MigrateSettings(DatabaseKeys, LogKeys):
+    """``dict-rate-limit migrate``."""
+
+    def _check(self) -> None:
+        if not self.database_url:
+            raise ConfigError("DATABASE_URL", "migrations need a database; set DATABASE_URL")
+
+
+@dataclass(frozen=True)
+class SimulatorSettings(SimulatorKeys, LogKeys):
+    """``dict-rate-limit simulator``."""
+
+
+COMMAND_SETTINGS: dict[str, type[_Keys]] = {
+    "exporter": ExporterSettings,
+    "receiver": ReceiverSettings,
+    "all-in-one": AllInOneSettings,
+    "migrate": MigrateSettings,
+    "simulator": SimulatorSettings,
+}
+
+
+def all_keys() -> tuple[Key, ...]:
+    """Every key of every command, once (for tools that must know the whole vocabulary)."""
+    seen: dict[str, Key] = {}
+    for settings_type in COMMAND_SETTINGS.values():
+        for k in keys_of(settings_type):
+            seen.setdefault(k.name, k)
+    return tuple(seen.values())
+
+
+def check_budget(interval: float, override: bool) -> float:
+    """List calls per minute of ``interval``; refuses more than the safe budget unless overridden."""
+    per_minute = 60.0 / interval
+    if per_minute > SAFE_LIST_CALLS_PER_MINUTE + 1e-9 and not override:
+        raise ConfigError(
+            "POLL_INTERVAL_SECONDS",
+            f"{interval:g} s means {per_minute:.3g} Bridge list calls per minute; each costs 1 token of "
+            "DICT's POLICIES_LIST bucket (refill 6/min, capacity 20), shared by everything of this "
+            "participant that lists policies. The safe budget is 2 calls/min (30 s, matching a 30 s "
+            "scrape_interval); use an interval >= 30 s, or POLL_BUDGET_OVERRIDE=true if you really mean it",
+        )
+    return per_minute
+
+
+def warn_about_budget(interval: float) -> None:
+    """Says loudly, once at start-up, that an overridden budget is being spent."""
+    per_minute = 60.0 / interval
+    if per_minute > DICT_LIST_REFILL_PER_MINUTE + 1e-9:
+        log.warning(
+            "POLL_BUDGET_OVERRIDE: polling %.3g times per minute exceeds DICT's POLICIES_LIST refill (6/min) "
+            "and would drain it against a real DICT; only for simulators and benchmarks",
+            per_minute,
+            extra={"ctx": {"poll_interval_seconds": interval, "list_calls_per_minute": per_minute}},
+        )
+    elif per_minute > SAFE_LIST_CALLS_PER_MINUTE + 1e-9:
+        log.warning(
+            "POLL_BUDGET_OVERRIDE: polling %.3g times per minute, above the safe 2/min budget",
+            per_minute,
+            extra={"ctx": {"poll_interval_seconds": interval}},
+        )
+
+
+# --- sources
+
 
 def add_flags(parser: argparse.ArgumentParser, command: str) -> None:
-    """Adds ``--config.file`` and one flag per key the command uses (flags win over everything)."""
+    """Adds ``--config.file`` and the flags of the command's keys (flags win over everything)."""
     parser.add_argument(
         "--config.file",
         dest="config_file",
         metavar="FILE",
         help="YAML file of keys (lower-case key names); env CONFIG_FILE.",
     )
-    for key in KEYS:
-        # check-config validates any command's configuration, so it accepts every flag.
-        if command in key.commands or command == "check-config":
-            parser.add_argument(
-                key.flag_name,
-                dest=f"cfg_{key.name}",
-                metavar=key.env,
-                help=f"{key.help} [env {key.env}; default {_default_text(key)}]",
-            )
+    keys = all_keys() if command == "check-config" else keys_of(COMMAND_SETTINGS[command])
+    defaults = {f.name: f for f in dataclasses.fields(AllInOneSettings)} | {
+        f.name: f for f in dataclasses.fields(SimulatorSettings)
+    }
+    for k in keys:
+        if not k.flags:
+            continue
+        parser.add_argument(
+            *k.flags,
+            dest=f"cfg_{k.name}",
+            metavar=k.env,
+            help=f"{k.help} [env {k.env}; default {_default_text(defaults[k.name])}]",
+        )
 
 
-def _default_text(key: Key) -> str:
-    """The default shown in --help, read from Settings so it has one source."""
-    field_ = Settings.__dataclass_fields__[key.name]
+def _default_text(field_: dataclasses.Field[Any]) -> str:
     if field_.default_factory is not dataclasses.MISSING:
         return "none"
     return "none" if field_.default is None else str(field_.default)
@@ -347,7 +601,7 @@ def _read_secret_file(source: str, path: str) -> str:
         raise ConfigError(source, f"cannot read secret file {path!r}: {exc.strerror}") from None
 
 
-def _yaml_values(path: str | None) -> dict[str, Any]:
+def _yaml_values(path: str | None, keys: Mapping[str, Key]) -> dict[str, Any]:
     if not path:
         return {}
     try:
@@ -362,11 +616,11 @@ def _yaml_values(path: str | None) -> dict[str, Any]:
         raise ConfigError("CONFIG_FILE", f"{path!r} must hold a mapping of key: value")
     values: dict[str, Any] = {}
     for name, value in loaded.items():
-        base = name[:-5] if isinstance(name, str) and name.endswith("_file") else name
-        key = KEYS_BY_NAME.get(base)
-        if key is None or (base != name and not key.secret):
+        base = name[:-5] if isinstance(name, str) and name.endswith("_file") and name[:-5] in keys else name
+        found = keys.get(base) if isinstance(base, str) else None
+        if found is None or (base != name and not found.secret):
             raise ConfigError(str(name), f"unknown key in {path!r}")
-        values[key.name] = _read_secret_file(str(name), str(value)) if base != name else value
+        values[found.name] = _read_secret_file(str(name), str(value)) if base != name else value
     return values
 
 
@@ -374,76 +628,51 @@ def load(
     command: str,
     flags: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
-) -> Settings:
-    """Builds the settings of ``command``: defaults < YAML file < environment < flags."""
+) -> Any:
+    """Builds and validates the settings of ``command``: defaults < YAML file < environment < flags.
+
+    Returns the command's settings type (``ExporterSettings`` for ``exporter``...); a YAML file may hold
+    keys of other commands (one file for a whole installation), which this command ignores."""
+    settings_type = COMMAND_SETTINGS[command]
     env = os.environ if environ is None else environ
     flags = dict(flags or {})
+    everything = {k.name: k for k in all_keys()}
+    mine = {k.name for k in keys_of(settings_type)}
     raw: dict[str, tuple[str, Any]] = {}  # key name -> (source shown in errors, raw value)
     config_file = flags.pop("config_file", None) or env.get("CONFIG_FILE")
-    for name, value in _yaml_values(config_file).items():
+    for name, value in _yaml_values(config_file, everything).items():
         raw[name] = (name, value)
-    for key in KEYS:
-        if key.secret and env.get(key.env + "_FILE"):
-            raw[key.name] = (key.env + "_FILE", _read_secret_file(key.env + "_FILE", env[key.env + "_FILE"]))
-        if key.env in env:
-            raw[key.name] = (key.env, env[key.env])
-        flag_value = flags.get(f"cfg_{key.name}")
+    for k in everything.values():
+        if k.secret and env.get(k.env + "_FILE"):
+            raw[k.name] = (k.env + "_FILE", _read_secret_file(k.env + "_FILE", env[k.env + "_FILE"]))
+        if k.env in env:
+            raw[k.name] = (k.env, env[k.env])
+        flag_value = flags.get(f"cfg_{k.name}")
         if flag_value is not None:
-            raw[key.name] = (key.flag_name, flag_value)
+            raw[k.name] = (k.flag_name, flag_value)
     values: dict[str, Any] = {}
     for name, (source, value) in raw.items():
-        key = KEYS_BY_NAME[name]
+        if name not in mine:
+            continue
         try:
-            values[name] = key.parse(value)
+            values[name] = everything[name].parse(value)
         except ValueError as exc:
             raise ConfigError(source, str(exc)) from None
-    settings = Settings(**values)
-    _check_consistency(settings, command)
+    settings = settings_type(**values)
+    settings.validate()
     return settings
 
 
-def _check_consistency(settings: Settings, command: str) -> None:
-    if settings.critical_remaining_ratio >= settings.warning_remaining_ratio:
-        raise ConfigError("CRITICAL_REMAINING_RATIO", "must be below WARNING_REMAINING_RATIO")
-    if bool(settings.bridge_tls_cert_file) != bool(settings.bridge_tls_key_file):
-        raise ConfigError(
-            "BRIDGE_TLS_CERT_FILE", "mTLS needs both BRIDGE_TLS_CERT_FILE and BRIDGE_TLS_KEY_FILE"
-        )
-    if bool(settings.simulator_tls_cert_file) != bool(settings.simulator_tls_key_file):
-        raise ConfigError("SIMULATOR_TLS_CERT_FILE", "TLS needs both a certificate and a key file")
-    if settings.simulator_tls_client_ca_file and not settings.simulator_tls_cert_file:
-        raise ConfigError("SIMULATOR_TLS_CLIENT_CA_FILE", "mTLS needs the server certificate and key too")
-    if bool(settings.receiver_tls_cert_file) != bool(settings.receiver_tls_key_file):
-        raise ConfigError(
-            "RECEIVER_TLS_CERT_FILE", "TLS needs both RECEIVER_TLS_CERT_FILE and RECEIVER_TLS_KEY_FILE"
-        )
-    for name in (
-        "bridge_tls_ca_file",
-        "bridge_tls_cert_file",
-        "bridge_tls_key_file",
-        "simulator_tls_cert_file",
-        "simulator_tls_key_file",
-        "simulator_tls_client_ca_file",
-        "receiver_tls_cert_file",
-        "receiver_tls_key_file",
-    ):
-        path = getattr(settings, name)
-        if path and command in KEYS_BY_NAME[name].commands and not Path(path).is_file():
-            raise ConfigError(KEYS_BY_NAME[name].env, f"file {path!r} does not exist")
-
-
-def effective(settings: Settings, command: str) -> dict[str, Any]:
-    """The keys ``command`` uses with their values, secrets masked: what ``check-config`` prints."""
+def effective(settings: Any, command: str | None = None) -> dict[str, Any]:
+    """The settings' keys with their values, secrets masked: what ``check-config`` prints."""
     shown: dict[str, Any] = {}
-    for key in KEYS:
-        if command not in key.commands:
-            continue
-        value = getattr(settings, key.name)
-        if key.secret and value:
-            value = _mask(key.name, value)
+    for k in keys_of(settings):
+        value = getattr(settings, k.name)
+        if k.secret and value:
+            value = _mask(k.name, value)
         elif isinstance(value, dict):
             value = {name: {"warning": t.warning, "critical": t.critical} for name, t in value.items()}
-        shown[key.env] = value
+        shown[k.env] = value
     return shown
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from exporter import config
-from exporter.config import ConfigError, PolicyThreshold
+from exporter.config import ConfigError, PolicyThreshold, check_budget, warn_about_budget
+
+RECEIVER_ENV = {"DATABASE_URL": "postgresql:///x", "WEBHOOK_BEARER_TOKEN": "t"}
 
 
 def test_defaults_match_the_seeds_and_the_dict_budget() -> None:
@@ -19,8 +22,11 @@ def test_defaults_match_the_seeds_and_the_dict_budget() -> None:
     assert settings.health_check_port == 8080
     assert settings.rate_limit_retention_months == 13
     assert settings.poll_interval_seconds == 30.0
-    assert settings.pulsar_topic == "persistent://lb-conn/dict/rate-limit-alerts"
     assert settings.threshold_for("ENTRIES_WRITE") == PolicyThreshold(warning=0.20, critical=0.10)
+    receiver = config.load(
+        "receiver", environ={"DATABASE_URL": "postgresql:///x", "WEBHOOK_BEARER_TOKEN": "t"}
+    )
+    assert receiver.pulsar_topic == "persistent://lb-conn/dict/rate-limit-alerts"
 
 
 def test_flags_beat_environment_which_beats_the_yaml_file(tmp_path: Path) -> None:
@@ -157,3 +163,126 @@ def test_check_config_refuses_an_interval_that_would_drain_policies_list() -> No
     )
     assert "POLICIES_LIST" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_budget_allows_two_calls_per_minute_and_refuses_more() -> None:
+    assert check_budget(30.0, override=False) == 2.0
+    assert check_budget(60.0, override=False) == 1.0
+    with pytest.raises(ConfigError) as refused:
+        check_budget(10.0, override=False)
+    assert refused.value.key == "POLL_INTERVAL_SECONDS"
+    assert "POLICIES_LIST" in refused.value.reason
+    assert "refill 6/min, capacity 20" in refused.value.reason
+    assert "POLL_BUDGET_OVERRIDE" in refused.value.reason
+
+
+def test_an_override_above_dict_refill_warns_loudly(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="exporter.config"):
+        warn_about_budget(1.0)
+    assert "only for simulators and benchmarks" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="exporter.config"):
+        warn_about_budget(15.0)  # 4/min: above the safe budget, below DICT's refill
+    assert "above the safe 2/min budget" in caplog.text
+    assert "only for simulators" not in caplog.text
+
+
+def test_each_command_has_its_own_settings_type_with_exactly_its_keys() -> None:
+    exporter = {k.env for k in config.keys_of(config.ExporterSettings)}
+    receiver = {k.env for k in config.keys_of(config.ReceiverSettings)}
+    simulator = {k.env for k in config.keys_of(config.SimulatorSettings)}
+    assert {"BRIDGE_ADDRESS", "POLL_INTERVAL_SECONDS", "DATABASE_URL", "HISTORY_QUEUE_SIZE"} <= exporter
+    assert not exporter & {"PULSAR_URL", "WEBHOOK_BEARER_TOKEN", "RECEIVER_PORT", "SIMULATOR_LISTEN"}
+    assert {"PULSAR_URL", "WEBHOOK_BEARER_TOKEN", "DATABASE_URL"} <= receiver
+    assert not receiver & {"BRIDGE_ADDRESS", "POLL_INTERVAL_SECONDS"}
+    assert {k.env for k in config.keys_of(config.AllInOneSettings)} == exporter | receiver
+    assert simulator == {"LOG_LEVEL", "LOG_FORMAT"} | {e for e in simulator if e.startswith("SIMULATOR_")}
+    # Every key is spelled once: the field name is the YAML key, its upper case the variable.
+    assert all(k.env == k.name.upper() for k in config.all_keys())
+
+
+def test_a_yaml_file_may_hold_other_commands_keys_which_a_command_ignores(tmp_path: Path) -> None:
+    file = tmp_path / "config.yaml"
+    file.write_text("pulsar_topic: persistent://t/n/x\npoll_interval_seconds: 60\n")
+    settings = config.load("exporter", flags={"config_file": str(file)}, environ={})
+    assert settings.poll_interval_seconds == 60.0
+    assert not hasattr(settings, "pulsar_topic")
+
+
+@pytest.mark.parametrize(
+    ("command", "environ", "key"),
+    [
+        ("receiver", {}, "DATABASE_URL"),
+        ("receiver", {"DATABASE_URL": "postgresql:///x"}, "WEBHOOK_BEARER_TOKEN_FILE"),
+        (
+            "all-in-one",
+            {"DATABASE_URL": "postgresql:///x", "WEBHOOK_BEARER_TOKEN": "t", "POLL_INTERVAL_SECONDS": "5"},
+            "POLL_INTERVAL_SECONDS",
+        ),
+        ("migrate", {}, "DATABASE_URL"),
+        ("simulator", {"SIMULATOR_TLS_CERT_FILE": "/x.pem"}, "SIMULATOR_TLS_CERT_FILE"),
+    ],
+)
+def test_check_config_fails_exactly_where_the_command_would(
+    command: str, environ: dict[str, str], key: str
+) -> None:
+    checked = _cli("check-config", command, env=environ)
+    assert checked.returncode == 2
+    line = f"dict-rate-limit check-config: invalid configuration: {key}: "
+    assert checked.stderr.startswith(line), checked.stderr
+    started = _cli(command, env=environ)
+    assert started.returncode == 2
+    assert started.stderr.startswith(line.replace("check-config", command)), started.stderr
+
+
+def test_check_config_accepts_what_the_command_accepts() -> None:
+    done = _cli(
+        "check-config", "receiver", env={"DATABASE_URL": "postgresql:///x", "WEBHOOK_BEARER_TOKEN": "t"}
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["WEBHOOK_BEARER_TOKEN"] == "***"
+
+
+@pytest.mark.parametrize("flag", ["--database-url", "--webhook-bearer-token", "--pulsar-auth-token"])
+def test_secrets_have_no_command_line_flag(flag: str) -> None:
+    done = _cli("check-config", "all-in-one", flag, "postgresql://u:s3cret@h/db")
+    assert done.returncode == 2
+    assert "unrecognized arguments" in done.stderr
+    assert "s3cret" not in done.stdout
+
+
+def test_prometheus_style_flags_sit_beside_the_seed_variables_and_win_over_them() -> None:
+    done = _cli(
+        "check-config",
+        "exporter",
+        "--log.level",
+        "debug",
+        "--web.listen-address",
+        "127.0.0.1:9555",
+        "--web.telemetry-path",
+        "/probe",
+        env={"LOG_LEVEL": "error", "METRICS_PORT": "9100"},
+    )
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(done.stdout)
+    assert shown["LOG_LEVEL"] == "debug"
+    assert shown["WEB_LISTEN_ADDRESS"] == "127.0.0.1:9555"
+    assert shown["WEB_TELEMETRY_PATH"] == "/probe"
+    settings = config.load("exporter", flags={"cfg_web_listen_address": "127.0.0.1:9555"}, environ={})
+    assert settings.metrics_listen == ("127.0.0.1", 9555)
+    assert config.load("exporter", environ={"METRICS_PORT": "9100"}).metrics_listen == ("0.0.0.0", 9100)
+
+
+def test_help_lists_both_spellings_with_the_variable_and_default() -> None:
+    done = _cli("exporter", "--help")
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())
+    for pair in (
+        "--log.level LOG_LEVEL, --log-level LOG_LEVEL",
+        "--web.listen-address WEB_LISTEN_ADDRESS",
+        "--web.config.file WEB_CONFIG_FILE",
+        "--log.format LOG_FORMAT, --log-format LOG_FORMAT",
+    ):
+        assert pair in text
+    assert "[env POLL_INTERVAL_SECONDS; default 30.0]" in text
+    assert "--database-url" not in text

@@ -17,7 +17,7 @@ import grpc.aio
 
 from exporter.bridge.proto import rate_limit_pb2 as pb
 from exporter.bridge.proto import rate_limit_pb2_grpc as pb_grpc
-from exporter.config import Settings
+from exporter.config import BridgeKeys
 from exporter.snapshot import CATEGORIES, PolicyReading, Snapshot
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ class BridgeClient:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, on_attempt: Callable[[str], None] | None = None
+        cls, settings: BridgeKeys, on_attempt: Callable[[str], None] | None = None
     ) -> BridgeClient:
         return cls(
             settings.bridge_address,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import psycopg
 
-from exporter.config import Settings
+from exporter.config import MigrateSettings
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def status(database_url: str, directory: Path | None = None) -> list[tuple[Migra
     return [(m, m.version in applied) for m in migrations]
 
 
-def run(settings: Settings, direction: str = "up", to: int | None = None) -> int:
+def run(settings: MigrateSettings, direction: str = "up", to: int | None = None) -> int:
     """``dict-rate-limit migrate [up|down|status] [--to N]``."""
     if not settings.database_url:
         print("dict-rate-limit migrate: DATABASE_URL is not set", file=sys.stderr)

@@ -16,29 +16,12 @@ from prometheus_client.registry import Collector
 
 from exporter import __version__
 from exporter.receiver.store import RecordResult
+from exporter.telemetry import DURATION_BUCKETS, new_registry
 
 #: Reasons a payload is rejected with 4xx (the field itself is in the response body and the log).
 INVALID_REASONS = ("too_large", "not_json", "unsupported_version", "invalid_field")
 #: Codes the webhook answers; created at start-up so a dashboard sees zeros, not gaps.
 WEBHOOK_STATUSES = ("200", "400", "401", "413", "500", "503")
-#: From a loopback ack (~0.5 ms) to a send timeout (seconds).
-DURATION_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-)
 SEED_LABELS = ("endpoint_id", "severity", "psp_category")
 
 
@@ -91,7 +74,8 @@ class ReceiverMetrics:
         clock: Callable[[], float] = time.time,
         observe: Callable[[str, float], None] | None = None,
     ) -> None:
-        self.registry = registry or CollectorRegistry(auto_describe=True)
+        # A registry handed in belongs to a process that already exports process_* (all-in-one).
+        self.registry = registry or new_registry(process=True)
         reg = self.registry
         self.backlog = BacklogStats()
         self.alerts_created = Counter(

@@ -13,9 +13,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
-import signal
 import ssl
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -25,7 +23,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import AsyncConnectionPool
 
-from exporter.config import ConfigError, Settings
+from exporter import runtime
+from exporter.config import ReceiverSettings
 from exporter.receiver.metrics import ReceiverMetrics
 from exporter.receiver.outbox import OutboxRelay, RelayTuning
 from exporter.receiver.payload import PayloadError, WebhookPayload, parse_payload
@@ -39,15 +38,15 @@ OUTBOX_TABLE = "dict_rate_limit_alert_outbox"
 POOL_TIMEOUT_SECONDS = 5.0
 
 
-class StartupError(RuntimeError):
-    """The receiver cannot start (unmigrated database...); ``str()`` is the one line shown."""
+#: The receiver cannot start (unmigrated database...); ``str()`` is the one line shown.
+StartupError = runtime.StartupError
 
 
 @dataclass
 class ReceiverState:
     """What the handlers share; opened by :func:`_resources`, so it exists only while the app runs."""
 
-    settings: Settings
+    settings: ReceiverSettings
     metrics: ReceiverMetrics
     relay_tuning: RelayTuning | None
     pool: AsyncConnectionPool | None = None
@@ -59,20 +58,14 @@ class ReceiverState:
 STATE = web.AppKey("receiver_state", ReceiverState)
 
 
-def check_settings(settings: Settings) -> None:
-    """Refuses what would run an insecure or useless receiver (raised as ConfigError, exit code 2)."""
-    if not settings.database_url:
-        raise ConfigError("DATABASE_URL", "the receiver records alerts in PostgreSQL; set DATABASE_URL")
-    if not settings.webhook_bearer_token and not settings.webhook_allow_unauthenticated:
-        raise ConfigError(
-            "WEBHOOK_BEARER_TOKEN_FILE",
-            "no webhook token: set WEBHOOK_BEARER_TOKEN_FILE"
-            " (or WEBHOOK_ALLOW_UNAUTHENTICATED=true, for local experiments only)",
-        )
+def check_settings(settings: ReceiverSettings) -> None:
+    """Refuses what would run an insecure or useless receiver (ConfigError, exit code 2): the checks of the
+    settings type (``config.ReceiverKeys``), also run for settings built without ``config.load``."""
+    settings.validate()
 
 
 def create_app(
-    settings: Settings,
+    settings: ReceiverSettings,
     *,
     metrics: ReceiverMetrics | None = None,
     relay: RelayTuning | None = RelayTuning(),  # noqa: B008 - immutable default
@@ -88,7 +81,7 @@ def create_app(
     app.cleanup_ctx.append(_resources)
     app.router.add_post("/alerts", handle_alerts)
     if include_ops:
-        add_ops_routes(app)
+        add_ops_routes(app, settings.web_telemetry_path)
     return app
 
 
@@ -96,13 +89,13 @@ def create_ops_app(webhook_app: web.Application) -> web.Application:
     """``/metrics`` and ``/health/*`` for another port, sharing the webhook app's state."""
     ops = web.Application()
     ops[STATE] = webhook_app[STATE]
-    add_ops_routes(ops)
+    add_ops_routes(ops, ops[STATE].settings.web_telemetry_path)
     return ops
 
 
-def add_ops_routes(app: web.Application) -> None:
+def add_ops_routes(app: web.Application, telemetry_path: str = "/metrics") -> None:
     app.router.add_get("/", handle_landing)
-    app.router.add_get("/metrics", handle_metrics)
+    app.router.add_get(telemetry_path, handle_metrics)
     app.router.add_get("/health/live", handle_live)
     app.router.add_get("/health/startup", handle_live)
     app.router.add_get("/health/ready", handle_ready)
@@ -121,7 +114,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         check=AsyncConnectionPool.check_connection,
         name="receiver",
     )
-    await pool.open(wait=True, timeout=30)
+    try:
+        # A signal during this wait cancels start-up (exporter.runtime); the pool's workers go with it.
+        await pool.open(wait=True, timeout=30)
+    except BaseException:
+        await pool.close(timeout=1)
+        raise
     try:
         await _require_schema(pool)
         state.pool = pool
@@ -299,7 +297,7 @@ def pulsar_check(state: ReceiverState) -> str:
     return "down"
 
 
-def tls_context(settings: Settings) -> ssl.SSLContext | None:
+def tls_context(settings: ReceiverSettings) -> ssl.SSLContext | None:
     if not settings.receiver_tls_cert_file or not settings.receiver_tls_key_file:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -307,9 +305,12 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
-async def serve(settings: Settings, stop: asyncio.Event, *, metrics: ReceiverMetrics | None = None) -> None:
+async def serve(
+    settings: ReceiverSettings, stop: asyncio.Event, *, metrics: ReceiverMetrics | None = None
+) -> None:
     """Serves the webhook and the ops ports until ``stop`` is set."""
-    ops_ports = {settings.metrics_port, settings.health_check_port}
+    metrics_host, metrics_port = settings.metrics_listen
+    ops_ports = {metrics_port, settings.health_check_port}
     app = create_app(settings, metrics=metrics, include_ops=settings.receiver_port in ops_ports)
     runners = [web.AppRunner(app, access_log=None)]
     await runners[0].setup()
@@ -321,7 +322,7 @@ async def serve(settings: Settings, stop: asyncio.Event, *, metrics: ReceiverMet
             runners.append(web.AppRunner(create_ops_app(app), access_log=None))
             await runners[1].setup()
             for port in sorted(ops_ports):
-                await web.TCPSite(runners[1], host, port).start()
+                await web.TCPSite(runners[1], metrics_host if port == metrics_port else host, port).start()
         log.info(
             "receiver listening",
             extra={"ctx": {"webhook_port": settings.receiver_port, "ops_ports": sorted(ops_ports)}},
@@ -332,21 +333,9 @@ async def serve(settings: Settings, stop: asyncio.Event, *, metrics: ReceiverMet
             await runner.cleanup()
 
 
-def run(settings: Settings) -> int:
-    """``dict-rate-limit receiver``."""
+def run(settings: ReceiverSettings) -> int:
+    """``dict-rate-limit receiver`` (signals and exit codes: :mod:`exporter.runtime`)."""
     check_settings(settings)
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        await serve(settings, stop)
-
-    try:
-        asyncio.run(main())
-    except (StartupError, psycopg.OperationalError, OSError) as exc:
-        log.error("receiver cannot start: %s", exc)
-        print(f"dict-rate-limit receiver: cannot start: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return runtime.run(
+        "receiver", lambda stop: serve(settings, stop), startup_errors=(psycopg.OperationalError,)
+    )

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import signal
 from datetime import UTC
 from typing import Any, Protocol
 
@@ -17,13 +16,13 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.registry import Collector
 
-from exporter import __version__
+from exporter import __version__, runtime
 from exporter.bridge.client import BridgeClient
-from exporter.config import Settings
+from exporter.config import ExporterSettings, check_budget, warn_about_budget
 from exporter.service.collector import RenderedBuckets
 from exporter.service.derivation import DerivedSnapshot
 from exporter.service.http import build_apps
-from exporter.service.poller import Clock, Fetch, Poller, check_budget
+from exporter.service.poller import Clock, Fetch, Poller
 from exporter.service.selfmetrics import SelfMetrics
 
 log = logging.getLogger(__name__)
@@ -57,7 +56,7 @@ class ExporterService:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: ExporterSettings,
         *,
         fetch: Fetch | None = None,
         clock: Clock | None = None,
@@ -66,6 +65,7 @@ class ExporterService:
         self.settings = settings
         self.version = __version__
         check_budget(settings.poll_interval_seconds, settings.poll_budget_override)
+        warn_about_budget(settings.poll_interval_seconds)
         self.metrics = SelfMetrics(settings.poll_interval_seconds)
         self._bridge: BridgeClient | None = None
         if fetch is None:
@@ -161,12 +161,14 @@ class ExporterService:
             await self.history.stop(STOP_HISTORY_SECONDS)
 
     async def _start_http(self) -> None:
-        host = self.settings.listen_host
-        metrics_port, health_port = self.settings.metrics_port, self.settings.health_check_port
-        for port, app in build_apps(self, metrics_port, health_port).items():
+        metrics_host, metrics_port = self.settings.metrics_listen
+        health_port = self.settings.health_check_port
+        apps = build_apps(self, metrics_port, health_port, telemetry_path=self.settings.web_telemetry_path)
+        for port, app in apps.items():
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             self._runners.append(runner)
+            host = metrics_host if port == metrics_port else self.settings.listen_host
             site = web.TCPSite(runner, host, port)
             await site.start()
             bound = _bound_port(runner, port)
@@ -194,10 +196,12 @@ class ExporterService:
 
     # --- what the HTTP handlers read (no I/O)
 
-    def metrics_body(self, *, gzip: bool) -> bytes:
+    def metrics_body(self, *, gzip: bool, extra: bytes = b"") -> bytes:
+        """The exposition; ``extra`` is appended (all-in-one: the receiver's series), compressed with the
+        rest so the cached compressed bucket part is reused."""
         stale = self.poller.is_stale()
         buckets = self._withdrawn if stale else self._rendered
-        tail = self.metrics.render(stale=stale) + generate_latest(self._history_registry)
+        tail = self.metrics.render(stale=stale) + generate_latest(self._history_registry) + extra
         return buckets.body(tail, gzip=gzip)
 
     def policies_payload(self) -> dict[str, Any] | None:
@@ -244,7 +248,7 @@ class ExporterService:
         return attempted, {"first_poll": "done" if attempted else "pending"}
 
 
-def _policy_json(state: Any, settings: Settings) -> dict[str, Any]:
+def _policy_json(state: Any, settings: ExporterSettings) -> dict[str, Any]:
     reading = state.reading
     threshold = settings.threshold_for(reading.name)
     return {
@@ -278,24 +282,17 @@ def _bound_port(runner: web.AppRunner, requested: int) -> int:
     return requested
 
 
-async def _serve(settings: Settings) -> int:
+async def serve(settings: ExporterSettings, stop: runtime.StopSignal) -> None:
+    """Runs the exporter until ``stop`` is set; a port that cannot be bound ends start-up (OSError)."""
     service = ExporterService(settings)
     try:
         await service.start()
-    except OSError as exc:
-        log.error("cannot serve HTTP on %s: %s", settings.listen_host, exc)
+        await stop.wait()
+        log.info("signal received, shutting down")
+    finally:
         await service.stop()
-        return 1
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping.set)
-    await stopping.wait()
-    log.info("signal received, shutting down")
-    await service.stop()
-    return 0
 
 
-def run(settings: Settings) -> int:
-    """Entry point of ``dict-rate-limit exporter``; ConfigError (poll budget) reaches the CLI (exit 2)."""
-    return asyncio.run(_serve(settings))
+def run(settings: ExporterSettings) -> int:
+    """Entry point of ``dict-rate-limit exporter`` (signals and exit codes: :mod:`exporter.runtime`)."""
+    return runtime.run("exporter", lambda stop: serve(settings, stop))

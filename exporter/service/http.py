@@ -23,7 +23,7 @@ class ExporterState(Protocol):
     @property
     def poll_interval_seconds(self) -> float: ...
 
-    def metrics_body(self, *, gzip: bool) -> bytes: ...
+    def metrics_body(self, *, gzip: bool, extra: bytes = b"") -> bytes: ...
 
     def policies_payload(self) -> dict[str, Any] | None: ...
 
@@ -117,9 +117,9 @@ async def startup(request: web.Request) -> web.Response:
     return _json({"status": "ok" if status else "starting", "checks": checks}, 200 if status else 503)
 
 
-def add_metrics_routes(app: web.Application) -> None:
+def add_metrics_routes(app: web.Application, telemetry_path: str = "/metrics") -> None:
     app.router.add_get("/", landing)
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get(telemetry_path, metrics)
     app.router.add_get("/api/v1/policies", policies)
 
 
@@ -129,17 +129,16 @@ def add_health_routes(app: web.Application) -> None:
     app.router.add_get("/health/startup", startup)
 
 
-def build_apps(service: ExporterState, metrics_port: int, health_port: int) -> dict[int, web.Application]:
+def build_apps(
+    service: ExporterState, metrics_port: int, health_port: int, *, telemetry_path: str = "/metrics"
+) -> dict[int, web.Application]:
     """One application per distinct port: both route sets on one app when the ports are equal."""
     apps: dict[int, web.Application] = {}
-    for port, adders in (
-        (metrics_port, (add_metrics_routes,)),
-        (health_port, (add_health_routes,)),
-    ):
+    for port in (metrics_port, health_port):
         if port not in apps:
             app = web.Application()
             app[SERVICE] = service
             apps[port] = app
-        for add in adders:
-            add(apps[port])
+    add_metrics_routes(apps[metrics_port], telemetry_path)
+    add_health_routes(apps[health_port])
     return apps

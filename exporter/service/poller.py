@@ -15,16 +15,10 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from exporter.bridge.client import BridgeConfigError, BridgeError, BridgeMalformedError, BridgeResult
-from exporter.config import ConfigError
 from exporter.service.derivation import DerivedSnapshot, derive
 from exporter.service.selfmetrics import SelfMetrics
 
 log = logging.getLogger(__name__)
-
-#: DICT's POLICIES_LIST bucket: refill 6 tokens/min, capacity 20, shared by everything that lists policies.
-DICT_LIST_REFILL_PER_MINUTE = 6.0
-#: What the exporter may spend without POLL_BUDGET_OVERRIDE: a third of the refill, leaving room for others.
-SAFE_LIST_CALLS_PER_MINUTE = 2.0
 
 Fetch = Callable[[float | None], Awaitable[BridgeResult]]
 
@@ -46,34 +40,6 @@ class SystemClock:
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
-
-
-def check_budget(interval: float, override: bool) -> float:
-    """List calls per minute of ``interval``; refuses more than the safe budget unless overridden."""
-    per_minute = 60.0 / interval
-    if per_minute > SAFE_LIST_CALLS_PER_MINUTE + 1e-9 and not override:
-        raise ConfigError(
-            "POLL_INTERVAL_SECONDS",
-            f"{interval:g} s means {per_minute:.3g} Bridge list calls per minute; each costs 1 token of "
-            "DICT's "
-            "POLICIES_LIST bucket (refill 6/min, capacity 20), shared by everything of this participant that "
-            "lists policies. The safe budget is 2 calls/min (30 s, matching a 30 s scrape_interval); use an "
-            "interval >= 30 s, or POLL_BUDGET_OVERRIDE=true if you really mean it",
-        )
-    if per_minute > DICT_LIST_REFILL_PER_MINUTE + 1e-9:
-        log.warning(
-            "POLL_BUDGET_OVERRIDE: polling %.3g times per minute exceeds DICT's POLICIES_LIST refill (6/min) "
-            "and would drain it against a real DICT; only for simulators and benchmarks",
-            per_minute,
-            extra={"ctx": {"poll_interval_seconds": interval, "list_calls_per_minute": per_minute}},
-        )
-    elif per_minute > SAFE_LIST_CALLS_PER_MINUTE + 1e-9:
-        log.warning(
-            "POLL_BUDGET_OVERRIDE: polling %.3g times per minute, above the safe 2/min budget",
-            per_minute,
-            extra={"ctx": {"poll_interval_seconds": interval}},
-        )
-    return per_minute
 
 
 def next_poll_at(now: float, interval: float, lead: float) -> float:

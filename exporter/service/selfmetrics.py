@@ -11,11 +11,12 @@ import platform
 import threading
 from collections.abc import Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from exporter import __version__
+from exporter.telemetry import DURATION_BUCKETS, new_registry
 
 #: Reasons a Bridge response (or one policy of it) is rejected; created at start-up so the series exist.
 INVALID_REASONS = (
@@ -29,7 +30,6 @@ INVALID_REASONS = (
 #: Operations of dict_rate_limit_monitoring_duration_seconds timed inside the exporter.
 OPERATIONS = ("poll", "bridge_call", "history_write", "maintenance")
 #: A poll takes one loopback call (~1 ms) up to the Bridge timeout with retries (seconds).
-DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class _StateCollector(Collector):
@@ -94,7 +94,7 @@ class SelfMetrics:
     """Counters, histograms and state gauges of the exporter's own health, rendered on demand."""
 
     def __init__(self, poll_interval: float) -> None:
-        self.registry = CollectorRegistry()
+        self.registry = new_registry(process=True)
         self.poll_interval = poll_interval
         self.up = 0.0
         self.last_success_timestamp = 0.0

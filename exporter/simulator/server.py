@@ -5,15 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
+import socket
 from pathlib import Path
 
 import grpc
 import grpc.aio
 
+from exporter import runtime
 from exporter.bridge.proto import rate_limit_pb2 as pb
 from exporter.bridge.proto import rate_limit_pb2_grpc as pb_grpc
-from exporter.config import ConfigError, Settings
+from exporter.config import ConfigError, SimulatorSettings
 from exporter.simulator import policy_table as dp
 from exporter.simulator.clock import Clock
 from exporter.simulator.engine import BucketEngine
@@ -138,7 +139,7 @@ class SimulatorServer:
             else:
                 self._port = server.add_insecure_port(self.listen)
         except RuntimeError as exc:  # grpc's way of saying the address is taken or invalid
-            raise OSError(f"cannot listen on {self.listen}: {exc}") from None
+            raise _bind_error(self.listen, exc) from None
         await server.start()
         self._server = server
         # Plays scenario ticks as they come, so each event is applied and logged at its time even when
@@ -161,17 +162,28 @@ class SimulatorServer:
             self._server = None
 
 
-def _transport(settings: Settings) -> str:
+def _bind_error(listen: str, exc: RuntimeError) -> OSError:
+    """grpc only says "Failed to bind": ask the OS why, so a busy port reads as it does elsewhere."""
+    host, _, port = listen.rpartition(":")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET) as probe:
+            probe.bind((host.strip("[]"), int(port)))
+    except OSError as why:
+        return OSError(why.errno, f"cannot listen on {listen}: {why.strerror}")
+    except ValueError:
+        pass
+    return OSError(f"cannot listen on {listen}: {exc}")
+
+
+def _transport(settings: SimulatorSettings) -> str:
     if settings.simulator_tls_client_ca_file:
         return "mTLS"
     return "TLS" if settings.simulator_tls_cert_file else "plaintext"
 
 
-async def _serve(settings: Settings, scenario: Scenario, server: SimulatorServer) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+async def _serve(
+    settings: SimulatorSettings, scenario: Scenario, server: SimulatorServer, stop: runtime.StopSignal
+) -> None:
     await server.start()
     log.info(
         "Bridge simulator serving",
@@ -193,7 +205,7 @@ async def _serve(settings: Settings, scenario: Scenario, server: SimulatorServer
         await server.stop()
 
 
-def run(settings: Settings) -> int:
+def run(settings: SimulatorSettings) -> int:
     """``dict-rate-limit simulator``: serves until SIGTERM or SIGINT, then exits 0."""
     try:
         scenario = resolve_scenario(settings.simulator_scenario)
@@ -212,8 +224,4 @@ def run(settings: Settings) -> int:
         )
     except OSError as exc:
         raise ConfigError("SIMULATOR_TLS_CERT_FILE", f"cannot read a TLS file: {exc}") from None
-    try:
-        asyncio.run(_serve(settings, scenario, server))
-    except OSError as exc:
-        raise ConfigError("SIMULATOR_LISTEN", str(exc)) from None
-    return 0
+    return runtime.run("simulator", lambda stop: _serve(settings, scenario, server, stop))

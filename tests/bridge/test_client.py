@@ -24,7 +24,7 @@ from exporter.bridge.client import (
 )
 from exporter.bridge.proto import rate_limit_pb2 as pb
 from exporter.bridge.proto import rate_limit_pb2_grpc as pb_grpc
-from exporter.config import Settings
+from exporter.config import ExporterSettings
 from exporter.simulator import policy_table as dp
 from exporter.simulator.clock import ManualClock
 from exporter.simulator.server import SimulatorServer
@@ -191,7 +191,7 @@ async def test_nothing_listening_is_unavailable() -> None:
 
 def test_from_settings_takes_address_timeout_and_tls_files(tmp_path: Path) -> None:
     pki = make_pki(tmp_path)
-    settings = Settings(
+    settings = ExporterSettings(
         bridge_address="bridge:443",
         bridge_tls_ca_file=pki.ca,
         bridge_tls_server_name=SERVER_NAME,
@@ -199,7 +199,7 @@ def test_from_settings_takes_address_timeout_and_tls_files(tmp_path: Path) -> No
     )
     bridge = BridgeClient.from_settings(settings)
     assert (bridge.address, bridge.timeout, bridge.tls) == ("bridge:443", 1.5, True)
-    assert BridgeClient.from_settings(Settings()).tls is False
+    assert BridgeClient.from_settings(ExporterSettings()).tls is False
 
 
 # --- malformed responses, from a servicer that answers whatever the test gives it

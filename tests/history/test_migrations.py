@@ -11,7 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from exporter.config import Settings
+from exporter.config import MigrateSettings
 from exporter.history import migrations
 
 SCHEMA_QUERY = """
@@ -123,7 +123,7 @@ def test_a_database_newer_than_the_code_is_refused_with_a_clear_message(database
         migrations.apply(database_url)
     with pytest.raises(migrations.MigrationError, match="9999"):
         migrations.rollback(database_url)
-    assert migrations.run(Settings(database_url=database_url), "up") == 1
+    assert migrations.run(MigrateSettings(database_url=database_url), "up") == 1
 
 
 def test_concurrent_migrators_apply_each_migration_exactly_once(database_url: str) -> None:
@@ -167,7 +167,7 @@ def test_sql_dir_env_overrides_the_repository_directory(
 
 
 def test_migrate_command_reports_status(database_url: str, capsys: pytest.CaptureFixture[str]) -> None:
-    settings = Settings(database_url=database_url)
+    settings = MigrateSettings(database_url=database_url)
     assert migrations.run(settings, "status") == 0
     assert "0001 history" in capsys.readouterr().out.replace("  ", " ").replace("  ", " ")
     assert migrations.run(settings, "up") == 0
@@ -176,7 +176,7 @@ def test_migrate_command_reports_status(database_url: str, capsys: pytest.Captur
     assert [line.split()[-1] for line in lines if line[:4].isdigit()] == ["applied"] * len(
         migrations.discover()
     )
-    assert migrations.run(Settings(database_url=None), "up") == 2
+    assert migrations.run(MigrateSettings(database_url=None), "up") == 2
 
 
 def test_migrate_creates_the_current_month_the_12_before_and_the_2_after(database_url: str) -> None:

@@ -4,19 +4,21 @@ once, with the receiver's operations) and one readiness; the webhook records ale
 from __future__ import annotations
 
 import asyncio
+import gzip
+import re
 
 import aiohttp
 
 from devstack.embedded import free_port
 from exporter.allinone import serve
-from exporter.config import Settings
+from exporter.config import AllInOneSettings
 from tests.support.receiver import AUTH, TOKEN, alert, migrate, payload, rows
 
 
 async def test_all_in_one_serves_webhook_and_one_combined_exposition(database_url: str) -> None:
     migrate(database_url)
     ops = free_port()
-    settings = Settings(
+    settings = AllInOneSettings(
         database_url=database_url,
         webhook_bearer_token=TOKEN,
         listen_host="127.0.0.1",
@@ -44,13 +46,23 @@ async def test_all_in_one_serves_webhook_and_one_combined_exposition(database_ur
                 assert (await response.json())["created"] == 1
             async with session.get(f"http://127.0.0.1:{ops}/metrics") as response:
                 text = await response.text()
+            async with session.get(
+                f"http://127.0.0.1:{ops}/metrics", headers={"Accept-Encoding": "gzip"}, auto_decompress=False
+            ) as response:
+                assert response.headers["Content-Encoding"] == "gzip"
+                zipped = gzip.decompress(await response.read()).decode()
             async with session.get(f"http://127.0.0.1:{ops}/health/ready") as response:
                 readiness = await response.json()
     finally:
         stop.set()
-        assert await asyncio.wait_for(task, 30) == 0
+        assert await asyncio.wait_for(task, 30) is None
     assert rows(database_url, "SELECT count(*) FROM dict_rate_limit_alerts") == [(1,)]
     assert text.count("# TYPE dict_rate_limit_monitoring_duration_seconds histogram") == 1
+    assert text.count("# TYPE process_cpu_seconds_total counter") == 1  # once, though two parts export
+    assert not re.search(r"(?m)^[a-z_]+_created[{ ]", text)  # no client_python _created series
+    # The compressed body is the same exposition (the cached bucket prefix plus this scrape's tail).
+    assert zipped.split("\n")[:40] == text.split("\n")[:40]
+    assert "dict_rate_limit_alerts_created_total" in zipped
     assert 'dict_rate_limit_monitoring_duration_seconds_count{operation="webhook"} 1.0' in text
     assert "dict_rate_limit_bridge_up 0.0" in text
     labels = 'endpoint_id="ENTRIES_WRITE",psp_category="A",severity="warning"'

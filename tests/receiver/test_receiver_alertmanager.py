@@ -14,7 +14,7 @@ import aiohttp
 
 from devstack.alertmanager_config import render_alertmanager_config
 from devstack.embedded import EmbeddedPulsar, free_port
-from exporter.config import Settings
+from exporter.config import ReceiverSettings
 from exporter.receiver.metrics import ReceiverMetrics
 from exporter.receiver.webhook import serve
 from tests.support.env import require_binary
@@ -32,7 +32,7 @@ ROW = "SELECT status, starts_at, ends_at, resolved_by FROM dict_rate_limit_alert
 
 
 @asynccontextmanager
-async def running_receiver(settings: Settings, metrics: ReceiverMetrics) -> AsyncIterator[None]:
+async def running_receiver(settings: ReceiverSettings, metrics: ReceiverMetrics) -> AsyncIterator[None]:
     stop = asyncio.Event()
     task = asyncio.create_task(serve(settings, stop, metrics=metrics))
     await asyncio.sleep(0)
@@ -54,10 +54,12 @@ async def running_receiver(settings: Settings, metrics: ReceiverMetrics) -> Asyn
         await asyncio.wait_for(task, 30)
 
 
-def receiver_settings(database_url: str, broker: EmbeddedPulsar, topic: str, token_file: Path) -> Settings:
+def receiver_settings(
+    database_url: str, broker: EmbeddedPulsar, topic: str, token_file: Path
+) -> ReceiverSettings:
     token_file.write_text(TOKEN + "\n")
     ops = free_port()
-    return Settings(
+    return ReceiverSettings(
         database_url=database_url,
         webhook_bearer_token=TOKEN,
         listen_host="127.0.0.1",
@@ -69,7 +71,7 @@ def receiver_settings(database_url: str, broker: EmbeddedPulsar, topic: str, tok
     )
 
 
-def alertmanager_config(settings: Settings, directory: Path) -> Path:
+def alertmanager_config(settings: ReceiverSettings, directory: Path) -> Path:
     """alertmanager.yml rendered for this receiver and its token file, with one-second grouping."""
     webhook = f"http://127.0.0.1:{settings.receiver_port}/alerts"
     return render_alertmanager_config(webhook, directory / "token", directory / "am.yml", fast=True)

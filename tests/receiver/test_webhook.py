@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from devstack.embedded import free_port
-from exporter.config import ConfigError, Settings
+from exporter.config import ConfigError, ReceiverSettings
 from exporter.receiver.metrics import ReceiverMetrics
 from exporter.receiver.webhook import StartupError, create_app, run, serve
 from tests.support.certs import make_pki
@@ -35,8 +35,8 @@ ALERT_ROW = (
 OUTBOX = "SELECT event_type, sent_at FROM dict_rate_limit_alert_outbox ORDER BY id"
 
 
-def settings_for(database_url: str, **changes: Any) -> Settings:
-    return Settings(database_url=database_url, webhook_bearer_token=TOKEN, **changes)
+def settings_for(database_url: str, **changes: Any) -> ReceiverSettings:
+    return ReceiverSettings(database_url=database_url, webhook_bearer_token=TOKEN, **changes)
 
 
 @pytest.fixture
@@ -383,11 +383,11 @@ async def test_health_and_metrics_are_served(client: Client) -> None:
 
 def test_start_up_refuses_without_a_token_unless_told_to(database_url: str) -> None:
     with pytest.raises(ConfigError) as error:
-        run(Settings(database_url=database_url))
+        run(ReceiverSettings(database_url=database_url))
     assert error.value.key == "WEBHOOK_BEARER_TOKEN_FILE"
     with pytest.raises(ConfigError):
-        create_app(Settings(database_url=database_url))
-    create_app(Settings(database_url=database_url, webhook_allow_unauthenticated=True), relay=None)
+        create_app(ReceiverSettings(database_url=database_url))
+    create_app(ReceiverSettings(database_url=database_url, webhook_allow_unauthenticated=True), relay=None)
 
 
 async def test_start_up_fails_clearly_on_an_unmigrated_database(database_url: str) -> None:

@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporter.config import Settings
+from exporter.config import ReceiverSettings
 from exporter.receiver.payload import PayloadError, parse_payload
 from exporter.receiver.webhook import create_app
 from tests.support.receiver import AUTH, TOKEN, alert, migrate, payload, rows
@@ -128,7 +128,7 @@ async def test_fuzzed_payloads_never_get_a_5xx_and_every_rejection_has_a_reason(
 ) -> None:
     migrate(database_url)
     client = await aiohttp_client(
-        create_app(Settings(database_url=database_url, webhook_bearer_token=TOKEN), relay=None)
+        create_app(ReceiverSettings(database_url=database_url, webhook_bearer_token=TOKEN), relay=None)
     )
     statuses: dict[int, int] = {}
     for body in _examples(300):

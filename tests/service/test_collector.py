@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from exporter.config import PolicyThreshold, Settings
+from exporter.config import ExporterSettings, PolicyThreshold
 from exporter.service.collector import BucketCollector, RenderedBuckets, render_buckets
 from exporter.service.derivation import DerivedSnapshot, derive
 from exporter.service.selfmetrics import SelfMetrics
@@ -20,7 +20,7 @@ from tests.support.env import require_binary
 
 GOLDEN = Path(__file__).parent / "golden" / "buckets.prom"
 T0 = datetime(2026, 1, 5, 12, 0, 0, tzinfo=UTC)
-SETTINGS = Settings(policy_thresholds={"KEYS_CHECK": PolicyThreshold(0.5, 0.25)})
+SETTINGS = ExporterSettings(policy_thresholds={"KEYS_CHECK": PolicyThreshold(0.5, 0.25)})
 
 
 def fixed_snapshot() -> DerivedSnapshot:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 import time
 
@@ -82,19 +81,49 @@ async def test_sigterm_stops_polling_and_exits_zero() -> None:
         await sim.stop()
 
 
-async def test_a_busy_port_ends_the_exporter_with_a_clear_error() -> None:
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        process = await asyncio.create_subprocess_exec(
-            *COMMAND,
-            env=environment(
-                METRICS_PORT=str(port), HEALTH_CHECK_PORT=str(port), BRIDGE_ADDRESS="127.0.0.1:1"
-            ),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        _stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode == 1
-    assert "cannot serve HTTP" in stderr.decode()
+async def test_prometheus_style_flags_choose_the_metrics_address_and_path() -> None:
+    sim = SimulatorServer(category="A")
+    await sim.start()
+    metrics_port, health_port = free_port(), free_port()
+    process = await asyncio.create_subprocess_exec(
+        *COMMAND,
+        "--web.listen-address",
+        f"127.0.0.1:{metrics_port}",
+        "--web.telemetry-path",
+        "/probe",
+        "--log.level",
+        "debug",
+        env=environment(
+            BRIDGE_ADDRESS=sim.address,
+            METRICS_PORT="1",  # the flag wins over the variable
+            HEALTH_CHECK_PORT=str(health_port),
+            LOG_LEVEL="error",
+        ),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
+            deadline = time.monotonic() + 20
+            status = None
+            while time.monotonic() < deadline and status != 200:
+                try:
+                    async with http.get(f"http://127.0.0.1:{metrics_port}/probe") as response:
+                        status = response.status
+                        body = await response.text()
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+            assert status == 200
+            assert "dict_rate_limit_bridge_up" in body
+            async with http.get(f"http://127.0.0.1:{metrics_port}/metrics") as response:
+                assert response.status == 404
+        process.send_signal(signal.SIGTERM)
+        _stdout, stderr = await asyncio.wait_for(process.communicate(), 15)
+        assert process.returncode == 0
+        assert '"level": "debug"' in stderr.decode() or '"level":"debug"' in stderr.decode()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await sim.stop()

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from devstack.embedded import free_port
-from exporter.config import Settings
+from exporter.config import ExporterSettings
 from exporter.service.app import ExporterService
 from exporter.simulator.server import SimulatorServer
 from tests.support.env import require_binary
@@ -23,7 +23,7 @@ from tests.support.env import require_binary
 SLOW = "CLAIMS_LIST_WITHOUT_ROLE"  # refills 10/min: a balance set by the test stays put for a while
 
 
-def settings_for(address: str, **overrides: Any) -> Settings:
+def settings_for(address: str, **overrides: Any) -> ExporterSettings:
     values: dict[str, Any] = {
         "bridge_address": address,
         "listen_host": "127.0.0.1",
@@ -36,7 +36,7 @@ def settings_for(address: str, **overrides: Any) -> Settings:
         "bridge_timeout_seconds": 0.5,
     }
     values.update(overrides)
-    return Settings(**values)
+    return ExporterSettings(**values)
 
 
 @pytest.fixture
@@ -92,10 +92,10 @@ class Running:
 
 
 @pytest.fixture
-async def start(http: aiohttp.ClientSession) -> AsyncIterator[Callable[[Settings], Any]]:
+async def start(http: aiohttp.ClientSession) -> AsyncIterator[Callable[[ExporterSettings], Any]]:
     services: list[ExporterService] = []
 
-    async def starter(settings: Settings) -> Running:
+    async def starter(settings: ExporterSettings) -> Running:
         service = ExporterService(settings)
         await service.start()
         services.append(service)

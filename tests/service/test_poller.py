@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from datetime import UTC, datetime, timedelta
-
-import pytest
 
 from exporter.bridge.client import (
     BridgeConfigError,
@@ -15,8 +12,7 @@ from exporter.bridge.client import (
     BridgeTransientError,
     Rejection,
 )
-from exporter.config import ConfigError
-from exporter.service.poller import Poller, check_budget, next_poll_at
+from exporter.service.poller import Poller, next_poll_at
 from exporter.service.selfmetrics import SelfMetrics
 from exporter.snapshot import PolicyReading, Snapshot
 
@@ -71,28 +67,6 @@ def test_next_poll_is_lead_seconds_before_each_multiple_of_the_interval() -> Non
     assert next_poll_at(118.0, 30.0, 2.0) == 148.0
     assert next_poll_at(100.0, 30.0, 0.0) == 120.0
     assert next_poll_at(10.5, 1.0, 0.25) == 10.75
-
-
-def test_budget_allows_two_calls_per_minute_and_refuses_more() -> None:
-    assert check_budget(30.0, override=False) == 2.0
-    assert check_budget(60.0, override=False) == 1.0
-    with pytest.raises(ConfigError) as refused:
-        check_budget(10.0, override=False)
-    assert refused.value.key == "POLL_INTERVAL_SECONDS"
-    assert "POLICIES_LIST" in refused.value.reason
-    assert "refill 6/min, capacity 20" in refused.value.reason
-    assert "POLL_BUDGET_OVERRIDE" in refused.value.reason
-
-
-def test_override_above_dict_refill_warns_loudly(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="exporter.service.poller"):
-        assert check_budget(1.0, override=True) == 60.0
-    assert "only for simulators and benchmarks" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="exporter.service.poller"):
-        check_budget(15.0, override=True)  # 4/min: above the safe budget, below DICT's refill
-    assert "above the safe 2/min budget" in caplog.text
-    assert "only for simulators" not in caplog.text
 
 
 async def test_first_poll_runs_at_once_then_on_aligned_boundaries() -> None:
