@@ -11,7 +11,7 @@ from grafana_foundation_sdk.models import common as cm
 from grafana_foundation_sdk.models import dashboard as dm
 from grafana_foundation_sdk.models import prometheus as pm
 
-from exporter.config import Settings
+from exporter.config import ThresholdKeys
 
 # Panel links point at the runbook anchors the alert rules' runbook_url use (same base).
 RUNBOOKS = "https://github.com/dict-rate-limit-exporter/dict-rate-limit-exporter/blob/main/docs/runbooks.md"
@@ -19,8 +19,8 @@ PROM = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
 PG = dm.DataSourceRef(type_val="grafana-postgresql-datasource", uid="${postgres}")
 SEL = 'endpoint_id=~"$policy", psp_category=~"$category"'
 # One source for the alert thresholds: the exporter's defaults, which the rules compare against.
-WARN = Settings().warning_remaining_ratio
-CRIT = Settings().critical_remaining_ratio
+WARN = ThresholdKeys().warning_remaining_ratio
+CRIT = ThresholdKeys().critical_remaining_ratio
 EXHAUSTION_SOON_SECONDS = 3600.0  # DICTRateLimitExhaustionSoon: projection below one hour
 
 

@@ -23,7 +23,8 @@ def _modules(package: str) -> list[str]:
     root = importlib.import_module(package)
     names = [package]
     for info in pkgutil.walk_packages(root.__path__, prefix=package + "."):
-        if ".proto." not in info.name + ".":  # generated gRPC stubs
+        # Generated gRPC stubs aside; __main__ modules run their command when imported.
+        if ".proto." not in info.name + "." and not info.name.endswith(".__main__"):
             names.append(info.name)
     return sorted(names)
 
