@@ -13,6 +13,8 @@ import gzip
 import logging
 import signal
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 import psycopg
 from aiohttp import web
@@ -52,14 +54,21 @@ async def ready(request: web.Request) -> web.Response:
 
 
 def build_apps(
-    service: ExporterService, webhook: web.Application, settings: Settings
+    service: ExporterService,
+    webhook: web.Application,
+    settings: Settings,
+    guard: Sequence[Any] = (),
 ) -> dict[int, web.Application]:
-    """One application per distinct port; the webhook app takes the other roles when ports coincide."""
+    """One application per distinct port; the webhook app takes the other roles when ports coincide.
+
+    ``guard`` (the web configuration file's middleware) goes on the metrics port's app; a distinct
+    health port stays open for the kubelet.
+    """
     apps: dict[int, web.Application] = {settings.receiver_port: webhook}
     webhook[SERVICE] = service
     for port in (settings.metrics_port, settings.health_check_port):
         if port not in apps:
-            app = web.Application()
+            app = web.Application(middlewares=guard if port == settings.metrics_port else ())
             app[SERVICE], app[RECEIVER] = service, webhook[RECEIVER]
             apps[port] = app
     metrics_app, health_app = apps[settings.metrics_port], apps[settings.health_check_port]
@@ -76,17 +85,24 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     """Runs both parts until ``stop`` is set; 1 when a port cannot be bound."""
     receiver.check_settings(settings)
     service = ExporterService(settings, serve_http=False)
+    web_config, guard = receiver.web_guard(settings)
     webhook = receiver.create_app(
-        settings, metrics=ReceiverMetrics(observe=service.metrics.observe), include_ops=False
+        settings,
+        metrics=ReceiverMetrics(observe=service.metrics.observe),
+        include_ops=False,
+        middlewares=guard if settings.receiver_port == settings.metrics_port else (),
     )
-    apps = build_apps(service, webhook, settings)
+    apps = build_apps(service, webhook, settings, guard)
     runners: list[web.AppRunner] = []
     try:
         for port, app in apps.items():  # the webhook app first: its start-up opens the database and relay
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             runners.append(runner)
-            tls = receiver.tls_context(settings) if app is webhook else None
+            if app is webhook:
+                tls = receiver.tls_context(settings)
+            else:
+                tls = web_config.tls if port == settings.metrics_port else None
             await web.TCPSite(runner, settings.listen_host, port, ssl_context=tls).start()
         await service.start()
     except BaseException as exc:

@@ -25,6 +25,8 @@ from exporter.config import Settings
 from exporter.poller import Clock, Fetch, Poller, check_budget
 from exporter.selfmetrics import SelfMetrics
 from exporter.web import build_apps
+from exporter.webconfig import WebConfig, check_ports
+from exporter.webconfig import load as load_web_config
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,9 @@ class ExporterService:
         self.settings = settings
         self.version = __version__
         check_budget(settings.poll_interval_seconds, settings.poll_budget_override)
+        # A wrong file raises ConfigError here, before anything binds: one line, exit 2.
+        self.web_config: WebConfig = load_web_config(settings.web_config_file)
+        check_ports(self.web_config, settings.metrics_port, settings.health_check_port)
         self.metrics = SelfMetrics(settings.poll_interval_seconds)
         self._bridge: BridgeClient | None = None
         if fetch is None:
@@ -163,11 +168,12 @@ class ExporterService:
     async def _start_http(self) -> None:
         host = self.settings.listen_host
         metrics_port, health_port = self.settings.metrics_port, self.settings.health_check_port
-        for port, app in build_apps(self, metrics_port, health_port).items():
+        for port, app in build_apps(self, metrics_port, health_port, self.web_config).items():
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             self._runners.append(runner)
-            site = web.TCPSite(runner, host, port)
+            tls = self.web_config.tls if port == metrics_port else None
+            site = web.TCPSite(runner, host, port, ssl_context=tls)
             await site.start()
             bound = _bound_port(runner, port)
             if port == metrics_port:

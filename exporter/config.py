@@ -173,6 +173,9 @@ KEYS: tuple[Key, ...] = (
         "json (one object per line), human, or auto (human on a terminal, json otherwise).", EVERY),
     Key("listen_host", "LISTEN_HOST", _str,
         "Address the HTTP servers bind (all interfaces by default, as in a container).", EXPORTER | RECEIVER),
+    Key("web_config_file", "WEB_CONFIG_FILE", _opt_str,
+        "exporter-toolkit web configuration file: TLS, client certificates and basic auth of /metrics"
+        " and /api/v1/policies (health stays open).", EXPORTER | RECEIVER, flag="--web.config.file"),
     # --- the Bridge
     Key("bridge_address", "BRIDGE_ADDRESS", _host_port, "Bridge gRPC address, HOST:PORT.", EXPORTER),
     Key("bridge_tls", "BRIDGE_TLS", _bool,
@@ -272,6 +275,7 @@ class Settings:
     log_level: str = "info"
     log_format: str = "auto"
     listen_host: str = "0.0.0.0"
+    web_config_file: str | None = None
     bridge_address: str = "127.0.0.1:50051"
     bridge_tls: bool = False
     bridge_tls_ca_file: str | None = None
@@ -412,6 +416,12 @@ def load(
 
 
 def _check_consistency(settings: Settings, command: str) -> None:
+    if settings.web_config_file and command in KEYS_BY_NAME["web_config_file"].commands:
+        from exporter import webconfig  # imports this module: loaded only when a file is given
+
+        web = webconfig.load(settings.web_config_file)
+        receiver_port = settings.receiver_port if command in RECEIVER else None
+        webconfig.check_ports(web, settings.metrics_port, settings.health_check_port, receiver_port)
     if settings.critical_remaining_ratio >= settings.warning_remaining_ratio:
         raise ConfigError("CRITICAL_REMAINING_RATIO", "must be below WARNING_REMAINING_RATIO")
     if bool(settings.bridge_tls_cert_file) != bool(settings.bridge_tls_key_file):

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from exporter.webconfig import WebConfig, middleware
+
 if TYPE_CHECKING:
     from exporter.app import ExporterService
 
@@ -108,15 +110,26 @@ def add_health_routes(app: web.Application) -> None:
     app.router.add_get("/health/startup", startup)
 
 
-def build_apps(service: ExporterService, metrics_port: int, health_port: int) -> dict[int, web.Application]:
-    """One application per distinct port: both route sets on one app when the ports are equal."""
+def build_apps(
+    service: ExporterService,
+    metrics_port: int,
+    health_port: int,
+    web_config: WebConfig | None = None,
+) -> dict[int, web.Application]:
+    """One application per distinct port: both route sets on one app when the ports are equal.
+
+    The web configuration file guards the metrics port (basic auth there; the caller serves it with the
+    file's TLS). A separate health port stays plain and open for the kubelet; on a shared port the
+    ``/health/*`` paths are exempt from basic auth.
+    """
     apps: dict[int, web.Application] = {}
+    guard = [middleware(web_config)] if web_config is not None and web_config.enabled else []
     for port, adders in (
         (metrics_port, (add_metrics_routes,)),
         (health_port, (add_health_routes,)),
     ):
         if port not in apps:
-            app = web.Application()
+            app = web.Application(middlewares=guard if port == metrics_port else [])
             app[SERVICE] = service
             apps[port] = app
         for add in adders:
