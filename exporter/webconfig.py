@@ -320,7 +320,8 @@ class BasicAuth:
             cached = known and matched
             if len(self._cache) >= self.MAX_ENTRIES:
                 self._cache.clear()  # bounded: wrong passwords must not grow memory
-            self._cache[key] = cached
+            if self.MAX_ENTRIES:
+                self._cache[key] = cached
         return cached
 
 
