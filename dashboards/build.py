@@ -18,6 +18,9 @@ from panel_kit import PG, PROM, RUNBOOKS
 from panels import alert_panels, bucket_panels, danger_table, firing_stat, health_panels, history_panels
 
 OUTPUT = Path(__file__).resolve().parent / "dict-rate-limit.json"
+#: The copy the Kubernetes base turns into the Grafana sidecar's ConfigMap (kustomize reads only files
+#: inside its directory); written together with OUTPUT.
+KUBERNETES_COPY = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes" / "base" / OUTPUT.name
 UID = "dict-rate-limit"
 
 # --- assembly
@@ -131,11 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     text = render()
     if args.check:
-        if OUTPUT.read_text(encoding="utf-8") != text:
-            print(f"{OUTPUT} is out of date: run python dashboards/build.py", file=sys.stderr)
-            return 1
-        return 0
-    OUTPUT.write_text(text, encoding="utf-8")
+        stale = [path for path in (OUTPUT, KUBERNETES_COPY) if path.read_text(encoding="utf-8") != text]
+        for path in stale:
+            print(f"{path} is out of date: run python dashboards/build.py", file=sys.stderr)
+        return 1 if stale else 0
+    for path in (OUTPUT, KUBERNETES_COPY):
+        path.write_text(text, encoding="utf-8")
     return 0
 
 

@@ -11,7 +11,7 @@ import yaml
 from exporter import config
 
 ROOT = Path(__file__).resolve().parent.parent
-DEPLOY = ROOT / "deploy" / "kubernetes"
+DEPLOY = ROOT / "deploy" / "kubernetes" / "base"
 HEALTH_PATHS = {
     "startupProbe": "/health/startup",
     "livenessProbe": "/health/live",
@@ -44,7 +44,7 @@ def ports(container: dict[str, Any]) -> dict[str, int]:
 def test_kustomization_lists_every_manifest_and_the_rendered_rules() -> None:
     kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text(encoding="utf-8"))
     files = {p.name for p in DEPLOY.glob("*.yaml")} - {"kustomization.yaml"}
-    assert set(kustomization["resources"]) == files | {"prometheusrule.yaml"}
+    assert set(kustomization["resources"]) == files
     assert [image["name"] for image in kustomization["images"]] == ["dict-rate-limit-exporter"]
 
 
