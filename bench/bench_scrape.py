@@ -3,7 +3,7 @@
 Each server runs in its own process and the load generator in this one, so the server's CPU is its own.
 Then the same exporter open, behind basic auth (bcrypt checks cached), TLS, and both, side by side.
 Also measures the exporter's resident memory over 10,000 polls of the simulator and Bridge calls per 1,000
-scrapes. One command: ``python bench/bench_scrape.py`` (or ``make bench``).
+scrapes. One command: ``python -m bench.bench_scrape`` (or ``make bench``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import multiprocessing
 import os
 import ssl
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -22,16 +21,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # certs.py: the test PKI
-
 import aiohttp
 import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
-from exporter.bridge_client import BridgeResult
-from exporter.embedded import free_port, wait_for_port
+from devstack.embedded import free_port, wait_for_port
+from exporter.bridge.client import BridgeResult
 from exporter.snapshot import PolicyReading, Snapshot
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "3"))
@@ -52,8 +48,8 @@ def fabricate(policies: int, at: float, drop: int = 0) -> Snapshot:
 def _service(policies: int, port: int, serve_http: bool, web_config: str | None = None) -> Any:
     """An exporter whose Bridge answers two snapshots 30 s apart (rates and projections present), then the
     second one again."""
-    from exporter.app import ExporterService
     from exporter.config import Settings
+    from exporter.service.app import ExporterService
 
     last = fabricate(policies, 1_700_000_030.0, drop=100)
     snapshots = iter([fabricate(policies, 1_700_000_000.0), last])
@@ -221,7 +217,8 @@ class Secure:
 def _secure_cases(directory: Path) -> dict[str, tuple[str, Secure]]:
     """open / basic auth (cached, and uncached for comparison) / TLS / TLS + basic auth, bcrypt cost 10."""
     import bcrypt
-    from certs import make_pki
+
+    from tests.support.certs import make_pki
 
     pki = make_pki(directory)
     hashed = bcrypt.hashpw(b"bench-password", bcrypt.gensalt(10)).decode()
@@ -269,9 +266,9 @@ def _rss_mb() -> float:
 
 async def _polls_and_calls() -> dict[str, float]:
     """RSS over POLLS polls of the simulator over gRPC, then Bridge calls during 1,000 scrapes."""
-    from exporter.app import ExporterService
     from exporter.config import Settings
-    from exporter.simulator import SimulatorServer
+    from exporter.service.app import ExporterService
+    from exporter.simulator.server import SimulatorServer
 
     sim = SimulatorServer(category="A", seed=3)
     await sim.start()

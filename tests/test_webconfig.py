@@ -20,14 +20,15 @@ import aiohttp
 import bcrypt
 import pytest
 import yaml
-from certs import Pki, make_pki
-from receiver_support import AUTH, TOKEN, alert, migrate, payload, unique_topic
 
-from exporter import receiver, webconfig
-from exporter.app import ExporterService
+from devstack.embedded import EmbeddedPulsar, free_port
+from exporter import webconfig
 from exporter.config import ConfigError, Settings
-from exporter.embedded import EmbeddedPulsar, free_port
-from exporter.simulator import SimulatorServer
+from exporter.receiver import webhook as receiver
+from exporter.service.app import ExporterService
+from exporter.simulator.server import SimulatorServer
+from tests.support.certs import Pki, make_pki
+from tests.support.receiver import AUTH, TOKEN, alert, migrate, payload, unique_topic
 
 USER, PASSWORD = "prometheus", "s3cret-scrape"
 # Cost 4 keeps the suite fast; the cache is measured at the production cost in bench/bench_scrape.py.
