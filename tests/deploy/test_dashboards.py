@@ -105,7 +105,7 @@ def test_every_panel_has_a_unit() -> None:
 
 
 def test_every_panel_and_query_uses_a_datasource_variable() -> None:
-    expected = {PROM_TYPE: "${datasource}", PG_TYPE: "${postgres}"}
+    expected = {PROM_TYPE: "${prometheus_datasource}", PG_TYPE: "${postgres_datasource}"}
     for panel in panels():
         source = panel["datasource"]
         assert expected[source["type"]] == source["uid"], panel["title"]
@@ -116,12 +116,25 @@ def test_every_panel_and_query_uses_a_datasource_variable() -> None:
 
 def test_variables_select_datasources_category_and_policy() -> None:
     variables = {v["name"]: v for v in load_dashboard()["templating"]["list"]}
-    assert list(variables) == ["datasource", "postgres", "category", "policy"]
-    assert (variables["datasource"]["type"], variables["datasource"]["query"]) == ("datasource", PROM_TYPE)
-    assert (variables["postgres"]["type"], variables["postgres"]["query"]) == ("datasource", PG_TYPE)
+    assert list(variables) == [
+        "prometheus_datasource",
+        "postgres_datasource",
+        "job",
+        "cluster",
+        "namespace",
+        "category",
+        "policy",
+    ]
+    prometheus, postgres = variables["prometheus_datasource"], variables["postgres_datasource"]
+    assert (prometheus["type"], prometheus["query"]) == ("datasource", PROM_TYPE)
+    assert (postgres["type"], postgres["query"]) == ("datasource", PG_TYPE)
+    for name in ("job", "cluster", "namespace"):
+        assert variables[name]["type"] == "query"
+        assert variables[name]["datasource"]["uid"] == "${prometheus_datasource}"
+        assert variables[name]["allValue"] == (".+" if name == "job" else ".*")
     for name in ("category", "policy"):
         assert variables[name]["type"] == "query"
-        assert variables[name]["datasource"]["uid"] == "${datasource}"
+        assert variables[name]["datasource"]["uid"] == "${prometheus_datasource}"
         assert variables[name]["multi"]
         assert variables[name]["includeAll"]
         # No custom "all" value: SQL panels expand All into a quoted list for IN (...).
