@@ -261,3 +261,23 @@ def test_provisioning_loads_the_dashboard_and_both_datasource_types() -> None:
     assert types == {PROM_TYPE, PG_TYPE}
     for source in sources["datasources"]:
         assert "password" not in source.get("jsonData", {}), "secrets belong in secureJsonData"
+
+
+def _paths(value: object, prefix: str = "") -> set[str]:
+    if isinstance(value, dict):
+        return {p for key, item in value.items() for p in _paths(item, f"{prefix}/{key}")} | {prefix}
+    if isinstance(value, list):
+        return {p for i, item in enumerate(value) for p in _paths(item, f"{prefix}[{i}]")} | {prefix}
+    return {prefix}
+
+
+def test_the_pinned_sdk_round_trips_the_dashboard_without_dropping_a_field() -> None:
+    # The SDK build must match the Grafana the dashboard targets (11.6): the 10.1 build a plain install
+    # picks drops allowCustomValue and bar-gauge options when it reads the JSON back.
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.models import dashboard as dm
+
+    original = load_dashboard()
+    again = json.loads(json.dumps(dm.Dashboard.from_json(original), cls=JSONEncoder))
+    assert _paths(original) - _paths(again) == set()
+    assert sum('"allowCustomValue"' in json.dumps(v) for v in original["templating"]["list"]) >= 5
