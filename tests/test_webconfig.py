@@ -362,3 +362,44 @@ async def test_the_receiver_guards_metrics_and_the_webhook_keeps_its_token(
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
+
+
+async def test_all_in_one_guards_its_metrics_port_and_leaves_health_and_webhook_alone(
+    tmp_path: Path, pki: Pki, database_url: str, http: aiohttp.ClientSession
+) -> None:
+    from exporter.allinone import serve
+
+    migrate(database_url)
+    tls = {"cert_file": "server.pem", "key_file": "server.key"}
+    path = write_config(tmp_path, {"tls_server_config": tls, "basic_auth_users": {USER: HASH}})
+    metrics, health, webhook = free_port(), free_port(), free_port()
+    settings = Settings(
+        database_url=database_url,
+        webhook_bearer_token=TOKEN,
+        listen_host="127.0.0.1",
+        receiver_port=webhook,
+        metrics_port=metrics,
+        health_check_port=health,
+        bridge_address=f"127.0.0.1:{free_port()}",  # no Bridge: the exporter part reports it
+        bridge_timeout_seconds=0.2,
+        pulsar_url=f"pulsar://127.0.0.1:{free_port()}",
+        web_config_file=path,
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(settings, stop))
+    try:
+        for _ in range(100):
+            try:
+                assert await status(http, f"http://127.0.0.1:{health}/health/live") == 200
+                break
+            except aiohttp.ClientConnectorError:
+                await asyncio.sleep(0.1)
+        url = f"https://127.0.0.1:{metrics}/metrics"
+        context = client_context(pki, with_cert=False)
+        assert await status(http, url, ssl=context) == 401
+        assert await status(http, url, ssl=context, headers=basic(USER, PASSWORD)) == 200
+        async with http.post(f"http://127.0.0.1:{webhook}/alerts", json=payload(alert()), headers=AUTH) as r:
+            assert r.status == 200
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(task, 30) == 0
