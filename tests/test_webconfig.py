@@ -403,3 +403,28 @@ async def test_all_in_one_guards_its_metrics_port_and_leaves_health_and_webhook_
     finally:
         stop.set()
         assert await asyncio.wait_for(task, 30) == 0
+
+
+@pytest.mark.parametrize(("allowed", "expected"), [("scraper.test", 200), ("other.test", 403)])
+async def test_client_allowed_sans_admit_only_the_listed_certificates(
+    tmp_path: Path, sim: SimulatorServer, http: aiohttp.ClientSession, allowed: str, expected: int
+) -> None:
+    pki = make_pki(tmp_path, client_san="scraper.test")
+    path = write_config(
+        tmp_path,
+        {
+            "tls_server_config": {
+                "cert_file": "server.pem",
+                "key_file": "server.key",
+                "client_ca_file": "ca.pem",
+                "client_auth_type": "RequireAndVerifyClientCert",
+                "client_allowed_sans": [allowed],
+            }
+        },
+    )
+    service = await start_exporter(sim, path)
+    try:
+        url = f"https://127.0.0.1:{service.ports['metrics']}/metrics"
+        assert await status(http, url, ssl=client_context(pki, with_cert=True)) == expected
+    finally:
+        await service.stop()
