@@ -1,6 +1,7 @@
 """Scrape benchmark: /metrics of the exporter vs pre-rendered bytes (the limit) vs Gauges rendered per scrape.
 
 Each server runs in its own process and the load generator in this one, so the server's CPU is its own.
+Then the same exporter open, behind basic auth (bcrypt checks cached), TLS, and both, side by side.
 Also measures the exporter's resident memory over 10,000 polls of the simulator and Bridge calls per 1,000
 scrapes. One command: ``python -m bench.bench_scrape`` (or ``make bench``).
 """
@@ -8,15 +9,20 @@ scrapes. One command: ``python -m bench.bench_scrape`` (or ``make bench``).
 from __future__ import annotations
 
 import asyncio
+import base64
 import multiprocessing
 import os
+import ssl
 import statistics
+import tempfile
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
@@ -39,7 +45,7 @@ def fabricate(policies: int, at: float, drop: int = 0) -> Snapshot:
     return Snapshot(datetime.fromtimestamp(at, UTC), f"{int(at):032x}", "A", readings)
 
 
-def _service(policies: int, port: int, serve_http: bool) -> Any:
+def _service(policies: int, port: int, serve_http: bool, web_config: str | None = None) -> Any:
     """An exporter whose Bridge answers two snapshots 30 s apart (rates and projections present), then the
     second one again."""
     from exporter.config import ExporterSettings
@@ -52,13 +58,17 @@ def _service(policies: int, port: int, serve_http: bool) -> Any:
         return BridgeResult(next(snapshots, last), ())
 
     settings = ExporterSettings(
-        listen_host="127.0.0.1", metrics_port=port, health_check_port=port, log_level="warning"
+        listen_host="127.0.0.1",
+        metrics_port=port,
+        health_check_port=port,
+        log_level="warning",
+        web_config_file=web_config,
     )
     return ExporterService(settings, fetch=fetch, serve_http=serve_http)
 
 
-async def _exporter(policies: int, port: int) -> None:
-    service = _service(policies, port, serve_http=True)
+async def _exporter(policies: int, port: int, web_config: str | None = None) -> None:
+    service = _service(policies, port, serve_http=True, web_config=web_config)
     await service.start()  # the first poll runs at start-up
     await service.poller.poll_once()
     await asyncio.Event().wait()
@@ -105,18 +115,32 @@ async def _serve_handler(handler: Any, port: int) -> None:
 SERVERS = {"exporter": _exporter, "pre-rendered bytes (i)": _static, "Gauges + generate_latest (ii)": _gauges}
 
 
-def _server_main(kind: str, policies: int, port: int) -> None:
-    asyncio.run(SERVERS[kind](policies, port))
+def _server_main(kind: str, policies: int, port: int, web_config: str | None = None) -> None:
+    if web_config is None:
+        asyncio.run(SERVERS[kind](policies, port))
+        return
+    if kind == "uncached":
+        from exporter.webconfig import BasicAuth
+
+        BasicAuth.MAX_ENTRIES = 0  # every scrape pays bcrypt: what the cache saves
+    asyncio.run(_exporter(policies, port, web_config))
 
 
-async def _load(url: str, seconds: float, gzip: bool = False) -> tuple[list[float], int]:
+async def _load(
+    url: str,
+    seconds: float,
+    gzip: bool = False,
+    auth: dict[str, str] | None = None,
+    tls: ssl.SSLContext | None = None,
+) -> tuple[list[float], int]:
     latencies: list[float] = []
     size = 0
     stop_at = time.perf_counter() + seconds
-    connector = aiohttp.TCPConnector(limit=CONNECTIONS)
+    # Keep-alive connections, as Prometheus keeps them: the TLS handshake is paid once per connection.
+    connector = aiohttp.TCPConnector(limit=CONNECTIONS, ssl=tls if tls is not None else True)
     # Identity by default: every server then does the same work. With gzip the body stays compressed,
     # so the load generator's CPU is not spent inflating it.
-    headers = {"Accept-Encoding": "gzip" if gzip else "identity"}
+    headers = {"Accept-Encoding": "gzip" if gzip else "identity", **(auth or {})}
     async with aiohttp.ClientSession(connector=connector, headers=headers, auto_decompress=False) as http:
 
         async def worker() -> None:
@@ -131,15 +155,22 @@ async def _load(url: str, seconds: float, gzip: bool = False) -> tuple[list[floa
     return latencies, size
 
 
-def scrape_case(kind: str, policies: int, gzip: bool = False) -> dict[str, float]:
+def scrape_case(
+    kind: str, policies: int, gzip: bool = False, secure: Secure | None = None
+) -> dict[str, float]:
     port = free_port()
-    process = multiprocessing.get_context("spawn").Process(target=_server_main, args=(kind, policies, port))
+    web_config = secure.web_config if secure else None
+    process = multiprocessing.get_context("spawn").Process(
+        target=_server_main, args=(kind, policies, port, web_config)
+    )
     process.start()
+    auth, tls = (secure.auth, secure.tls) if secure else (None, None)
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}/metrics"
     try:
         wait_for_port("127.0.0.1", port, 30, None)
-        asyncio.run(_load(f"http://127.0.0.1:{port}/metrics", 0.5))  # warm-up
+        asyncio.run(_load(url, 0.5, auth=auth, tls=tls))  # warm-up (and the one bcrypt check when cached)
         cpu_before = _cpu_seconds(process.pid)
-        latencies, size = asyncio.run(_load(f"http://127.0.0.1:{port}/metrics", SECONDS, gzip))
+        latencies, size = asyncio.run(_load(url, SECONDS, gzip, auth=auth, tls=tls))
         cpu = _cpu_seconds(process.pid) - cpu_before
     finally:
         process.terminate()
@@ -160,9 +191,11 @@ def _cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def best_of(kind: str, policies: int, rounds: int, gzip: bool = False) -> dict[str, float]:
+def best_of(
+    kind: str, policies: int, rounds: int, gzip: bool = False, secure: Secure | None = None
+) -> dict[str, float]:
     """The best round of each figure: other load on the machine only ever makes a round worse."""
-    runs = [scrape_case(kind, policies, gzip) for _ in range(rounds)]
+    runs = [scrape_case(kind, policies, gzip, secure) for _ in range(rounds)]
     return {
         "p50_ms": min(r["p50_ms"] for r in runs),
         "p99_ms": min(r["p99_ms"] for r in runs),
@@ -170,6 +203,60 @@ def best_of(kind: str, policies: int, rounds: int, gzip: bool = False) -> dict[s
         "bytes": runs[0]["bytes"],
         "cpu_us": min(r["cpu_us"] for r in runs),
     }
+
+
+@dataclass(frozen=True)
+class Secure:
+    """A web configuration file and what the load generator presents to it."""
+
+    web_config: str
+    auth: dict[str, str] | None = None
+    tls: ssl.SSLContext | None = None
+
+
+def _secure_cases(directory: Path) -> dict[str, tuple[str, Secure]]:
+    """open / basic auth (cached, and uncached for comparison) / TLS / TLS + basic auth, bcrypt cost 10."""
+    import bcrypt
+
+    from tests.support.certs import make_pki
+
+    pki = make_pki(directory)
+    hashed = bcrypt.hashpw(b"bench-password", bcrypt.gensalt(10)).decode()
+    auth = {"Authorization": "Basic " + base64.b64encode(b"prometheus:bench-password").decode()}
+    tls_section = {"cert_file": pki.server_cert, "key_file": pki.server_key}
+    files = {
+        "basic": {"basic_auth_users": {"prometheus": hashed}},
+        "tls": {"tls_server_config": tls_section},
+        "both": {"tls_server_config": tls_section, "basic_auth_users": {"prometheus": hashed}},
+    }
+    paths = {}
+    for name, content in files.items():
+        paths[name] = directory / f"{name}.yml"
+        paths[name].write_text(yaml.safe_dump(content), encoding="utf-8")
+    tls = ssl.create_default_context(cafile=pki.ca)
+    return {
+        "basic auth (bcrypt cached)": ("exporter", Secure(str(paths["basic"]), auth)),
+        "basic auth, no cache (for info)": ("uncached", Secure(str(paths["basic"]), auth)),
+        "TLS": ("exporter", Secure(str(paths["tls"]), tls=tls)),
+        "TLS + basic auth": ("exporter", Secure(str(paths["both"]), auth, tls)),
+    }
+
+
+def security_case(policies: int) -> dict[str, dict[str, float]]:
+    """The same exporter open and behind each web configuration, side by side."""
+    rows = {"open": best_of("exporter", policies, ROUNDS)}
+    with tempfile.TemporaryDirectory() as directory:
+        for label, (kind, secure) in _secure_cases(Path(directory)).items():
+            rows[label] = best_of(kind, policies, ROUNDS, secure=secure)
+    return rows
+
+
+def _print_rows(rows: dict[str, dict[str, float]]) -> None:
+    for kind, row in rows.items():
+        print(
+            f"  {kind:<31} p50 {row['p50_ms']:7.2f} ms  p99 {row['p99_ms']:7.2f} ms  "
+            f"{row['rps']:8.0f} req/s  {row['cpu_us']:8.0f} us CPU/scrape  {row['bytes'] / 1000:7.1f} kB"
+        )
 
 
 def _rss_mb() -> float:
@@ -243,11 +330,7 @@ def main() -> dict[str, Any]:
         rows = {kind: best_of(kind, policies, ROUNDS) for kind in SERVERS}
         rows["exporter, gzip (for information)"] = best_of("exporter", policies, ROUNDS, gzip=True)
         mine = rows["exporter"]
-        for kind, row in rows.items():
-            print(
-                f"  {kind:<31} p50 {row['p50_ms']:7.2f} ms  p99 {row['p99_ms']:7.2f} ms  "
-                f"{row['rps']:8.0f} req/s  {row['cpu_us']:8.0f} us CPU/scrape  {row['bytes'] / 1000:7.1f} kB"
-            )
+        _print_rows(rows)
         static, gauges = rows["pre-rendered bytes (i)"], rows["Gauges + generate_latest (ii)"]
         print(
             f"  exporter / (i): p50 {mine['p50_ms'] / static['p50_ms']:.2f}x, "
@@ -257,6 +340,17 @@ def main() -> dict[str, Any]:
             f"CPU/scrape {mine['cpu_us'] / gauges['cpu_us']:.3f}x (below 1: the exporter is faster)"
         )
         report[label] = rows
+    print("\n/metrics behind the web configuration file (30 policies, bcrypt cost 10, keep-alive):")
+    secured = security_case(30)
+    _print_rows(secured)
+    opened = secured["open"]
+    for label in ("basic auth (bcrypt cached)", "TLS", "TLS + basic auth", "basic auth, no cache (for info)"):
+        row = secured[label]
+        print(
+            f"  {label} / open: CPU/scrape {row['cpu_us'] / opened['cpu_us']:.2f}x, "
+            f"p50 {row['p50_ms'] / opened['p50_ms']:.2f}x"
+        )
+    report["security"] = secured
     print(f"\nexporter against the simulator over gRPC: {POLLS} polls, then 1,000 scrapes")
     memory = memory_case()
     for key, value in memory.items():

@@ -14,18 +14,23 @@ from grafana_foundation_sdk.builders import dashboard
 from grafana_foundation_sdk.cog import builder as cogbuilder
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import dashboard as dm
-from panel_kit import PG, PROM, RUNBOOKS
+from panel_kit import ID, PG, PROM, RUNBOOKS
 from panels import alert_panels, bucket_panels, danger_table, firing_stat, health_panels, history_panels
 
 OUTPUT = Path(__file__).resolve().parent / "dict-rate-limit.json"
+#: The copy the Kubernetes base turns into the Grafana sidecar's ConfigMap (kustomize reads only files
+#: inside its directory); written together with OUTPUT.
+KUBERNETES_COPY = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes" / "base" / OUTPUT.name
 UID = "dict-rate-limit"
 
 # --- assembly
 
 
 def variables() -> list[cogbuilder.Builder[dm.VariableModel]]:
-    def label_values(name: str, label: str, query: str) -> dashboard.QueryVariable:
-        return (
+    def label_values(
+        name: str, label: str, query: str, all_value: str | None = None
+    ) -> dashboard.QueryVariable:
+        variable = (
             dashboard.QueryVariable(name)
             .label(label)
             .datasource(PROM)
@@ -36,15 +41,36 @@ def variables() -> list[cogbuilder.Builder[dm.VariableModel]]:
             .include_all(True)
             .current(dm.VariableOption(selected=True, text=["All"], value=["$__all"]))
         )
+        # Without an allValue, All expands to the listed values (the SQL panels' IN lists need that).
+        return variable.all_value(all_value) if all_value else variable
 
     return [
-        dashboard.DatasourceVariable("datasource").label("Prometheus").type("prometheus"),
-        dashboard.DatasourceVariable("postgres").label("PostgreSQL (history)").type(PG.type_val or ""),
-        label_values("category", "Category", "label_values(dict_rate_limit_psp_category_info, psp_category)"),
+        # The Prometheus variable first: the linter's Prometheus rules look at the first datasource variable.
+        dashboard.DatasourceVariable("prometheus_datasource")
+        .label("Prometheus data source")
+        .type("prometheus"),
+        dashboard.DatasourceVariable("postgres_datasource")
+        .label("PostgreSQL data source")
+        .type(PG.type_val or ""),
+        # job: ".+" for All, as the linter asks (every series has a job). cluster and namespace: ".*", so
+        # that All also matches a Prometheus that adds neither label (the demo's).
+        label_values("job", "Job", 'label_values(up{job=~"dict-rate-limit-.*"}, job)', all_value=".+"),
+        label_values("cluster", "Cluster", 'label_values(up{job=~"$job"}, cluster)', all_value=".*"),
+        label_values(
+            "namespace",
+            "Namespace",
+            'label_values(up{job=~"$job", cluster=~"$cluster"}, namespace)',
+            all_value=".*",
+        ),
+        label_values(
+            "category",
+            "Category",
+            f"label_values(dict_rate_limit_psp_category_info{{{ID}}}, psp_category)",
+        ),
         label_values(
             "policy",
             "Policy",
-            'label_values(dict_rate_limit_capacity{psp_category=~"$category"}, endpoint_id)',
+            f'label_values(dict_rate_limit_capacity{{{ID}, psp_category=~"$category"}}, endpoint_id)',
         ),
     ]
 
@@ -84,6 +110,8 @@ def build() -> dict[str, object]:
         .time("now-6h", "now")
         .refresh("30s")
         .timezone("utc")
+        # Provisioned from a file or the sidecar ConfigMap: edits in the UI would be lost on the next load.
+        .readonly()
         .tooltip(dm.DashboardCursorSync.CROSSHAIR)
         .variables(variables())
         .link(
@@ -131,11 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     text = render()
     if args.check:
-        if OUTPUT.read_text(encoding="utf-8") != text:
-            print(f"{OUTPUT} is out of date: run python dashboards/build.py", file=sys.stderr)
-            return 1
-        return 0
-    OUTPUT.write_text(text, encoding="utf-8")
+        stale = [path for path in (OUTPUT, KUBERNETES_COPY) if path.read_text(encoding="utf-8") != text]
+        for path in stale:
+            print(f"{path} is out of date: run python dashboards/build.py", file=sys.stderr)
+        return 1 if stale else 0
+    for path in (OUTPUT, KUBERNETES_COPY):
+        path.write_text(text, encoding="utf-8")
     return 0
 
 

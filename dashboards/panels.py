@@ -9,6 +9,7 @@ from grafana_foundation_sdk.models import dashboard as dm
 from panel_kit import (
     CRIT,
     EXHAUSTION_SOON_SECONDS,
+    ID,
     PG,
     PROM,
     SEL,
@@ -45,10 +46,14 @@ def danger_table() -> table.Panel:
         .with_target(promql(available, ref_id="B", instant=True))
         .with_target(promql(eta, ref_id="C", instant=True))
         .with_target(
-            promql(f"endpoint:dict_rate_limit_warning_remaining:ratio{join}", ref_id="D", instant=True)
+            promql(
+                f"endpoint:dict_rate_limit_warning_remaining:ratio{{{ID}}}{join}", ref_id="D", instant=True
+            )
         )
         .with_target(
-            promql(f"endpoint:dict_rate_limit_critical_remaining:ratio{join}", ref_id="E", instant=True)
+            promql(
+                f"endpoint:dict_rate_limit_critical_remaining:ratio{{{ID}}}{join}", ref_id="E", instant=True
+            )
         )
         .with_transformation(dm.DataTransformerConfig(id_val="merge", options={}))
         .with_transformation(
@@ -137,14 +142,14 @@ def bucket_panels() -> list[cogbuilder.Builder[dm.Panel]]:
         remaining,
         series_panel(
             "Consumption rate",
-            "suffix: tokens/min",
+            "short",  # tokens per minute: Grafana has no such unit, so a plain number and an axis label
             "Gross tokens consumed per minute (refill counted), from the consumption counter over the "
             "dashboard's rate interval.",
             promql(
                 "max without (instance, pod) "
                 f"(rate(dict_rate_limit_consumed_tokens_total{{{SEL}}}[$__rate_interval])) * 60"
             ),
-        ),
+        ).axis_label("tokens/min"),
         bars(
             "Recovery ETA",
             "s",
@@ -230,7 +235,7 @@ def health_panels() -> list[cogbuilder.Builder[dm.Panel]]:
         .title("Bridge up")
         .description("1 when the exporter's last poll of the Bridge succeeded (per exporter replica).")
         .datasource(PROM)
-        .with_target(promql("dict_rate_limit_bridge_up", legend="{{instance}}"))
+        .with_target(promql(f"dict_rate_limit_bridge_up{{{ID}}}", legend="{{instance}}"))
         .unit("bool_yes_no")
         .thresholds(steps("red", (1, "green")))
         .links([runbook("Bridge down", "dictratelimitbridgedown")])
@@ -243,7 +248,9 @@ def health_panels() -> list[cogbuilder.Builder[dm.Panel]]:
             "intervals (90 s at the default 30 s interval)."
         )
         .datasource(PROM)
-        .with_target(promql("time() - dict_rate_limit_last_success_timestamp_seconds", legend="{{instance}}"))
+        .with_target(
+            promql(f"time() - dict_rate_limit_last_success_timestamp_seconds{{{ID}}}", legend="{{instance}}")
+        )
         .unit("s")
         .thresholds(steps("green", (60, "orange"), (90, "red")))
         .links([runbook("stale data", "dictratelimitdatastale")])
@@ -257,7 +264,7 @@ def health_panels() -> list[cogbuilder.Builder[dm.Panel]]:
             "95th percentile of one poll's wall time, retries included.",
             promql(
                 "histogram_quantile(0.95, sum by (le, instance) "
-                "(rate(dict_rate_limit_poll_duration_seconds_bucket[$__rate_interval])))",
+                f"(rate(dict_rate_limit_poll_duration_seconds_bucket{{{ID}}}[$__rate_interval])))",
                 legend="{{instance}}",
             ),
         ),
@@ -265,10 +272,12 @@ def health_panels() -> list[cogbuilder.Builder[dm.Panel]]:
             "History queue",
             "short",
             "Snapshots waiting for PostgreSQL, its capacity, and snapshots dropped because it was full.",
-            promql("dict_rate_limit_history_queue_depth", legend="queued {{instance}}"),
-            promql("dict_rate_limit_history_queue_capacity", legend="capacity {{instance}}", ref_id="B"),
+            promql(f"dict_rate_limit_history_queue_depth{{{ID}}}", legend="queued {{instance}}"),
             promql(
-                "increase(dict_rate_limit_history_dropped_total[$__rate_interval])",
+                f"dict_rate_limit_history_queue_capacity{{{ID}}}", legend="capacity {{instance}}", ref_id="B"
+            ),
+            promql(
+                f"increase(dict_rate_limit_history_dropped_total{{{ID}}}[$__rate_interval])",
                 legend="dropped {{instance}}",
                 ref_id="C",
             ),
@@ -277,13 +286,13 @@ def health_panels() -> list[cogbuilder.Builder[dm.Panel]]:
             "Pulsar backlog (outbox)",
             "short",
             "Alert events committed by the receiver but not yet acknowledged by Pulsar.",
-            promql("dict_rate_limit_outbox_backlog", legend="{{instance}}"),
+            promql(f"dict_rate_limit_outbox_backlog{{{ID}}}", legend="{{instance}}"),
         ).links([runbook("events not reaching Pulsar", "dictratelimitoutboxbacklog")]),
         series_panel(
             "Oldest unsent event",
             "s",
             "Age of the oldest alert event still waiting for Pulsar (0 when none).",
-            promql("dict_rate_limit_outbox_oldest_age_seconds", legend="{{instance}}"),
+            promql(f"dict_rate_limit_outbox_oldest_age_seconds{{{ID}}}", legend="{{instance}}"),
         ),
     ]
 

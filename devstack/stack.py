@@ -155,8 +155,13 @@ class Stack:
     def urls(self) -> dict[str, str]:
         p = self.ports
         return {
-            "Prometheus (alerts)": f"http://127.0.0.1:{p.prometheus}/alerts",
-            "Alertmanager": f"http://127.0.0.1:{p.alertmanager}/#/alerts",
+            # Debian's Prometheus 2.42 serves its web pages under /classic (/alerts is a 404 there).
+            "Prometheus (alerts)": f"http://127.0.0.1:{p.prometheus}/classic/alerts",
+            "Prometheus (alerts API)": f"http://127.0.0.1:{p.prometheus}/api/v1/alerts",
+            # Debian's Alertmanager package ships no web UI (its / says so): the API answers.
+            "Alertmanager (alerts API; no web UI in Debian's package)": (
+                f"http://127.0.0.1:{p.alertmanager}/api/v2/alerts"
+            ),
             "Exporter metrics": f"http://127.0.0.1:{p.exporter_metrics}/metrics",
             "Exporter policies API": f"http://127.0.0.1:{p.exporter_metrics}/api/v1/policies",
             "Receiver metrics": f"http://127.0.0.1:{p.receiver_metrics}/metrics",

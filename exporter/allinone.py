@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
+from typing import Any
 
 import psycopg
 from aiohttp import web
@@ -52,15 +54,22 @@ async def ready(request: web.Request) -> web.Response:
 
 
 def build_apps(
-    service: ExporterService, webhook: web.Application, settings: AllInOneSettings
+    service: ExporterService,
+    webhook: web.Application,
+    settings: AllInOneSettings,
+    guard: Sequence[Any] = (),
 ) -> dict[int, web.Application]:
-    """One application per distinct port; the webhook app takes the other roles when ports coincide."""
+    """One application per distinct port; the webhook app takes the other roles when ports coincide.
+
+    ``guard`` (the web configuration file's middleware) goes on the metrics port's app; a distinct
+    health port stays open for the kubelet.
+    """
     apps: dict[int, web.Application] = {settings.receiver_port: webhook}
     webhook[SERVICE] = service
     metrics_port = settings.metrics_listen[1]
     for port in (metrics_port, settings.health_check_port):
         if port not in apps:
-            app = web.Application()
+            app = web.Application(middlewares=guard if port == metrics_port else ())
             app[SERVICE], app[RECEIVER] = service, webhook[RECEIVER]
             apps[port] = app
     metrics_app, health_app = apps[metrics_port], apps[settings.health_check_port]
@@ -77,20 +86,25 @@ async def serve(settings: AllInOneSettings, stop: asyncio.Event) -> None:
     """Runs both parts until ``stop`` is set; a port that cannot be bound ends start-up (OSError)."""
     receiver.check_settings(settings)
     service = ExporterService(settings, serve_http=False)
+    web_config, guard = receiver.web_guard(settings)
     webhook = receiver.create_app(
         settings,
         # process_* come once, from the exporter's registry; the seed histogram once, from the exporter's.
         metrics=ReceiverMetrics(registry=new_registry(process=False), observe=service.metrics.observe),
         include_ops=False,
+        middlewares=guard if settings.receiver_port == settings.metrics_listen[1] else (),
     )
-    apps = build_apps(service, webhook, settings)
+    apps = build_apps(service, webhook, settings, guard)
     runners: list[web.AppRunner] = []
     try:
         for port, app in apps.items():  # the webhook app first: its start-up opens the database and relay
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             runners.append(runner)
-            tls = receiver.tls_context(settings) if app is webhook else None
+            if app is webhook:
+                tls = receiver.tls_context(settings)
+            else:
+                tls = web_config.tls if port == settings.metrics_listen[1] else None
             host = settings.metrics_listen[0] if port == settings.metrics_listen[1] else settings.listen_host
             await web.TCPSite(runner, host, port, ssl_context=tls).start()
         await service.start()

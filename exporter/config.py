@@ -289,7 +289,13 @@ class HttpKeys(_Keys):
         return self.listen_host, self.metrics_port
 
     def _check(self) -> None:
-        _require_files(self, "web_config_file")
+        if not self.web_config_file:
+            return
+        from exporter import webconfig  # imports this module: loaded only when a file is given
+
+        web = webconfig.load(self.web_config_file)
+        receiver_port = getattr(self, "receiver_port", None)  # the receiver's and all-in-one's webhook
+        webconfig.check_ports(web, self.metrics_listen[1], self.health_check_port, receiver_port)
 
 
 @dataclass(frozen=True)

@@ -15,21 +15,23 @@ import hmac
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import psycopg
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import AsyncConnectionPool
 
-from exporter import runtime
+from exporter import runtime, webconfig
 from exporter.config import ReceiverSettings
 from exporter.receiver.metrics import ReceiverMetrics
 from exporter.receiver.outbox import OutboxRelay, RelayTuning
 from exporter.receiver.payload import PayloadError, WebhookPayload, parse_payload
 from exporter.receiver.publisher import PulsarPublisher
 from exporter.receiver.store import RecordResult, record_alerts
+from exporter.webconfig import WebConfig
 
 log = logging.getLogger(__name__)
 
@@ -70,35 +72,45 @@ def create_app(
     metrics: ReceiverMetrics | None = None,
     relay: RelayTuning | None = RelayTuning(),  # noqa: B008 - immutable default
     include_ops: bool = True,
+    middlewares: Sequence[Any] = (),
 ) -> web.Application:
     """The webhook application; with ``include_ops`` also ``/metrics`` and ``/health/*``.
 
     ``relay=None`` runs no outbox relay (events stay queued in PostgreSQL until a relay runs).
+    ``middlewares`` are the web configuration file's guard (``/alerts`` is exempt: it has its token).
     """
     check_settings(settings)
-    app = web.Application(client_max_size=settings.webhook_max_body_bytes)
+    app = web.Application(client_max_size=settings.webhook_max_body_bytes, middlewares=middlewares)
     app[STATE] = ReceiverState(settings, metrics or ReceiverMetrics(), relay)
     app.cleanup_ctx.append(_resources)
     app.router.add_post("/alerts", handle_alerts)
     if include_ops:
-        add_ops_routes(app, settings.web_telemetry_path)
+        add_ops_routes(app)
     return app
 
 
-def create_ops_app(webhook_app: web.Application) -> web.Application:
-    """``/metrics`` and ``/health/*`` for another port, sharing the webhook app's state."""
-    ops = web.Application()
+def create_ops_app(
+    webhook_app: web.Application,
+    *,
+    metrics: bool = True,
+    health: bool = True,
+    middlewares: Sequence[Any] = (),
+) -> web.Application:
+    """``/metrics`` and/or ``/health/*`` for another port, sharing the webhook app's state."""
+    ops = web.Application(middlewares=middlewares)
     ops[STATE] = webhook_app[STATE]
-    add_ops_routes(ops, ops[STATE].settings.web_telemetry_path)
+    add_ops_routes(ops, metrics=metrics, health=health)
     return ops
 
 
-def add_ops_routes(app: web.Application, telemetry_path: str = "/metrics") -> None:
-    app.router.add_get("/", handle_landing)
-    app.router.add_get(telemetry_path, handle_metrics)
-    app.router.add_get("/health/live", handle_live)
-    app.router.add_get("/health/startup", handle_live)
-    app.router.add_get("/health/ready", handle_ready)
+def add_ops_routes(app: web.Application, *, metrics: bool = True, health: bool = True) -> None:
+    if metrics:
+        app.router.add_get("/", handle_landing)
+        app.router.add_get(app[STATE].settings.web_telemetry_path, handle_metrics)
+    if health:
+        app.router.add_get("/health/live", handle_live)
+        app.router.add_get("/health/startup", handle_live)
+        app.router.add_get("/health/ready", handle_ready)
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
@@ -305,27 +317,53 @@ def tls_context(settings: ReceiverSettings) -> ssl.SSLContext | None:
     return context
 
 
+def web_guard(settings: ReceiverSettings) -> tuple[WebConfig, list[Any]]:
+    """The web configuration file and the middleware list it asks for (ConfigError when wrong)."""
+    web_config = webconfig.load(settings.web_config_file)
+    webconfig.check_ports(
+        web_config, settings.metrics_listen[1], settings.health_check_port, settings.receiver_port
+    )
+    guard = [webconfig.middleware(web_config, exempt=("/alerts",))] if web_config.enabled else []
+    return web_config, guard
+
+
 async def serve(
     settings: ReceiverSettings, stop: asyncio.Event, *, metrics: ReceiverMetrics | None = None
 ) -> None:
-    """Serves the webhook and the ops ports until ``stop`` is set."""
-    metrics_host, metrics_port = settings.metrics_listen
-    ops_ports = {metrics_port, settings.health_check_port}
-    app = create_app(settings, metrics=metrics, include_ops=settings.receiver_port in ops_ports)
+    """Serves the webhook and the ops ports until ``stop`` is set.
+
+    The web configuration file (TLS, basic auth) applies to METRICS_PORT; a distinct HEALTH_CHECK_PORT
+    is plain HTTP without authentication, so the kubelet's probes work whatever the file says.
+    """
+    web_config, guard = web_guard(settings)
+    (metrics_host, metrics_port), health_port, webhook_port = (
+        settings.metrics_listen,
+        settings.health_check_port,
+        settings.receiver_port,
+    )
+    shares = webhook_port in {metrics_port, health_port}
+    app = create_app(settings, metrics=metrics, include_ops=shares, middlewares=guard)
     runners = [web.AppRunner(app, access_log=None)]
     await runners[0].setup()
     try:
         host = settings.listen_host
-        await web.TCPSite(runners[0], host, settings.receiver_port, ssl_context=tls_context(settings)).start()
-        ops_ports.discard(settings.receiver_port)
-        if ops_ports:
-            runners.append(web.AppRunner(create_ops_app(app), access_log=None))
-            await runners[1].setup()
-            for port in sorted(ops_ports):
-                await web.TCPSite(runners[1], metrics_host if port == metrics_port else host, port).start()
+        await web.TCPSite(runners[0], host, webhook_port, ssl_context=tls_context(settings)).start()
+        ops: list[tuple[int, web.Application, ssl.SSLContext | None]] = []
+        if metrics_port != webhook_port:
+            both = health_port == metrics_port
+            ops.append((metrics_port, create_ops_app(app, health=both, middlewares=guard), web_config.tls))
+        if health_port not in {webhook_port, metrics_port}:
+            ops.append((health_port, create_ops_app(app, metrics=False), None))
+        for port, ops_app, tls in ops:
+            runner = web.AppRunner(ops_app, access_log=None)
+            await runner.setup()
+            runners.append(runner)
+            await web.TCPSite(
+                runner, metrics_host if port == metrics_port else host, port, ssl_context=tls
+            ).start()
         log.info(
             "receiver listening",
-            extra={"ctx": {"webhook_port": settings.receiver_port, "ops_ports": sorted(ops_ports)}},
+            extra={"ctx": {"webhook_port": webhook_port, "ops_ports": sorted(port for port, *_ in ops)}},
         )
         await stop.wait()
     finally:

@@ -1,11 +1,11 @@
 """Renders the rules bundle (rules/*.rules.yml): the PrometheusRule manifest and the demo's fast variant.
 
 The rule files are the only source. ``render_prometheusrule`` wraps their groups in one PrometheusRule
-object for the Prometheus Operator (committed as deploy/kubernetes/prometheusrule.yaml and checked for
+object for the Prometheus Operator (committed as deploy/kubernetes/base/prometheusrule.yaml and checked for
 drift by the tests); ``render_fast_rules`` writes copies whose ``for:`` durations are shortened, so a demo
 or an end-to-end test sees alerts fire in seconds with the same expressions, labels and annotations.
 
-    python -m exporter.rules.render            # rewrite deploy/kubernetes/prometheusrule.yaml
+    python -m exporter.rules.render            # rewrite deploy/kubernetes/base/prometheusrule.yaml
     python -m exporter.rules.render --check    # exit 1 when the committed manifest is out of date
     python -m exporter.rules.render --fast DIR --for-scale 0.02
 """
@@ -24,7 +24,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES_DIR = ROOT / "rules"
-MANIFEST = ROOT / "deploy" / "kubernetes" / "prometheusrule.yaml"
+MANIFEST = ROOT / "deploy" / "kubernetes" / "base" / "prometheusrule.yaml"
 RULE_FILE_GLOB = "*.rules.yml"
 
 _VERSION_LINE = re.compile(r"^# bundle-version: (\d+\.\d+\.\d+)$", re.MULTILINE)

@@ -24,6 +24,8 @@ from exporter.service.derivation import DerivedSnapshot
 from exporter.service.http import build_apps
 from exporter.service.poller import Clock, Fetch, Poller
 from exporter.service.selfmetrics import SelfMetrics
+from exporter.webconfig import WebConfig, check_ports
+from exporter.webconfig import load as load_web_config
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,9 @@ class ExporterService:
         self.version = __version__
         check_budget(settings.poll_interval_seconds, settings.poll_budget_override)
         warn_about_budget(settings.poll_interval_seconds)
+        # A wrong file raises ConfigError here, before anything binds: one line, exit 2.
+        self.web_config: WebConfig = load_web_config(settings.web_config_file)
+        check_ports(self.web_config, settings.metrics_listen[1], settings.health_check_port)
         self.metrics = SelfMetrics(settings.poll_interval_seconds)
         self._bridge: BridgeClient | None = None
         if fetch is None:
@@ -163,13 +168,16 @@ class ExporterService:
     async def _start_http(self) -> None:
         metrics_host, metrics_port = self.settings.metrics_listen
         health_port = self.settings.health_check_port
-        apps = build_apps(self, metrics_port, health_port, telemetry_path=self.settings.web_telemetry_path)
+        apps = build_apps(
+            self, metrics_port, health_port, self.web_config, telemetry_path=self.settings.web_telemetry_path
+        )
         for port, app in apps.items():
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             self._runners.append(runner)
             host = metrics_host if port == metrics_port else self.settings.listen_host
-            site = web.TCPSite(runner, host, port)
+            tls = self.web_config.tls if port == metrics_port else None
+            site = web.TCPSite(runner, host, port, ssl_context=tls)
             await site.start()
             bound = _bound_port(runner, port)
             if port == metrics_port:

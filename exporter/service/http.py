@@ -10,6 +10,8 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from exporter.webconfig import WebConfig, middleware
+
 
 class ExporterState(Protocol):
     """What the endpoints read from the running exporter (``app.ExporterService`` provides it); a protocol
@@ -130,13 +132,24 @@ def add_health_routes(app: web.Application) -> None:
 
 
 def build_apps(
-    service: ExporterState, metrics_port: int, health_port: int, *, telemetry_path: str = "/metrics"
+    service: ExporterState,
+    metrics_port: int,
+    health_port: int,
+    web_config: WebConfig | None = None,
+    *,
+    telemetry_path: str = "/metrics",
 ) -> dict[int, web.Application]:
-    """One application per distinct port: both route sets on one app when the ports are equal."""
+    """One application per distinct port: both route sets on one app when the ports are equal.
+
+    The web configuration file guards the metrics port (basic auth there; the caller serves it with the
+    file's TLS). A separate health port stays plain and open for the kubelet; on a shared port the
+    ``/health/*`` paths are exempt from basic auth.
+    """
     apps: dict[int, web.Application] = {}
+    guard = [middleware(web_config)] if web_config is not None and web_config.enabled else []
     for port in (metrics_port, health_port):
         if port not in apps:
-            app = web.Application()
+            app = web.Application(middlewares=guard if port == metrics_port else [])
             app[SERVICE] = service
             apps[port] = app
     add_metrics_routes(apps[metrics_port], telemetry_path)

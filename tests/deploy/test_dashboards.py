@@ -105,7 +105,7 @@ def test_every_panel_has_a_unit() -> None:
 
 
 def test_every_panel_and_query_uses_a_datasource_variable() -> None:
-    expected = {PROM_TYPE: "${datasource}", PG_TYPE: "${postgres}"}
+    expected = {PROM_TYPE: "${prometheus_datasource}", PG_TYPE: "${postgres_datasource}"}
     for panel in panels():
         source = panel["datasource"]
         assert expected[source["type"]] == source["uid"], panel["title"]
@@ -116,12 +116,25 @@ def test_every_panel_and_query_uses_a_datasource_variable() -> None:
 
 def test_variables_select_datasources_category_and_policy() -> None:
     variables = {v["name"]: v for v in load_dashboard()["templating"]["list"]}
-    assert list(variables) == ["datasource", "postgres", "category", "policy"]
-    assert (variables["datasource"]["type"], variables["datasource"]["query"]) == ("datasource", PROM_TYPE)
-    assert (variables["postgres"]["type"], variables["postgres"]["query"]) == ("datasource", PG_TYPE)
+    assert list(variables) == [
+        "prometheus_datasource",
+        "postgres_datasource",
+        "job",
+        "cluster",
+        "namespace",
+        "category",
+        "policy",
+    ]
+    prometheus, postgres = variables["prometheus_datasource"], variables["postgres_datasource"]
+    assert (prometheus["type"], prometheus["query"]) == ("datasource", PROM_TYPE)
+    assert (postgres["type"], postgres["query"]) == ("datasource", PG_TYPE)
+    for name in ("job", "cluster", "namespace"):
+        assert variables[name]["type"] == "query"
+        assert variables[name]["datasource"]["uid"] == "${prometheus_datasource}"
+        assert variables[name]["allValue"] == (".+" if name == "job" else ".*")
     for name in ("category", "policy"):
         assert variables[name]["type"] == "query"
-        assert variables[name]["datasource"]["uid"] == "${datasource}"
+        assert variables[name]["datasource"]["uid"] == "${prometheus_datasource}"
         assert variables[name]["multi"]
         assert variables[name]["includeAll"]
         # No custom "all" value: SQL panels expand All into a quoted list for IN (...).
@@ -248,3 +261,23 @@ def test_provisioning_loads_the_dashboard_and_both_datasource_types() -> None:
     assert types == {PROM_TYPE, PG_TYPE}
     for source in sources["datasources"]:
         assert "password" not in source.get("jsonData", {}), "secrets belong in secureJsonData"
+
+
+def _paths(value: object, prefix: str = "") -> set[str]:
+    if isinstance(value, dict):
+        return {p for key, item in value.items() for p in _paths(item, f"{prefix}/{key}")} | {prefix}
+    if isinstance(value, list):
+        return {p for i, item in enumerate(value) for p in _paths(item, f"{prefix}[{i}]")} | {prefix}
+    return {prefix}
+
+
+def test_the_pinned_sdk_round_trips_the_dashboard_without_dropping_a_field() -> None:
+    # The SDK build must match the Grafana the dashboard targets (11.6): the 10.1 build a plain install
+    # picks drops allowCustomValue and bar-gauge options when it reads the JSON back.
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.models import dashboard as dm
+
+    original = load_dashboard()
+    again = json.loads(json.dumps(dm.Dashboard.from_json(original), cls=JSONEncoder))
+    assert _paths(original) - _paths(again) == set()
+    assert sum('"allowCustomValue"' in json.dumps(v) for v in original["templating"]["list"]) >= 5

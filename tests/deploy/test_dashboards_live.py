@@ -42,9 +42,11 @@ EMPTY_WHEN_HEALTHY = {
     "Alerts created / resolved": "the receiver's counters appear with the first alert",
     "Alert history (PostgreSQL)": "no alert was ever recorded",
 }
+# The identifying variables at All (their allValue); the demo's Prometheus adds no cluster/namespace.
+IDENTITY = {"job": ".+", "cluster": ".*", "namespace": ".*"}
 SELECTIONS = [
-    {"policy": ".*", "category": ".*"},  # All
-    {"policy": "ENTRIES_WRITE", "category": "A"},
+    {**IDENTITY, "policy": ".*", "category": ".*"},  # All
+    {**IDENTITY, "policy": "ENTRIES_WRITE", "category": "A"},
 ]
 TIMINGS = Timings(
     poll_interval=1.0,
@@ -217,6 +219,8 @@ def variable_values(running_stack: Stack) -> dict[str, list[str]]:
             match = re.fullmatch(r"label_values\((.+), (\w+)\)", query)
             assert match, query
             selector = match.group(1).replace("$category", ".*")
+            for variable, value in IDENTITY.items():
+                selector = selector.replace(f"${variable}", value)
             url = f"{base}/label/{match.group(2)}/values?match[]={urllib.parse.quote(selector, safe='')}"
             status, body = http_get(url)
             assert status == 200, body

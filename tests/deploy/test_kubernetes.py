@@ -10,7 +10,7 @@ import yaml
 from exporter import config
 from tests.support.env import ROOT
 
-DEPLOY = ROOT / "deploy" / "kubernetes"
+DEPLOY = ROOT / "deploy" / "kubernetes" / "base"
 HEALTH_PATHS = {
     "startupProbe": "/health/startup",
     "livenessProbe": "/health/live",
@@ -43,7 +43,7 @@ def ports(container: dict[str, Any]) -> dict[str, int]:
 def test_kustomization_lists_every_manifest_and_the_rendered_rules() -> None:
     kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text(encoding="utf-8"))
     files = {p.name for p in DEPLOY.glob("*.yaml")} - {"kustomization.yaml"}
-    assert set(kustomization["resources"]) == files | {"prometheusrule.yaml"}
+    assert set(kustomization["resources"]) == files
     assert [image["name"] for image in kustomization["images"]] == ["dict-rate-limit-exporter"]
 
 

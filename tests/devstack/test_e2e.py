@@ -5,9 +5,11 @@ Alertmanager (1 s grouping) → receiver → ``dict_rate_limit_alerts`` + outbox
 
 Detection latency is measured from the moment the simulator's balance crossed the threshold (the knob
 call that set it, timed in the simulator's own thread) to the arrival of the event at a Pulsar consumer.
-That includes waiting for the exporter's next poll, so its floor is the sum of the waits the pipeline is
-built from: poll interval + evaluation interval + ``for`` + Alertmanager ``group_wait``. It must stay
-within that floor plus 2 s (scrapes every 0.5 s, so waiting for the scrape after a poll stays small).
+That includes waiting for the exporter's next poll. The sum of the longest waits the pipeline is built from
+(poll interval + evaluation interval + ``for`` + Alertmanager ``group_wait``) is an upper bound, not a
+minimum: the poll and evaluation waits are anywhere between 0 and their interval, so a run usually takes
+less (about ``for`` + ``group_wait`` + half the intervals). It must stay within that sum plus 2 s (scrapes
+every 0.5 s, so waiting for the scrape after a poll stays small) and above ``for``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,7 +50,7 @@ TIMINGS = Timings(
     alert_for={"DICTRateLimitWarning": "2s", "DICTRateLimitCritical": "2s"},
 )
 GROUP_WAIT = 1.0  # devstack.alertmanager_config.FAST_TIMINGS
-FLOOR = TIMINGS.poll_interval + TIMINGS.evaluation_interval + FOR_SECONDS + GROUP_WAIT
+LONGEST_WAITS = TIMINGS.poll_interval + TIMINGS.evaluation_interval + FOR_SECONDS + GROUP_WAIT
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +85,7 @@ def alert_rows(database_url: str) -> list[tuple[str, str, str | None]]:
     return [(str(r[0]), str(r[1]), r[2]) for r in rows]
 
 
-def test_threshold_crossing_reaches_pulsar_within_its_latency_floor_and_recovery_resolves_it(
+def test_threshold_crossing_reaches_pulsar_within_its_longest_waits_and_recovery_resolves_it(
     tmp_path: Path, database_url: str, pulsar_broker: EmbeddedPulsar, simulator: ThreadedSimulator
 ) -> None:
     require_binary("prometheus")
@@ -98,11 +102,12 @@ def test_threshold_crossing_reaches_pulsar_within_its_latency_floor_and_recovery
         arrived, created = next_event(tail, "rate_limit.alert.created", timeout=30)
         latency = arrived - crossed_at
         print(
-            f"\ndetection latency {latency:.2f} s (bucket below threshold -> event on Pulsar); floor "
-            f"{FLOOR:g} s = poll {TIMINGS.poll_interval:g} + evaluation {TIMINGS.evaluation_interval:g} "
-            f"+ for {FOR_SECONDS:g} + group_wait {GROUP_WAIT:g}; limit {FLOOR + 2:g} s"
+            f"\ndetection latency {latency:.2f} s (bucket below threshold -> event on Pulsar); "
+            f"sum of the longest waits {LONGEST_WAITS:g} s = poll {TIMINGS.poll_interval:g} "
+            f"+ evaluation {TIMINGS.evaluation_interval:g} + for {FOR_SECONDS:g} + group_wait {GROUP_WAIT:g}"
+            f" (an upper bound, not a minimum); limit {LONGEST_WAITS + 2:g} s"
         )
-        assert FOR_SECONDS <= latency <= FLOOR + 2.0
+        assert FOR_SECONDS <= latency <= LONGEST_WAITS + 2.0
         assert created["severity"] == "critical"
         assert created["psp_category"] == "A"
         # The bucket's values travel with the event (from the exporter's history in the same database).
@@ -134,6 +139,14 @@ def test_threshold_crossing_reaches_pulsar_within_its_latency_floor_and_recovery
         stack.stop()
     assert [c.name for c in children if c.alive()] == []
     assert [p for p in ports if _listening(p)] == []
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - loopback URLs the demo printed
+            return response.status, response.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, ""
 
 
 def _listening(port: int) -> bool:
@@ -201,6 +214,13 @@ def test_demo_says_where_to_look_prints_an_event_within_3_minutes_and_leaves_not
         ports = [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", text)]
         assert len(ports) >= 6
         assert all(_listening(p) for p in ports)
+        # Every printed web address answers 200 with what it promises (no 404, no "no web UI" page).
+        web = re.findall(r"http://127\.0\.0\.1:\d+/\S*", text)
+        assert len(web) >= 6, text
+        for url in web:
+            status, body = _get(url)
+            assert status == 200, (url, status)
+            assert "does not include a web" not in body, url
         assert _processes_mentioning(str(state))
         read_until(lambda: bool(events), started + 180)
         print(f"\nfirst demo event after {time.monotonic() - started:.0f} s: {events[0]['alert_name']}")

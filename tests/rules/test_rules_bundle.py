@@ -210,7 +210,7 @@ def test_every_rule_file_declares_the_same_bundle_version_as_the_changelog() -> 
 
 def test_committed_prometheusrule_manifest_matches_its_source() -> None:
     assert MANIFEST.read_text(encoding="utf-8") == render_prometheusrule(RULES), (
-        "deploy/kubernetes/prometheusrule.yaml drifted: run `.venv/bin/python -m exporter.rules.render`"
+        "deploy/kubernetes/base/prometheusrule.yaml drifted: run `.venv/bin/python -m exporter.rules.render`"
     )
 
 

@@ -70,8 +70,9 @@ def _issue(
     return builder.sign(issuer_key, hashes.SHA256())
 
 
-def make_pki(directory: Path) -> Pki:
-    """Writes ca.pem, server.pem/server.key (for SERVER_NAME, localhost, 127.0.0.1), client.pem/client.key."""
+def make_pki(directory: Path, *, client_san: str | None = None) -> Pki:
+    """Writes ca.pem, server.pem/server.key (for SERVER_NAME, localhost, 127.0.0.1), client.pem/client.key
+    (with the DNS name ``client_san`` as its SAN when given)."""
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_cert = _issue("test CA", ca_key, None)
     issuer = (ca_cert.subject, ca_key)
@@ -85,7 +86,13 @@ def make_pki(directory: Path) -> Pki:
         SERVER_NAME, server_key, issuer, usage=ExtendedKeyUsageOID.SERVER_AUTH, san=server_san
     )
     client_key = ec.generate_private_key(ec.SECP256R1())
-    client_cert = _issue("exporter", client_key, issuer, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+    client_cert = _issue(
+        "exporter",
+        client_key,
+        issuer,
+        usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+        san=[x509.DNSName(client_san)] if client_san else None,
+    )
     return Pki(
         ca=_write_cert(ca_cert, directory / "ca.pem"),
         server_cert=_write_cert(server_cert, directory / "server.pem"),

