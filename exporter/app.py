@@ -18,11 +18,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.registry import Collector
 
 from exporter import __version__
+from exporter.bridge.budget import CallBudget
 from exporter.bridge_client import BridgeClient
 from exporter.bucket import DerivedSnapshot
 from exporter.collector import RenderedBuckets
 from exporter.config import Settings
-from exporter.poller import Clock, Fetch, Poller, check_budget
+from exporter.poller import Clock, Fetch, Poller, call_ceiling, check_budget
 from exporter.selfmetrics import SelfMetrics
 from exporter.web import build_apps
 
@@ -32,6 +33,13 @@ log = logging.getLogger(__name__)
 STOP_POLL_SECONDS = 5.0
 #: Longest wait for the history writer to flush queued snapshots at shutdown.
 STOP_HISTORY_SECONDS = 5.0
+#: Policies stored in dict_rate_limit_policies and seen within this many days count as "seen before"
+#: after a restart (dict_rate_limit_policy_missing); older rows are history, not news.
+KNOWN_POLICY_DAYS = 7
+KNOWN_POLICIES_SQL = (
+    "SELECT DISTINCT endpoint_id FROM dict_rate_limit_policies "
+    "WHERE last_seen_at > now() - make_interval(days => %s)"
+)
 
 
 class History(Protocol):
@@ -66,10 +74,18 @@ class ExporterService:
         self.settings = settings
         self.version = __version__
         check_budget(settings.poll_interval_seconds, settings.poll_budget_override)
+        ceiling = call_ceiling(
+            settings.poll_interval_seconds,
+            settings.bridge_max_calls_per_minute,
+            settings.poll_budget_override,
+        )
         self.metrics = SelfMetrics(settings.poll_interval_seconds)
+        self.budget = CallBudget(ceiling)
         self._bridge: BridgeClient | None = None
         if fetch is None:
-            self._bridge = BridgeClient.from_settings(settings, on_attempt=self.metrics.record_bridge_request)
+            self._bridge = BridgeClient.from_settings(
+                settings, on_attempt=self.metrics.record_bridge_request, budget=self.budget
+            )
             bridge = self._bridge
 
             async def fetch_from_bridge(deadline: float | None) -> Any:
@@ -84,7 +100,11 @@ class ExporterService:
             stale_after=settings.stale_after_intervals,
             on_snapshot=self._publish,
             clock=clock,
+            budget=self.budget,
+            max_skew=settings.bridge_max_clock_skew_seconds,
+            thresholds=settings.policy_thresholds,
         )
+        _warn_unknown_thresholds(settings)
         self._rendered = RenderedBuckets(None, settings.threshold_for)
         self._withdrawn = self._rendered
         self.history: History | None = None
@@ -103,6 +123,7 @@ class ExporterService:
         if self.history is not None:
             await self.history.start()
             self._history_open = True
+            self.poller.known |= await _known_policies(self.settings)
         try:
             if self._serve_http:
                 await self._start_http()
@@ -264,6 +285,34 @@ def _policy_json(state: Any, settings: Settings) -> dict[str, Any]:
         "warning_remaining_ratio": threshold.warning,
         "critical_remaining_ratio": threshold.critical,
     }
+
+
+def _warn_unknown_thresholds(settings: Settings) -> None:
+    """Start-up warning for overrides naming no policy of DICT's table (a rename orphans an override)."""
+    from exporter.dict_policies import POLICY_NAMES
+
+    for name in sorted(set(settings.policy_thresholds) - set(POLICY_NAMES)):
+        log.warning(
+            "POLICY_THRESHOLDS names %s, which is not a policy of DICT's table (renamed, e.g. KEYS_READ -> "
+            "KEYS_CHECK?); it is reported again if the Bridge does not return it",
+            name,
+            extra={"ctx": {"policy": name}},
+        )
+
+
+async def _known_policies(settings: Settings) -> set[str]:
+    """Policy names history saw recently, so a restart does not forget a policy that went missing."""
+    import psycopg
+
+    assert settings.database_url is not None
+    try:
+        async with await psycopg.AsyncConnection.connect(settings.database_url, connect_timeout=5) as conn:
+            cursor = await conn.execute(KNOWN_POLICIES_SQL, (KNOWN_POLICY_DAYS,))
+            return {str(row[0]) for row in await cursor.fetchall()}
+    except psycopg.Error as exc:
+        # Not fatal: "missing" then starts from the first poll, as without a database.
+        log.warning("could not read known policies from history: %s", type(exc).__name__)
+        return set()
 
 
 def _bound_port(runner: web.AppRunner, requested: int) -> int:

@@ -186,6 +186,11 @@ KEYS: tuple[Key, ...] = (
         "Override of the name checked in the Bridge's certificate.", EXPORTER),
     Key("bridge_timeout_seconds", "BRIDGE_TIMEOUT_SECONDS", _number(float, 0.01),
         "Deadline of one Bridge call; retries of a poll never overrun the poll interval.", EXPORTER),
+    Key("bridge_max_calls_per_minute", "BRIDGE_MAX_CALLS_PER_MINUTE", _number(float, 1.0),
+        "Hard ceiling of Bridge list calls in any 60 s, retries included (never below what the interval "
+        "needs; above 2 needs POLL_BUDGET_OVERRIDE).", EXPORTER),
+    Key("bridge_max_clock_skew_seconds", "BRIDGE_MAX_CLOCK_SKEW_SECONDS", _number(float, 1.0),
+        "Reject an answer whose ResponseTime is further than this from the local clock.", EXPORTER),
     # --- polling and metrics
     Key("poll_interval_seconds", "POLL_INTERVAL_SECONDS", _number(float, 0.05),
         "Seconds between Bridge list calls; match Prometheus' scrape_interval.", EXPORTER),
@@ -279,6 +284,8 @@ class Settings:
     bridge_tls_key_file: str | None = None
     bridge_tls_server_name: str | None = None
     bridge_timeout_seconds: float = 5.0
+    bridge_max_calls_per_minute: float = 2.0
+    bridge_max_clock_skew_seconds: float = 300.0
     poll_interval_seconds: float = 30.0
     poll_lead_seconds: float = 2.0
     poll_budget_override: bool = False
