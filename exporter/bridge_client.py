@@ -124,22 +124,19 @@ class BridgeResult:
 
 def _policy_rejection(policy: pb.RateLimitPolicy) -> str | None:
     """The reason a policy is unusable, or None. proto3 scalars have no presence: "missing" means empty."""
-    if not policy.name:
-        return "missing_field"
-    if len(policy.name) > MAX_NAME_LENGTH or _CONTROL.search(policy.name):
-        return "invalid_name"
-    if policy.capacity <= 0:
-        return "capacity_not_positive"
-    if policy.refill_period_sec <= 0:
-        return "refill_period_not_positive"
-    if policy.refill_tokens < 0:
-        return "refill_tokens_negative"
-    if (
-        max(policy.capacity, policy.refill_tokens, abs(policy.available_tokens)) > MAX_TOKENS
-        or policy.refill_period_sec > MAX_REFILL_PERIOD_SECONDS
-    ):
-        return "value_out_of_range"
-    return None
+    checks = (
+        (not policy.name, "missing_field"),
+        (len(policy.name) > MAX_NAME_LENGTH or bool(_CONTROL.search(policy.name)), "invalid_name"),
+        (policy.capacity <= 0, "capacity_not_positive"),
+        (policy.refill_period_sec <= 0, "refill_period_not_positive"),
+        (policy.refill_tokens < 0, "refill_tokens_negative"),
+        (
+            max(policy.capacity, policy.refill_tokens, abs(policy.available_tokens)) > MAX_TOKENS
+            or policy.refill_period_sec > MAX_REFILL_PERIOD_SECONDS,
+            "value_out_of_range",
+        ),
+    )
+    return next((reason for failed, reason in checks if failed), None)
 
 
 def _error_404_rate(policy: pb.RateLimitPolicy) -> tuple[float | None, str | None]:

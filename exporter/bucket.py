@@ -207,7 +207,7 @@ def _trim(window: tuple[WindowPoint, ...], period: float) -> tuple[WindowPoint, 
     return (*kept, *window[-2:])[-MAX_WINDOW_POINTS:]
 
 
-def _state(
+def _state(  # noqa: PLR0917 - private, called with the values in the order of PolicyState
     reading: PolicyReading,
     consumed: float | None,
     total: float,

@@ -18,9 +18,9 @@ from typing import Protocol
 from exporter.bridge.budget import CallBudget
 from exporter.bridge_client import BridgeConfigError, BridgeError, BridgeMalformedError, BridgeResult
 from exporter.bucket import DerivedSnapshot, derive
-from exporter.snapshot import Snapshot
 from exporter.config import ConfigError
 from exporter.selfmetrics import SelfMetrics
+from exporter.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ import pytest
 from certs import SERVER_NAME, Pki, make_pki
 
 from exporter import dict_policies as dp
+from exporter.bridge.budget import CallBudget
 from exporter.bridge_client import (
     MAX_ATTEMPTS,
     RETRY_AFTER_KEY,
@@ -26,7 +27,6 @@ from exporter.bridge_client import (
     BridgeTransientError,
     Rejection,
 )
-from exporter.bridge.budget import CallBudget
 from exporter.config import Settings
 from exporter.proto import rate_limit_pb2 as pb
 from exporter.proto import rate_limit_pb2_grpc as pb_grpc
