@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import signal
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -34,6 +36,24 @@ def _policy_message(reading: PolicyReading) -> pb.RateLimitPolicy:
     if reading.error_404_rate is not None:
         message.error_404_rate = reading.error_404_rate
     return message
+
+
+def _break(response: pb.GetRateLimitPoliciesResponse, kind: str) -> None:
+    """Turns a good list answer into the broken answer of ``kind`` (scenario ``fault`` events)."""
+    if kind == "empty":
+        del response.policies[:]
+    elif kind == "zero_capacity":
+        for policy in response.policies:
+            policy.capacity = 0
+    elif kind == "bad_category":
+        response.category = "?"
+    elif kind == "future_time":
+        response.response_time.FromDatetime(datetime(9999, 12, 31, tzinfo=UTC))
+    elif kind == "nan_404":
+        for policy in response.policies:
+            policy.error_404_rate = math.nan
+    elif kind == "nul_name" and response.policies:
+        response.policies[0].name += "\x00"
 
 
 class _Servicer(pb_grpc.RateLimitServiceServicer):
@@ -66,6 +86,9 @@ class _Servicer(pb_grpc.RateLimitServiceServicer):
             policies=[_policy_message(reading) for reading in self._engine.readings()],
         )
         response.response_time.FromDatetime(self._engine.response_time())
+        fault = self._engine.next_fault()
+        if fault is not None:
+            _break(response, fault)
         return response
 
     async def GetRateLimitPolicy(
