@@ -11,6 +11,7 @@ steps. One command: ``python bench/bench_step_refill.py``.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -50,7 +51,7 @@ class Baseline:
 def flips(projections: list[float | None]) -> int:
     """How often the projection switched between a finite value and "never"."""
     kinds = [p is None for p in projections]
-    return sum(1 for a, b in zip(kinds, kinds[1:], strict=False) if a != b)
+    return sum(1 for a, b in itertools.pairwise(kinds) if a != b)
 
 
 async def run(refill: str, offset: float) -> dict[str, tuple[float, float, float, int, int, float | None]]:

@@ -323,7 +323,8 @@ def _parse_fault(r: _Reader, node: Node, key: str, at: float) -> Action:
     items = r.mapping(node, key, {"kind", "count", "for", "by"}, {"kind"})
     kind = r.scalar(items["kind"], f"{key}.kind")
     if kind not in FAULT_KINDS:
-        r.fail(items["kind"], f"{key}.kind", f"must be one of {', '.join(sorted(FAULT_KINDS))} (got {kind!r})")
+        kinds = ", ".join(sorted(FAULT_KINDS))
+        r.fail(items["kind"], f"{key}.kind", f"must be one of {kinds} (got {kind!r})")
     _one_of(r, node, items, key, "count", "for", "by")
     if "count" in items:
         return Fault(kind, count=int(r.number(items["count"], f"{key}.count", 1, integer=True)))

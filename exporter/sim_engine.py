@@ -183,22 +183,28 @@ class BucketEngine:
             case sc.Latency():
                 self._latency = (action.seconds, math.inf if action.until is None else end + action.until)
                 detail = {"seconds": action.seconds}
-            case sc.Fault():
-                if action.count is not None:
-                    self._fault_queue.extend([action.kind] * action.count)
-                elif action.until is not None:
-                    self._fault_window = (action.kind, end + action.until)
-                detail = {"kind": action.kind, "count": action.count}
-            case sc.InjectError():
-                if action.count is not None:
-                    self._error_queue.extend([action.code] * action.count)
-                elif action.until is not None:
-                    self._error_window = (action.code, end + action.until)
-                detail = {"code": action.code, "count": action.count}
+            case sc.InjectError() | sc.Fault():
+                detail = self._schedule(action, end)
         log.info(
             "scenario event",
             extra={"ctx": {"at_s": round(cycle_at - end, 3), "event": type(action).__name__, **detail}},
         )
+
+    def _schedule(self, action: sc.InjectError | sc.Fault, end: float) -> dict[str, Any]:
+        """Queues an injected error or broken answer for ``count`` calls, or opens a window to ``until``."""
+        if isinstance(action, sc.InjectError):
+            queue, what = self._error_queue, action.code
+        else:
+            queue, what = self._fault_queue, action.kind
+        if action.count is not None:
+            queue.extend([what] * action.count)
+        elif action.until is not None:
+            window = (what, end + action.until)
+            if isinstance(action, sc.InjectError):
+                self._error_window = window
+            else:
+                self._fault_window = window
+        return {"code" if isinstance(action, sc.InjectError) else "kind": what, "count": action.count}
 
     def _live(self, policy: str, s: float) -> SimBucket | None:
         bucket = self._buckets.get(policy)
