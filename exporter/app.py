@@ -70,6 +70,7 @@ class ExporterService:
         fetch: Fetch | None = None,
         clock: Clock | None = None,
         serve_http: bool = True,
+        budget: CallBudget | None = None,
     ) -> None:
         self.settings = settings
         self.version = __version__
@@ -80,7 +81,8 @@ class ExporterService:
             settings.poll_budget_override,
         )
         self.metrics = SelfMetrics(settings.poll_interval_seconds)
-        self.budget = CallBudget(ceiling)
+        # Injectable like fetch and clock: tests scale the 60 s window down to see several in seconds.
+        self.budget = budget or CallBudget(ceiling)
         self._bridge: BridgeClient | None = None
         if fetch is None:
             self._bridge = BridgeClient.from_settings(

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import math
 import signal
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -79,6 +80,7 @@ class _Servicer(pb_grpc.RateLimitServiceServicer):
         self, request: pb.GetRateLimitPoliciesRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.GetRateLimitPoliciesResponse:
         self._server.list_calls += 1
+        self._server.list_call_times.append(time.monotonic())
         await self._gate(context, dp.POLICIES_LIST)
         response = pb.GetRateLimitPoliciesResponse(
             correlation_id=self._engine.correlation_id(),
@@ -132,6 +134,8 @@ class SimulatorServer:
         )
         self.listen = listen
         self.list_calls = 0
+        #: time.monotonic() of every list call received, answered or refused (budget checks in tests).
+        self.list_call_times: list[float] = []
         self.read_calls = 0
         # PEM files are read here, so a missing one fails before anything listens.
         self._tls = tuple(

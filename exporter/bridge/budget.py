@@ -19,15 +19,23 @@ WINDOW_SECONDS = 60.0
 class CallBudget:
     """Sliding-window ceiling of calls per minute; ``acquire()`` records a call when one is allowed."""
 
-    def __init__(self, calls_per_minute: float, clock: Callable[[], float] = time.monotonic) -> None:
-        if calls_per_minute < 1:
-            raise ValueError("a call budget needs at least 1 call per minute")
-        self.limit = math.floor(calls_per_minute + 1e-9)
+    def __init__(
+        self,
+        calls_per_minute: float,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        window_seconds: float = WINDOW_SECONDS,
+    ) -> None:
+        """``window_seconds`` other than 60 only to scale time in tests: the limit scales with it."""
+        self.window = window_seconds
+        self.limit = math.floor(calls_per_minute * window_seconds / WINDOW_SECONDS + 1e-9)
+        if self.limit < 1:
+            raise ValueError("a call budget needs at least 1 call per window")
         self._clock = clock
         self._calls: deque[float] = deque()
 
     def _forget(self, now: float) -> None:
-        while self._calls and now - self._calls[0] >= WINDOW_SECONDS:
+        while self._calls and now - self._calls[0] >= self.window:
             self._calls.popleft()
 
     def available_at(self) -> float:
@@ -36,7 +44,7 @@ class CallBudget:
         self._forget(now)
         if len(self._calls) < self.limit:
             return now
-        return self._calls[len(self._calls) - self.limit] + WINDOW_SECONDS
+        return self._calls[len(self._calls) - self.limit] + self.window
 
     def wait_seconds(self) -> float:
         """Seconds until a call is allowed; 0 when one is allowed now."""
