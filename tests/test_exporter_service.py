@@ -406,7 +406,7 @@ async def test_an_empty_or_all_invalid_answer_is_a_failed_poll_with_the_reason(
     await running.until(lambda: running.value("dict_rate_limit_bridge_up"))
     sim.engine.inject_fault("empty", 3)
     await running.until(lambda: _equals(running.value("dict_rate_limit_bridge_up"), 0.0))
-    status, body = await running.status("/health/ready")
+    status, _body = await running.status("/health/ready")
     assert status == 200  # data is still fresh (stale after 10 intervals), but the poll failed
     assert (await running.value("dict_rate_limit_invalid_policies_total", reason="no_usable_policy")) >= 1
     sim.engine.inject_fault("zero_capacity", 100)
@@ -509,7 +509,7 @@ async def test_category_change_with_clamping_adds_no_consumption_and_history_say
             (ANTISCAN,),
         )
         rows = await cursor.fetchall()
-    changed = [row for row in rows if row[0] == "H"][0]
+    changed = next(row for row in rows if row[0] == "H")
     assert changed[1] == 50
     assert changed[2] is None  # nothing measured over the interval of the change
     assert changed[3] is None
