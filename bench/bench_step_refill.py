@@ -2,10 +2,10 @@
 
 Runs the built-in ``step-refill`` scenario (DICT adds RefillTokens at once every RefillPeriodSec) on the
 simulator's manual clock for 10 simulated minutes, lists the policies over real gRPC every 30 s as the
-exporter does, and derives with :func:`exporter.bucket.derive`. The baseline, measured in the same run on
-the same answers, is the previous derivation (per-interval gross consumption clamped at 0, rate over the
-last interval). Also runs it with continuous refill, and at several phases of the polls against DICT's
-steps. One command: ``python bench/bench_step_refill.py``.
+exporter does, and derives with :func:`exporter.service.derivation.derive`. The baseline, measured in the
+same run on the same answers, is the previous derivation (per-interval gross consumption clamped at 0,
+rate over the last interval). Also runs it with continuous refill, and at several phases of the polls
+against DICT's steps. One command: ``python bench/bench_step_refill.py``.
 """
 
 from __future__ import annotations
@@ -19,11 +19,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from exporter.bridge_client import BridgeClient
-from exporter.bucket import DerivedSnapshot, derive, exhaustion_projection_seconds, gross_consumption
-from exporter.scenario import builtin_scenario
-from exporter.sim_clock import ManualClock
-from exporter.simulator import SimulatorServer
+from exporter.bridge.client import BridgeClient
+from exporter.service.derivation import (
+    DerivedSnapshot,
+    derive,
+    exhaustion_projection_seconds,
+    gross_consumption,
+)
+from exporter.simulator.clock import ManualClock
+from exporter.simulator.scenario import builtin_scenario
+from exporter.simulator.server import SimulatorServer
 from exporter.snapshot import PolicyReading
 
 POLICIES = ("ENTRIES_WRITE", "CLAIMS_READ")
