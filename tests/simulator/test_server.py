@@ -196,3 +196,45 @@ async def test_a_read_without_a_policy_name_is_invalid_argument_and_free(
         await client.get_policy("")
     assert caught.value.code == "INVALID_ARGUMENT"
     assert simulator.engine.tokens(dp.POLICIES_READ) == 200
+
+
+async def test_fault_injection_breaks_list_answers_as_told(
+    client: BridgeClient, simulator: SimulatorServer
+) -> None:
+    from exporter.bridge.client import Rejection
+
+    engine = simulator.engine
+    for kind in ("empty", "zero_capacity", "bad_category", "nan_404", "nul_name", "future_time"):
+        engine.inject_fault(kind)
+    empty = await client.list_policies()
+    assert (empty.snapshot.policies, empty.rejected) == ((), ())
+    zero = await client.list_policies()
+    assert zero.snapshot.policies == ()
+    assert {r.reason for r in zero.rejected} == {"capacity_not_positive"}
+    bad = await client.list_policies()
+    assert bad.snapshot.category == ""
+    assert Rejection("", "unknown_category") in bad.rejected
+    engine.set_error_404_rate("ENTRIES_WRITE", 0.1)
+    nan = await client.list_policies()
+    assert nan.snapshot.policy("ENTRIES_WRITE") is not None
+    assert Rejection("ENTRIES_WRITE", "invalid_error_404_rate") in nan.rejected
+    nul = await client.list_policies()
+    assert len(nul.snapshot.policies) == len(engine.policy_names()) - 1
+    assert [r.reason for r in nul.rejected] == ["invalid_name"]
+    future = await client.list_policies()
+    assert future.snapshot.response_time.year == 9999  # the poller, not the client, judges plausibility
+    healthy = await client.list_policies()
+    assert (len(healthy.snapshot.policies), healthy.rejected) == (30, ())
+    with pytest.raises(ValueError, match="not one of"):
+        engine.inject_fault("loud")
+
+
+def test_the_engine_counts_true_consumption_per_policy(clock: ManualClock) -> None:
+    from exporter.simulator.engine import BucketEngine
+
+    engine = BucketEngine(clock=clock)
+    engine.consume("ENTRIES_WRITE", 500)
+    clock.advance(10)
+    engine.consume("ENTRIES_WRITE", 250.5)
+    assert engine.consumed("ENTRIES_WRITE") == 750.5
+    assert engine.consumed("KEYS_CHECK") == 0.0
