@@ -250,8 +250,13 @@ class ExporterService:
         """Ready: a successful poll within STALE_AFTER_INTERVALS intervals, and the database if configured."""
         checks: dict[str, str] = {}
         poller = self.poller
+        notes: dict[str, str] = {}
         if poller.is_fresh():
             checks["bridge"] = "ok"
+            if poller.last_error is not None:
+                # Still ready: the last good snapshot is fresh and served (unready would stop the scrapes
+                # and resolve every bucket alert). But say why the last poll failed.
+                notes["last_poll"] = f"failed (serving the previous snapshot): {poller.last_error}"
         elif poller.latest is None:
             checks["bridge"] = f"no successful poll yet: {poller.last_error or 'first poll pending'}"
         else:
@@ -260,7 +265,7 @@ class ExporterService:
             )
         if self.history is not None:
             checks["database"] = "ok" if self.history.database_ok else "unreachable"
-        return all(value == "ok" for value in checks.values()), checks
+        return all(value == "ok" for value in checks.values()), {**checks, **notes}
 
     def startup_state(self) -> tuple[bool, dict[str, str]]:
         """Started once the first poll was attempted, whatever its outcome (a Bridge outage is no crash)."""

@@ -406,8 +406,10 @@ async def test_an_empty_or_all_invalid_answer_is_a_failed_poll_with_the_reason(
     await running.until(lambda: running.value("dict_rate_limit_bridge_up"))
     sim.engine.inject_fault("empty", 3)
     await running.until(lambda: _equals(running.value("dict_rate_limit_bridge_up"), 0.0))
-    status, _body = await running.status("/health/ready")
-    assert status == 200  # data is still fresh (stale after 10 intervals), but the poll failed
+    status, body = await running.status("/health/ready")
+    assert status == 200  # data is still fresh (stale after 10 intervals), but the poll failed, and why:
+    assert body["checks"]["bridge"] == "ok"
+    assert "no usable policy (empty list)" in body["checks"]["last_poll"]
     assert (await running.value("dict_rate_limit_invalid_policies_total", reason="no_usable_policy")) >= 1
     sim.engine.inject_fault("zero_capacity", 100)
     await running.until(
