@@ -547,3 +547,33 @@ async def test_an_orphaned_threshold_is_warned_about_and_exported(
     text = caplog.text
     assert "not a policy of DICT's table" in text  # at start-up
     assert "which the Bridge does not return" in text  # after the first poll that shows it
+
+
+async def test_step_refill_counter_follows_true_consumption_and_projection_holds(start: Any) -> None:
+    """The real exporter against the step-refill scenario: 10 simulated minutes, one poll per 30 s of the
+    simulator's clock (moved by the test after each poll), read back from /metrics."""
+    clock = ManualClock()
+    sim = SimulatorServer(category="A", seed=1, clock=clock, scenario=resolve_scenario("step-refill"))
+    await sim.start()
+    write = {"endpoint_id": "ENTRIES_WRITE", "psp_category": "A"}
+    try:
+        # The simulator's clock runs ahead of the local one by 30 s per poll: allow it.
+        running = await start(settings_for(sim.address, bridge_max_clock_skew_seconds=1e6))
+        await running.until(lambda: asyncio.sleep(0, running.service.poller.latest is not None))
+        first_true = sim.engine.consumed("ENTRIES_WRITE")
+        projections = []
+        for _ in range(20):
+            polls = running.service.poller.attempted
+            clock.advance(30.0)
+            await running.until(lambda p=polls: asyncio.sleep(0, running.service.poller.attempted > p))
+            projections.append(await running.value("dict_rate_limit_exhaustion_projection_seconds", **write))
+        true = sim.engine.consumed("ENTRIES_WRITE") - first_true
+        counter = await running.value("dict_rate_limit_consumed_tokens_total", **write)
+    finally:
+        await sim.stop()
+    assert true == 15_000  # 1,500 requests/min for 10 minutes, none refused
+    assert counter == pytest.approx(true, rel=0.03)
+    # Draining by 5 tokens/s net from about 18,000 down to about 15,000: 3,600 s falling to 3,000 s, never
+    # "never" once a whole period is seen (per interval it alternated between about 700 s and "never").
+    assert all(p is not None and 2_900 < p < 3_700 for p in projections[1:]), projections
+    assert projections[-1] < projections[1]
