@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -413,3 +414,37 @@ async def test_a_retry_after_passed_by_the_bridge_defers_the_next_calls() -> Non
     # 1000 failed with Retry-After 100 s: 1018, 1048, 1078 are skipped; 1108 is the first call after.
     assert bridge.calls[:3] == [1000.0, 1108.0, 1138.0]
     assert metrics.registry.get_sample_value("dict_rate_limit_polls_total", {"result": "skipped"}) == 3
+
+
+async def test_a_healthy_run_at_the_ceiling_skips_only_the_poll_right_after_start_up() -> None:
+    """2 calls/min at 30 s exactly fills the ceiling; each call is made a little after its boundary (here
+    5 ms), so the boundary two polls later comes just before that call leaves the window: it must wait
+    those milliseconds, not skip the poll."""
+    clock = FakeClock(1000.0)
+    budget = CallBudget(2, clock=clock.monotonic)
+    calls: list[float] = []
+
+    async def fetch(deadline: float | None) -> BridgeResult:
+        clock.now += 0.005  # scheduling and channel set-up before the call leaves
+        if not budget.acquire():
+            raise BridgeBudgetError("spent")
+        calls.append(clock.now)
+        return answer("ENTRIES_WRITE")(clock.now)
+
+    metrics = SelfMetrics(30.0)
+    poller = Poller(fetch, metrics, interval=30.0, lead=2.0, stale_after=3, clock=clock, budget=budget)
+    poller.start()
+    for _ in range(20_000):
+        if clock.now > 1600:
+            break
+        await asyncio.sleep(0)
+    await poller.stop(1.0)
+    r = metrics.registry
+    assert (
+        r.get_sample_value("dict_rate_limit_polls_total", {"result": "skipped"}) == 1
+    )  # 1048: 1000 is too near
+    assert r.get_sample_value("dict_rate_limit_polls_total", {"result": "failure"}) == 0
+    assert len(calls) >= 19
+    assert all(b - a >= 30 for a, b in itertools.pairwise(calls[1:]))
+    for start in calls:
+        assert sum(1 for t in calls if start <= t < start + 60) <= 2
