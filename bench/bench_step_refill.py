@@ -31,7 +31,10 @@ from exporter.simulator.scenario import builtin_scenario
 from exporter.simulator.server import SimulatorServer
 from exporter.snapshot import PolicyReading
 
-POLICIES = ("ENTRIES_WRITE", "CLAIMS_READ")
+POLICIES = ("ENTRIES_WRITE", "CLAIMS_READ", "REFUNDS_READ")
+#: Stays at or near its capacity: refill above capacity is discarded unseen, so balances cannot show its
+#: consumption (a lower bound with continuous refill, phase-dependent with steps). Printed, not judged.
+NEAR_CAPACITY = "REFUNDS_READ"
 INTERVAL = 30.0
 MINUTES = 10
 START = datetime(2026, 3, 2, 12, 0, 0, tzinfo=UTC).timestamp()
@@ -121,13 +124,14 @@ def main() -> None:
                 run(refill, offset)
             ).items():
                 error = counter / true - 1
-                worst = max(worst, abs(error))
+                if name != NEAR_CAPACITY:
+                    worst = max(worst, abs(error))
                 shown = "never" if projection is None else f"{projection:.0f} s"
                 print(
                     f"{refill:<11}{offset:>5.0f}s  {name:<14}{true:>8.0f}{counter:>9.0f}{error:>+8.1%}"
                     f"{base:>10.0f}{base / true - 1:>+8.1%}{flip:>7}{base_flip:>11}{shown:>12}"
                 )
-    print(f"worst counter error: {worst:.1%}")
+    print(f"worst counter error away from capacity: {worst:.1%} ({NEAR_CAPACITY}: near capacity, see docs)")
 
 
 if __name__ == "__main__":

@@ -73,9 +73,9 @@ SERIES: tuple[_Series, ...] = (
     ),
     _Series(
         "dict_rate_limit_consumed_tokens",
-        "Gross tokens consumed since the exporter started, a lower bound (tokens given back after a payment "
-        "order and use hidden by a full bucket are not seen); never decreases; an interval in which "
-        "capacity or refill changed adds nothing; use rate() or increase().",
+        "Gross tokens consumed since the exporter started, derived from balances: a lower bound away from "
+        "capacity (tokens given back after a payment order, and refill discarded by a full bucket, are not "
+        "seen); never decreases; an interval in which capacity or refill changed adds nothing; use rate().",
         lambda s, _t: s.consumed_tokens_total,
         counter=True,
     ),
