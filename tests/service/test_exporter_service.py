@@ -577,3 +577,44 @@ async def test_step_refill_counter_follows_true_consumption_and_projection_holds
     # "never" once a whole period is seen (per interval it alternated between about 700 s and "never").
     assert all(p is not None and 2_900 < p < 3_700 for p in projections[1:]), projections
     assert projections[-1] < projections[1]
+
+
+async def test_poison_answers_never_reach_history_and_the_next_good_one_does(
+    sim: SimulatorServer, start: Any, database_url: str
+) -> None:
+    """A ResponseTime of 9999-12-31, a NUL in a policy name and a NaN 404 share: refused or cleaned at the
+    edge, counted, and the next good answer is stored within an interval."""
+    from exporter.history import migrations
+
+    await asyncio.to_thread(migrations.apply, database_url)
+    sim.engine.set_error_404_rate("ENTRIES_WRITE", 0.02)
+    sim.engine.inject_fault("future_time", 1)
+    sim.engine.inject_fault("nul_name", 1)
+    sim.engine.inject_fault("nan_404", 1)
+    running = await start(settings_for(sim.address, database_url=database_url))
+    policies = len(sim.engine.policy_names())
+    # Poll 1 refused, polls 2 (29 policies) and 3 stored, then at least one good one more.
+    await running.until(lambda: _rows_written_at_least(running, 3 * policies + 29), within=15)
+    assert (
+        await running.value("dict_rate_limit_invalid_policies_total", reason="implausible_response_time") == 1
+    )
+    assert await running.value("dict_rate_limit_invalid_policies_total", reason="invalid_name") == 1
+    assert await running.value("dict_rate_limit_invalid_policies_total", reason="invalid_error_404_rate") >= 1
+    status, body = await running.status("/health/ready")
+    assert (status, body["checks"]["database"]) == (200, "ok")
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        cursor = await conn.execute(
+            "SELECT max(response_time) > now() + interval '1 hour', count(DISTINCT response_time) "
+            "FROM dict_rate_limit_states"
+        )
+        far_future, snapshots = await cursor.fetchone() or (None, None)
+        cursor = await conn.execute(
+            "SELECT count(*) FROM dict_rate_limit_states WHERE endpoint_id = 'ENTRIES_WRITE' "
+            "AND error_404_rate IS NULL"
+        )
+        (nan_rows,) = await cursor.fetchone() or (None,)
+    assert far_future is False
+    assert snapshots >= 3
+    assert nan_rows == 1  # the NaN answer's row: stored without the field, not refused
