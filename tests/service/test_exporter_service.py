@@ -349,17 +349,22 @@ async def start_budgeted(
         await service.stop()
 
 
-@pytest.mark.parametrize("failure", ["empty-policies-list", "UNAVAILABLE"])
+@pytest.mark.parametrize("failure", ["empty-policies-list", "UNAVAILABLE", "slower-than-timeout"])
 async def test_no_failure_mode_spends_more_list_calls_than_the_ceiling(
     start_budgeted: Any, failure: str
 ) -> None:
     """Time scaled by 6: a 10 s window holding at most 10 calls is the 60/min ceiling of a 1 s interval.
 
-    Without the ceiling, UNAVAILABLE is retried inside each poll (3 calls per second here) and the old
-    client retried RESOURCE_EXHAUSTED too; with it, no 10 s window of the simulator's log holds more."""
+    Without the ceiling, UNAVAILABLE and DEADLINE_EXCEEDED are retried inside each poll (2-3 calls per
+    second here) and the old client retried RESOURCE_EXHAUSTED too; with it, no 10 s window of the
+    simulator's log holds more."""
     if failure == "UNAVAILABLE":
         sim = SimulatorServer(category="A", seed=1)
         sim.engine.inject_errors("UNAVAILABLE", 100_000)
+    elif failure == "slower-than-timeout":
+        # Each call reaches the Bridge (and DICT) and is answered after the client gave up: 0.5 s > 0.3 s.
+        sim = SimulatorServer(category="A", seed=1)
+        sim.engine.inject_latency(0.5)
     else:
         sim = SimulatorServer(category="A", seed=1, scenario=resolve_scenario(failure))
     await sim.start()
@@ -377,7 +382,7 @@ async def test_no_failure_mode_spends_more_list_calls_than_the_ceiling(
     codes = {labels: value for (name, labels), value in samples.items() if name.endswith("requests_total")}
     assert sum(codes.values()) == len(calls)  # every call reached the Bridge was counted
     assert samples[("dict_rate_limit_bridge_up", frozenset())] == 0.0
-    if failure != "UNAVAILABLE":
+    if failure == "empty-policies-list":
         # 429s are never retried: one call per poll, and polls are at most one per second.
         polls = sum(
             samples[("dict_rate_limit_polls_total", frozenset({("result", r)}))]
