@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -317,6 +318,16 @@ class BridgeKeys(_Keys):
         _number(float, 0.01),
         "Deadline of one Bridge call; retries of a poll never overrun the interval.",
     )
+    bridge_max_calls_per_minute: float = key(
+        2.0,
+        _number(float, 1.0),
+        "Hard ceiling of Bridge list calls (retries included) in any 60 s window; each costs a DICT token.",
+    )
+    bridge_max_clock_skew_seconds: float = key(
+        300.0,
+        _number(float, 1.0),
+        "Reject answers whose ResponseTime is further than this from the local clock.",
+    )
 
     def _check(self) -> None:
         _require_pair(
@@ -493,6 +504,9 @@ class SimulatorKeys(_Keys):
 class ExporterSettings(HistoryKeys, DatabaseKeys, ThresholdKeys, PollKeys, BridgeKeys, HttpKeys, LogKeys):
     """``dict-rate-limit exporter``."""
 
+    def _check(self) -> None:
+        call_ceiling(self.poll_interval_seconds, self.bridge_max_calls_per_minute, self.poll_budget_override)
+
 
 @dataclass(frozen=True)
 class ReceiverSettings(PulsarKeys, ReceiverKeys, DatabaseKeys, HttpKeys, LogKeys):
@@ -548,6 +562,20 @@ def check_budget(interval: float, override: bool) -> float:
             "scrape_interval); use an interval >= 30 s, or POLL_BUDGET_OVERRIDE=true if you really mean it",
         )
     return per_minute
+
+
+def call_ceiling(interval: float, configured: float, override: bool) -> float:
+    """List calls allowed in any 60 s, retries included: the configured ceiling, never below the polls.
+
+    Above the safe 2/min it needs POLL_BUDGET_OVERRIDE, like the interval itself.
+    """
+    if configured > SAFE_LIST_CALLS_PER_MINUTE + 1e-9 and not override:
+        raise ConfigError(
+            "BRIDGE_MAX_CALLS_PER_MINUTE",
+            f"{configured:g} list calls per minute is above the safe 2/min budget of DICT's POLICIES_LIST "
+            "(refill 6/min); set POLL_BUDGET_OVERRIDE=true if you really mean it",
+        )
+    return max(configured, math.ceil(60.0 / interval - 1e-9))
 
 
 def warn_about_budget(interval: float) -> None:

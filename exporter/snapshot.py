@@ -7,6 +7,22 @@ from datetime import datetime
 
 #: Participant categories DICT assigns. The official XML schema still says A-F; G and H exist.
 CATEGORIES = frozenset("ABCDEFGH")
+#: Policy names of DICT's v2 table (dict-domain.md §2). Only for start-up hints about configuration: the
+#: Bridge's answer is the authority, and names outside this set are exported like any other.
+DICT_POLICY_NAMES = frozenset(
+    {
+        "ENTRIES_READ_USER_ANTISCAN", "ENTRIES_READ_USER_ANTISCAN_V2", "ENTRIES_READ_PARTICIPANT_ANTISCAN",
+        "ENTRIES_STATISTICS_READ", "ENTRIES_WRITE", "ENTRIES_UPDATE", "CLAIMS_READ", "CLAIMS_WRITE",
+        "CLAIMS_LIST_WITH_ROLE", "CLAIMS_LIST_WITHOUT_ROLE", "SYNC_VERIFICATIONS_WRITE", "CIDS_FILES_WRITE",
+        "CIDS_FILES_READ", "CIDS_EVENTS_LIST", "CIDS_ENTRIES_READ", "INFRACTION_REPORTS_READ",
+        "INFRACTION_REPORTS_WRITE", "INFRACTION_REPORTS_LIST_WITH_ROLE",
+        "INFRACTION_REPORTS_LIST_WITHOUT_ROLE", "KEYS_CHECK", "REFUNDS_READ", "REFUNDS_WRITE",
+        "REFUND_LIST_WITH_ROLE", "REFUND_LIST_WITHOUT_ROLE", "FRAUD_MARKERS_READ", "FRAUD_MARKERS_WRITE",
+        "FRAUD_MARKERS_LIST", "PERSONS_STATISTICS_READ", "POLICIES_READ", "POLICIES_LIST",
+    }
+)  # fmt: skip
+#: Names DICT used before and replaced (manual v8.0): a threshold naming one is most likely orphaned.
+RENAMED_POLICIES = {"KEYS_READ": "KEYS_CHECK", "STATISTICS_READ": "ENTRIES_STATISTICS_READ"}
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,13 +17,15 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.registry import Collector
 
 from exporter import __version__, runtime
+from exporter.bridge.budget import CallBudget
 from exporter.bridge.client import BridgeClient
-from exporter.config import ExporterSettings, check_budget, warn_about_budget
+from exporter.config import ExporterSettings, call_ceiling, check_budget, warn_about_budget
 from exporter.service.collector import RenderedBuckets
 from exporter.service.derivation import DerivedSnapshot
 from exporter.service.http import build_apps
 from exporter.service.poller import Clock, Fetch, Poller
 from exporter.service.selfmetrics import SelfMetrics
+from exporter.snapshot import DICT_POLICY_NAMES, RENAMED_POLICIES
 from exporter.webconfig import WebConfig, check_ports
 from exporter.webconfig import load as load_web_config
 
@@ -33,6 +35,13 @@ log = logging.getLogger(__name__)
 STOP_POLL_SECONDS = 5.0
 #: Longest wait for the history writer to flush queued snapshots at shutdown.
 STOP_HISTORY_SECONDS = 5.0
+#: Policies stored in dict_rate_limit_policies and seen within this many days count as "seen before"
+#: after a restart (dict_rate_limit_policy_missing); older rows are history, not news.
+KNOWN_POLICY_DAYS = 7
+KNOWN_POLICIES_SQL = (
+    "SELECT DISTINCT endpoint_id FROM dict_rate_limit_policies "
+    "WHERE last_seen_at > now() - make_interval(days => %s)"
+)
 
 
 class History(Protocol):
@@ -63,6 +72,7 @@ class ExporterService:
         fetch: Fetch | None = None,
         clock: Clock | None = None,
         serve_http: bool = True,
+        budget: CallBudget | None = None,
     ) -> None:
         self.settings = settings
         self.version = __version__
@@ -71,10 +81,19 @@ class ExporterService:
         # A wrong file raises ConfigError here, before anything binds: one line, exit 2.
         self.web_config: WebConfig = load_web_config(settings.web_config_file)
         check_ports(self.web_config, settings.metrics_listen[1], settings.health_check_port)
+        ceiling = call_ceiling(
+            settings.poll_interval_seconds,
+            settings.bridge_max_calls_per_minute,
+            settings.poll_budget_override,
+        )
         self.metrics = SelfMetrics(settings.poll_interval_seconds)
+        # Injectable like fetch and clock: tests scale the 60 s window down to see several in seconds.
+        self.budget = budget or CallBudget(ceiling)
         self._bridge: BridgeClient | None = None
         if fetch is None:
-            self._bridge = BridgeClient.from_settings(settings, on_attempt=self.metrics.record_bridge_request)
+            self._bridge = BridgeClient.from_settings(
+                settings, on_attempt=self.metrics.record_bridge_request, budget=self.budget
+            )
             bridge = self._bridge
 
             async def fetch_from_bridge(deadline: float | None) -> Any:
@@ -89,7 +108,11 @@ class ExporterService:
             stale_after=settings.stale_after_intervals,
             on_snapshot=self._publish,
             clock=clock,
+            budget=self.budget,
+            max_skew=settings.bridge_max_clock_skew_seconds,
+            thresholds=settings.policy_thresholds,
         )
+        _warn_unknown_thresholds(settings)
         self._rendered = RenderedBuckets(None, settings.threshold_for)
         self._withdrawn = self._rendered
         self.history: History | None = None
@@ -108,6 +131,7 @@ class ExporterService:
         if self.history is not None:
             await self.history.start()
             self._history_open = True
+            self.poller.known |= await _known_policies(self.settings)
         try:
             if self._serve_http:
                 await self._start_http()
@@ -238,8 +262,13 @@ class ExporterService:
         """Ready: a successful poll within STALE_AFTER_INTERVALS intervals, and the database if configured."""
         checks: dict[str, str] = {}
         poller = self.poller
+        notes: dict[str, str] = {}
         if poller.is_fresh():
             checks["bridge"] = "ok"
+            if poller.last_error is not None:
+                # Still ready: the last good snapshot is fresh and served (unready would stop the scrapes
+                # and resolve every bucket alert). But say why the last poll failed.
+                notes["last_poll"] = f"failed (serving the previous snapshot): {poller.last_error}"
         elif poller.latest is None:
             checks["bridge"] = f"no successful poll yet: {poller.last_error or 'first poll pending'}"
         else:
@@ -248,7 +277,7 @@ class ExporterService:
             )
         if self.history is not None:
             checks["database"] = "ok" if self.history.database_ok else "unreachable"
-        return all(value == "ok" for value in checks.values()), checks
+        return all(value == "ok" for value in checks.values()), {**checks, **notes}
 
     def startup_state(self) -> tuple[bool, dict[str, str]]:
         """Started once the first poll was attempted, whatever its outcome (a Bridge outage is no crash)."""
@@ -280,6 +309,35 @@ def _policy_json(state: Any, settings: ExporterSettings) -> dict[str, Any]:
         "warning_remaining_ratio": threshold.warning,
         "critical_remaining_ratio": threshold.critical,
     }
+
+
+def _warn_unknown_thresholds(settings: ExporterSettings) -> None:
+    """Start-up warning for overrides naming no policy of DICT's table (a rename orphans an override)."""
+    for name in sorted(set(settings.policy_thresholds) - DICT_POLICY_NAMES):
+        renamed = RENAMED_POLICIES.get(name)
+        hint = f"DICT renamed it to {renamed}" if renamed else "renamed or removed by DICT?"
+        log.warning(
+            "POLICY_THRESHOLDS names %s, which is not a policy of DICT's table (%s); it is reported again "
+            "if the Bridge does not return it",
+            name,
+            hint,
+            extra={"ctx": {"policy": name}},
+        )
+
+
+async def _known_policies(settings: ExporterSettings) -> set[str]:
+    """Policy names history saw recently, so a restart does not forget a policy that went missing."""
+    import psycopg
+
+    assert settings.database_url is not None
+    try:
+        async with await psycopg.AsyncConnection.connect(settings.database_url, connect_timeout=5) as conn:
+            cursor = await conn.execute(KNOWN_POLICIES_SQL, (KNOWN_POLICY_DAYS,))
+            return {str(row[0]) for row in await cursor.fetchall()}
+    except psycopg.Error as exc:
+        # Not fatal: "missing" then starts from the first poll, as without a database.
+        log.warning("could not read known policies from history: %s", type(exc).__name__)
+        return set()
 
 
 def _bound_port(runner: web.AppRunner, requested: int) -> int:

@@ -73,15 +73,16 @@ SERIES: tuple[_Series, ...] = (
     ),
     _Series(
         "dict_rate_limit_consumed_tokens",
-        "Gross tokens consumed (refill counted, refill above capacity discarded), summed over consecutive "
-        "snapshots since the exporter started; use rate() or increase().",
+        "Gross tokens consumed since the exporter started, derived from balances: a lower bound away from "
+        "capacity (tokens given back after a payment order, and refill discarded by a full bucket, are not "
+        "seen); never decreases; an interval in which capacity or refill changed adds nothing; use rate().",
         lambda s, _t: s.consumed_tokens_total,
         counter=True,
     ),
     _Series(
         "dict_rate_limit_consumption_rate_per_minute",
-        "Gross tokens consumed per minute between the last two snapshots (by DICT ResponseTime); "
-        "absent until two snapshots exist.",
+        "Gross tokens consumed per minute over about one refill period of snapshots (by DICT ResponseTime, "
+        "a lower bound); absent until two snapshots exist and right after a capacity or refill change.",
         lambda s, _t: s.consumption_rate_per_minute,
     ),
     _Series(
@@ -93,7 +94,8 @@ SERIES: tuple[_Series, ...] = (
     _Series(
         "dict_rate_limit_exhaustion_projection_seconds",
         "Seconds until the balance reaches 0 at the current gross consumption rate; 0 when already <= 0; "
-        "no sample when the bucket is not draining (never exhausts).",
+        "no sample when the bucket is not draining (never exhausts) or right after a capacity or refill "
+        "change (nothing measured yet).",
         lambda s, _t: s.exhaustion_projection_seconds,
     ),
     _Series(
@@ -159,8 +161,21 @@ class BucketCollector(Collector):
         if derived is not None:
             info.add_metric([derived.snapshot.category], 1)
             response_time.add_metric([], derived.snapshot.response_time.timestamp())
+        missing = GaugeMetricFamily(
+            "dict_rate_limit_policy_missing",
+            "1 for a policy an earlier successful poll returned (or history remembers) that the last "
+            "successful poll did not; 0 for the policies it did return." + CACHED,
+            labels=list(LABELS),
+        )
+        if derived is not None:
+            category = derived.snapshot.category
+            for state in derived.states:
+                missing.add_metric([state.reading.name, category], 0)
+            for name in derived.missing:
+                missing.add_metric([name, category], 1)
         yield info
         yield response_time
+        yield missing
 
 
 def _family(spec: _Series) -> Family:

@@ -1,7 +1,21 @@
-"""Token-bucket arithmetic (dict-domain.md §4): the values derived from two consecutive snapshots.
+"""Token-bucket arithmetic (dict-domain.md §4): the values derived from consecutive snapshots.
 
 Every formula works with DICT's clock (``ResponseTime``), accepts negative balances, and never divides by
 zero: a snapshot whose ResponseTime does not advance yields no consumption and no rate.
+
+Two things make DICT's buckets harder than the textbook formula, and both are handled here without knowing
+how DICT refills (continuously, or ``RefillTokens`` at once every ``RefillPeriodSec``):
+
+* **Step refill.** Over one poll interval a stepped bucket gains 0 or a whole step, where the formula
+  credits ``rate x interval``. The per-interval estimate is therefore kept *signed* (a step interval
+  looks like negative consumption) and summed; the sum telescopes, so over any span its error is at most
+  one step, whatever the phase of DICT's steps. The counter is the running maximum of that sum (never
+  decreasing, never negative), and the rate is measured over a window as close as possible to a whole
+  number of refill periods, which holds exactly the same number of steps as the continuous formula
+  credits: the projection does not alternate between "soon" and "never".
+* **Limit changes.** When capacity or refill differs from the previous snapshot (a category change, a new
+  API version), the balance was clamped or re-based by DICT, not consumed: that interval yields no
+  consumption, no rate and no projection, and measurement restarts from the new snapshot.
 """
 
 from __future__ import annotations
@@ -11,6 +25,16 @@ from dataclasses import dataclass
 
 from exporter.snapshot import PolicyReading, Snapshot
 
+#: Longest span of past snapshots kept per policy to measure the rate over (seconds of DICT's clock).
+MAX_WINDOW_SECONDS = 900.0
+#: Most past snapshots kept per policy, whatever the interval.
+MAX_WINDOW_POINTS = 64
+#: Window lengths within this share of a refill period of a whole number of periods count as aligned.
+ALIGNMENT_TOLERANCE = 0.02
+
+#: (ResponseTime as Unix seconds, signed running sum) of one past snapshot of a policy.
+WindowPoint = tuple[float, float]
+
 
 @dataclass(frozen=True, slots=True)
 class PolicyState:
@@ -19,15 +43,23 @@ class PolicyState:
     reading: PolicyReading
     remaining_ratio: float
     utilization_percent: float
-    #: Gross tokens consumed since the previous snapshot; None for the first snapshot of a policy.
+    #: Gross tokens consumed since the previous snapshot (the counter's increase, >= 0); None for the
+    #: first snapshot of a policy, after a limit change and when ResponseTime did not advance.
     consumed_tokens: float | None
-    #: Gross tokens consumed since the exporter started (the counter Prometheus rates).
+    #: Gross tokens consumed since the exporter started (the counter Prometheus rates); a lower bound.
     consumed_tokens_total: float
-    #: Gross consumption per minute between the last two snapshots; None without a usable previous one.
+    #: Gross consumption per minute over the measuring window; None without a usable previous snapshot.
     consumption_rate_per_minute: float | None
     recovery_eta_seconds: float
-    #: Seconds to an empty bucket at the current gross rate; 0 when already ≤ 0; None means "never".
+    #: Seconds to an empty bucket at the current gross rate; 0 when already <= 0; None means "never"
+    #: (or "unknown": right after a limit change).
     exhaustion_projection_seconds: float | None
+    #: Signed running sum of the per-interval estimates; at most one refill step below the counter.
+    signed_total: float = 0.0
+    #: Past snapshots of this policy (oldest first, this one last) the rate is measured over.
+    window: tuple[WindowPoint, ...] = ()
+    #: True when capacity or refill differ from the previous snapshot's: nothing was measured.
+    limits_changed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +70,8 @@ class DerivedSnapshot:
     states: tuple[PolicyState, ...]
     #: True when the category differs from the previous snapshot's (BCB changed it).
     category_changed: bool
+    #: Policies an earlier successful poll returned that this snapshot lacks (set by the poller).
+    missing: tuple[str, ...] = ()
 
 
 def remaining_ratio(reading: PolicyReading) -> float:
@@ -54,18 +88,23 @@ def recovery_eta_seconds(reading: PolicyReading) -> float:
     return missing / rate if rate > 0 else math.inf
 
 
-def gross_consumption(previous: PolicyReading, current: PolicyReading, elapsed_seconds: float) -> float:
-    """Tokens consumed between two readings: net drop plus the refill that could have been added.
+def interval_estimate(previous: PolicyReading, current: PolicyReading, elapsed_seconds: float) -> float:
+    """Net drop plus the refill the continuous formula credits; negative when the balance rose faster.
 
     Refill above capacity is discarded, so the refill credited is at most what the previous balance was
-    missing. A lower bound when the bucket reached its cap inside the interval. Never negative: a balance
-    that rose faster than the refill allows (tokens given back after a payment order) counts as 0.
+    missing. Negative values are real information for a stepped bucket (a step landed in the interval)
+    and for payment orders that give tokens back: the caller sums them instead of dropping them.
     """
     refill = min(
         current.refill_rate_per_second * elapsed_seconds,
         max(0, previous.capacity - previous.available_tokens),
     )
-    return max(0.0, float(previous.available_tokens - current.available_tokens) + refill)
+    return float(previous.available_tokens - current.available_tokens) + refill
+
+
+def gross_consumption(previous: PolicyReading, current: PolicyReading, elapsed_seconds: float) -> float:
+    """Tokens consumed between two readings, alone (no window): the interval estimate, never negative."""
+    return max(0.0, interval_estimate(previous, current, elapsed_seconds))
 
 
 def exhaustion_projection_seconds(reading: PolicyReading, rate_per_second: float | None) -> float | None:
@@ -80,6 +119,45 @@ def exhaustion_projection_seconds(reading: PolicyReading, rate_per_second: float
     return reading.available_tokens / drain
 
 
+def limits_differ(previous: PolicyReading, current: PolicyReading) -> bool:
+    return (previous.capacity, previous.refill_tokens, previous.refill_period_sec) != (
+        current.capacity,
+        current.refill_tokens,
+        current.refill_period_sec,
+    )
+
+
+def window_rate(window: tuple[WindowPoint, ...], period: float) -> float | None:
+    """Tokens/s between the window's last point and the best anchor before it; None without one.
+
+    The anchor is the youngest past point whose age is (within ALIGNMENT_TOLERANCE) a whole number of
+    refill periods, so the window holds exactly the steps the continuous formula credits; when no point
+    is a period old yet (or the period is longer than the window), the oldest point is used.
+    """
+    if len(window) < 2:
+        return None
+    now, total = window[-1]
+    past = [(now - at, signed) for at, signed in window[:-1] if now - at > 0]
+    if not past:
+        return None
+    aligned = [(age, signed) for age, signed in past if age >= period * (1 - ALIGNMENT_TOLERANCE)]
+    if aligned:
+        best = min(_misalignment(age, period) for age, _ in aligned)
+        age, signed = min(
+            (p for p in aligned if _misalignment(p[0], period) <= best + ALIGNMENT_TOLERANCE),
+            key=lambda p: p[0],
+        )
+    else:
+        age, signed = max(past, key=lambda p: p[0])
+    return max(0.0, total - signed) / age
+
+
+def _misalignment(age: float, period: float) -> float:
+    """Distance of ``age`` to the nearest whole number of periods, as a share of one period."""
+    periods = age / period
+    return abs(periods - round(periods))
+
+
 def derive(current: Snapshot, previous: DerivedSnapshot | None) -> DerivedSnapshot:
     """Derives every policy of ``current`` against the previous derived snapshot (None at start-up)."""
     elapsed = 0.0
@@ -87,28 +165,58 @@ def derive(current: Snapshot, previous: DerivedSnapshot | None) -> DerivedSnapsh
     if previous is not None:
         elapsed = (current.response_time - previous.snapshot.response_time).total_seconds()
         previous_states = {state.reading.name: state for state in previous.states}
+    at = current.response_time.timestamp()
     states = tuple(
-        _derive_policy(reading, previous_states.get(reading.name), elapsed) for reading in current.policies
+        _derive_policy(reading, previous_states.get(reading.name), elapsed, at)
+        for reading in current.policies
     )
     changed = previous is not None and previous.snapshot.category != current.category
     return DerivedSnapshot(snapshot=current, states=states, category_changed=changed)
 
 
-def _derive_policy(reading: PolicyReading, previous: PolicyState | None, elapsed: float) -> PolicyState:
-    consumed: float | None = None
-    rate_per_second: float | None = None
-    total = previous.consumed_tokens_total if previous is not None else 0.0
-    # A ResponseTime that does not advance (or goes back) gives no interval to measure over.
-    if previous is not None and elapsed > 0:
-        consumed = gross_consumption(previous.reading, reading, elapsed)
-        rate_per_second = consumed / elapsed
-        total += consumed
-    elif previous is not None:
-        rate_per_second = (
-            previous.consumption_rate_per_minute / 60
-            if previous.consumption_rate_per_minute is not None
-            else None
+def _derive_policy(
+    reading: PolicyReading, previous: PolicyState | None, elapsed: float, at: float
+) -> PolicyState:
+    if previous is None:
+        return _state(reading, None, 0.0, 0.0, ((at, 0.0),), None)
+    total = previous.consumed_tokens_total
+    if limits_differ(previous.reading, reading):
+        # DICT re-based the balance (clamped to a lower capacity, or a new refill): not consumption.
+        return _state(reading, None, total, total, ((at, total),), None, limits_changed=True)
+    if elapsed <= 0:
+        # A ResponseTime that does not advance (or goes back) gives no interval to measure over.
+        rate = previous.consumption_rate_per_minute
+        return _state(
+            reading, None, total, previous.signed_total, previous.window, None if rate is None else rate / 60
         )
+    estimate = interval_estimate(previous.reading, reading, elapsed)
+    # The signed sum may fall below the counter by at most one refill step (what a stepped bucket can
+    # show at once): a larger deficit (tokens given back by payments) is not carried against later use.
+    signed = max(previous.signed_total + estimate, total - reading.refill_tokens)
+    new_total = max(total, signed)
+    window = _trim((*previous.window, (at, signed)), reading.refill_period_sec)
+    rate = window_rate(window, reading.refill_period_sec)
+    return _state(reading, new_total - total, new_total, signed, window, rate)
+
+
+def _trim(window: tuple[WindowPoint, ...], period: float) -> tuple[WindowPoint, ...]:
+    """Keeps the points a window of up to two refill periods needs (bounded), and always the last two."""
+    now = window[-1][0]
+    keep = min(MAX_WINDOW_SECONDS, 2 * period + 1)
+    kept = [point for point in window[:-2] if now - point[0] <= keep]
+    return (*kept, *window[-2:])[-MAX_WINDOW_POINTS:]
+
+
+def _state(  # noqa: PLR0917 - private, called with the values in the order of PolicyState
+    reading: PolicyReading,
+    consumed: float | None,
+    total: float,
+    signed: float,
+    window: tuple[WindowPoint, ...],
+    rate_per_second: float | None,
+    *,
+    limits_changed: bool = False,
+) -> PolicyState:
     ratio = remaining_ratio(reading)
     return PolicyState(
         reading=reading,
@@ -119,4 +227,7 @@ def _derive_policy(reading: PolicyReading, previous: PolicyState | None, elapsed
         consumption_rate_per_minute=rate_per_second * 60 if rate_per_second is not None else None,
         recovery_eta_seconds=recovery_eta_seconds(reading),
         exhaustion_projection_seconds=exhaustion_projection_seconds(reading, rate_per_second),
+        signed_total=signed,
+        window=window,
+        limits_changed=limits_changed,
     )

@@ -8,17 +8,26 @@ interval always reads data younger than one interval. The first poll runs at sta
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
 
+from exporter.bridge.budget import CallBudget
 from exporter.bridge.client import BridgeConfigError, BridgeError, BridgeMalformedError, BridgeResult
 from exporter.service.derivation import DerivedSnapshot, derive
 from exporter.service.selfmetrics import SelfMetrics
+from exporter.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
+
+#: Longest wait for the call ceiling to free a slot before a poll is skipped instead (see _wait_for_budget).
+BUDGET_GRACE_SECONDS = 1.0
+#: Default bound on |ResponseTime - local clock| (BRIDGE_MAX_CLOCK_SKEW_SECONDS).
+DEFAULT_MAX_SKEW_SECONDS = 300.0
+
 
 Fetch = Callable[[float | None], Awaitable[BridgeResult]]
 
@@ -61,6 +70,10 @@ class Poller:
         stale_after: int,
         on_snapshot: Callable[[DerivedSnapshot], Awaitable[None]] | None = None,
         clock: Clock | None = None,
+        budget: CallBudget | None = None,
+        max_skew: float = DEFAULT_MAX_SKEW_SECONDS,
+        thresholds: Iterable[str] = (),
+        known_policies: Iterable[str] = (),
     ) -> None:
         self._fetch = fetch
         self._metrics = metrics
@@ -78,6 +91,17 @@ class Poller:
         self._task: asyncio.Task[None] | None = None
         self._inflight: asyncio.Future[bool] | None = None
         self._stopping = False
+        #: The same ceiling the Bridge client spends from: a poll that could not call is skipped, not run.
+        self.budget = budget
+        self.max_skew = max_skew
+        #: Monotonic time before which no call is made (the Bridge passed DICT's Retry-After).
+        self.not_before: float | None = None
+        self.skipped = 0
+        #: Every policy name a successful poll returned (or history remembered): absent ones are "missing".
+        self.known: set[str] = set(known_policies)
+        self.thresholds = frozenset(thresholds)
+        self._reported_unmatched: frozenset[str] = frozenset()
+        self._last_missing: frozenset[str] = frozenset()
 
     # --- state read by scrapes and health checks (no I/O)
 
@@ -102,8 +126,17 @@ class Poller:
 
     # --- polling
 
+    def skip_reason(self) -> str | None:
+        """Why the poll due now must not call the Bridge (Retry-After, spent budget), or None."""
+        now = self.clock.monotonic()
+        if self.not_before is not None and now < self.not_before:
+            return f"the Bridge asked to retry after {self.not_before - now:.1f} s more"
+        if self.budget is not None and self.budget.wait_seconds() > 0:
+            return f"the ceiling of {self.budget.limit} list calls per minute is spent"
+        return None
+
     async def poll_once(self) -> bool:
-        """One poll: fetch, derive, publish. Never raises for Bridge trouble; returns success."""
+        """One poll: fetch, validate, derive, publish. Never raises for Bridge trouble; returns success."""
         clock = self.clock
         started = clock.monotonic()
         # The Bridge client's deadline is on time.monotonic(); retries of one poll never run into the next.
@@ -114,13 +147,18 @@ class Poller:
             self._metrics.observe("bridge_call", clock.monotonic() - started)
             for rejection in result.rejected:
                 self._metrics.record_invalid(rejection.reason)
-            derived = derive(result.snapshot, self.latest)
+            snapshot = self._accept(result)
+            derived = derive(snapshot, self.latest)
+            missing = tuple(sorted(self.known - {reading.name for reading in snapshot.policies}))
+            derived = dataclasses.replace(derived, missing=missing)
         except BridgeMalformedError as exc:
             self._metrics.record_invalid(exc.reason)
-            self._failed(f"malformed response ({exc.reason}): {exc}", "MALFORMED")
+            self._failed(f"unusable response ({exc.reason}): {exc}", "MALFORMED")
         except BridgeConfigError as exc:
             self._failed(f"CONFIGURATION ERROR, fix the Bridge credentials or address: {exc}", exc.code)
         except BridgeError as exc:
+            if exc.retry_after is not None:
+                self.not_before = self.clock.monotonic() + exc.retry_after
             self._failed(str(exc), exc.code)
         except Exception as exc:
             log.exception("poll failed unexpectedly")
@@ -137,6 +175,41 @@ class Poller:
             category_changed=derived is not None and derived.category_changed,
         )
         return derived is not None
+
+    def _accept(self, result: BridgeResult) -> Snapshot:
+        """The snapshot if it can be served, else BridgeMalformedError with the counted reason."""
+        snapshot = result.snapshot
+        latest = self.latest.snapshot if self.latest is not None else None
+        skew = snapshot.response_time.timestamp() - self.clock.time()
+        if abs(skew) > self.max_skew:
+            raise BridgeMalformedError(
+                f"ResponseTime {snapshot.response_time.isoformat()} is {skew:+.0f} s from the local clock "
+                f"(more than BRIDGE_MAX_CLOCK_SKEW_SECONDS={self.max_skew:g})",
+                reason="implausible_response_time",
+            )
+        if latest is not None and snapshot.response_time < latest.response_time:
+            raise BridgeMalformedError(
+                f"ResponseTime {snapshot.response_time.isoformat()} is before the previous snapshot's "
+                f"({latest.response_time.isoformat()})",
+                reason="response_time_backwards",
+            )
+        if not snapshot.category:
+            if latest is None:
+                raise BridgeMalformedError(
+                    "the answer has no usable category and no earlier snapshot gives one",
+                    reason="no_usable_category",
+                )
+            # The letter labels every series; BCB changes it rarely: keep the last one DICT gave.
+            snapshot = dataclasses.replace(snapshot, category=latest.category)
+        if not snapshot.policies:
+            reasons = sorted({rejection.reason for rejection in result.rejected if rejection.policy})
+            detail = (
+                f" ({len(result.rejected)} left out: {', '.join(reasons)})" if reasons else " (empty list)"
+            )
+            raise BridgeMalformedError(
+                f"the answer holds no usable policy{detail}", reason="no_usable_policy"
+            )
+        return snapshot
 
     def _succeeded(self, derived: DerivedSnapshot, started: float) -> None:
         snapshot = derived.snapshot
@@ -157,6 +230,8 @@ class Poller:
         self.last_success = started
         self.last_error = None
         self.consecutive_failures = 0
+        self.not_before = None
+        self._report_policies(derived)
         log.debug(
             "poll ok",
             extra={
@@ -167,6 +242,28 @@ class Poller:
                 }
             },
         )
+
+    def _report_policies(self, derived: DerivedSnapshot) -> None:
+        """Missing policies and thresholds naming a policy the Bridge did not return: logged when new."""
+        names = {state.reading.name for state in derived.states}
+        for name in derived.missing:
+            if name not in self._last_missing:
+                log.warning(
+                    "policy %s, seen before, is missing from the Bridge's answer",
+                    name,
+                    extra={"ctx": {"policy": name, "correlation_id": derived.snapshot.correlation_id}},
+                )
+        self._last_missing = frozenset(derived.missing)
+        self.known |= names
+        unmatched = self.thresholds - names
+        for name in sorted(unmatched - self._reported_unmatched):
+            log.warning(
+                "POLICY_THRESHOLDS names %s, which the Bridge does not return (renamed or removed by DICT?)",
+                name,
+                extra={"ctx": {"policy": name}},
+            )
+        self._reported_unmatched = frozenset(unmatched)
+        self._metrics.set_unmatched_thresholds(unmatched)
 
     def _failed(self, message: str, code: str) -> None:
         self.consecutive_failures += 1
@@ -190,16 +287,37 @@ class Poller:
         """Polls now, then at every aligned boundary until :meth:`stop`."""
         clock = self.clock
         while not self._stopping:
-            self._inflight = asyncio.ensure_future(self.poll_once())
-            try:
-                await asyncio.shield(self._inflight)
-            except Exception:
-                # Bridge trouble never gets here: this is a bug (e.g. in rendering). /health/live says so.
-                log.exception("the poll loop stopped")
-                raise
+            await self._wait_for_budget()
+            reason = self.skip_reason()
+            if reason is not None:
+                # Not a failure (nothing was called): the data served keeps its age, which is visible.
+                self.skipped += 1
+                self._metrics.record_skip()
+                log.info("poll skipped: %s", reason, extra={"ctx": {"skipped": self.skipped}})
+            else:
+                self._inflight = asyncio.ensure_future(self.poll_once())
+                try:
+                    await asyncio.shield(self._inflight)
+                except Exception:
+                    # Bridge trouble never gets here: this is a bug (e.g. in rendering). /health/live says.
+                    log.exception("the poll loop stopped")
+                    raise
             # Computed after the poll: a poll that overran a boundary skips it instead of bunching up.
             now = clock.time()
             await clock.sleep(next_poll_at(now, self.interval, self.lead) - now)
+
+    async def _wait_for_budget(self) -> None:
+        """Waits a moment for a call the ceiling frees just after the boundary, instead of skipping the poll.
+
+        At 2 calls/min and 30 s, the call two polls back was made a few milliseconds after its boundary, so
+        this boundary comes a few milliseconds before it leaves the 60 s window: without this wait, every
+        third poll would be skipped in a perfectly healthy run.
+        """
+        if self.budget is None:
+            return
+        wait = self.budget.wait_seconds()
+        if 0 < wait <= min(BUDGET_GRACE_SECONDS, 0.1 * self.interval):
+            await self.clock.sleep(wait)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self.run(), name="bridge-poller")

@@ -26,6 +26,17 @@ INVALID_REASONS = (
     "refill_tokens_negative",
     "unknown_category",
     "duplicate_name",
+    # Field by field (issue 12/17): the policy or the snapshot is kept, the field cleaned or dropped.
+    "invalid_name",
+    "value_out_of_range",
+    "invalid_error_404_rate",
+    "invalid_correlation_id",
+    "category_normalized",
+    # Whole answers that cannot be served: the poll fails.
+    "no_usable_policy",
+    "no_usable_category",
+    "implausible_response_time",
+    "response_time_backwards",
 )
 #: Operations of dict_rate_limit_monitoring_duration_seconds timed inside the exporter.
 OPERATIONS = ("poll", "bridge_call", "history_write", "maintenance")
@@ -83,11 +94,20 @@ class _StateCollector(Collector):
             "Build information of the exporter (value 1).",
             labels=["version", "python_version"],
         )
+        unmatched = GaugeMetricFamily(
+            "dict_rate_limit_threshold_policy_unmatched",
+            "1 for each policy named in POLICY_THRESHOLDS that the last successful poll of the Bridge did "
+            "not return (renamed or removed by DICT: the override applies to nothing).",
+            labels=["endpoint_id"],
+        )
         if with_samples:
             changes.add_metric([], o.category_changes)
             build.add_metric([__version__, platform.python_version()], 1)
+            for name in sorted(o.unmatched_thresholds):
+                unmatched.add_metric([name], 1)
         yield changes
         yield build
+        yield unmatched
 
 
 class SelfMetrics:
@@ -100,13 +120,18 @@ class SelfMetrics:
         self.last_success_timestamp = 0.0
         self.stale = False
         self.category_changes = 0
+        self.unmatched_thresholds: frozenset[str] = frozenset()
         self._generation = 0
         self._cache_key: tuple[int, bool] | None = None
         self._cache = b""
         self._lock = threading.Lock()
         r = self.registry
         self.polls = Counter(
-            "dict_rate_limit_polls", "Polls of the Bridge attempted, by result.", ["result"], registry=r
+            "dict_rate_limit_polls",
+            "Polls of the Bridge by result: success, failure, or skipped (no call made: the ceiling of list "
+            "calls per minute was spent, or the Bridge passed a Retry-After).",
+            ["result"],
+            registry=r,
         )
         self.bridge_requests = Counter(
             "dict_rate_limit_bridge_requests",
@@ -122,7 +147,8 @@ class SelfMetrics:
         )
         self.invalid_policies = Counter(
             "dict_rate_limit_invalid_policies",
-            "Policies (or whole snapshots, for unknown_category) rejected from a Bridge response, by reason.",
+            "Policies, fields or whole answers of the Bridge rejected or cleaned, by reason (see "
+            "docs/bridge-contract.md: which reasons drop a field, a policy, or fail the poll).",
             ["reason"],
             registry=r,
         )
@@ -135,7 +161,7 @@ class SelfMetrics:
         )
         r.register(_StateCollector(self))
         # Label values created up front so every series exists from the first scrape.
-        for result in ("success", "failure"):
+        for result in ("success", "failure", "skipped"):
             self.polls.labels(result)
         for reason in INVALID_REASONS:
             self.invalid_policies.labels(reason)
@@ -155,6 +181,15 @@ class SelfMetrics:
     def record_invalid(self, reason: str, count: int = 1) -> None:
         self.invalid_policies.labels(reason).inc(count)
         self._changed()
+
+    def record_skip(self) -> None:
+        self.polls.labels("skipped").inc()
+        self._changed()
+
+    def set_unmatched_thresholds(self, names: frozenset[str]) -> None:
+        if names != self.unmatched_thresholds:
+            self.unmatched_thresholds = names
+            self._changed()
 
     def observe(self, operation: str, seconds: float) -> None:
         """Times one operation (also the history writer's ``observe`` hook)."""

@@ -27,6 +27,8 @@ class SimBucket:
     updated: float
     epoch: float
     mode: str = CONTINUOUS
+    #: Tokens charged since the bucket was made: the true consumption a derivation tries to recover.
+    spent: float = 0.0
 
     @property
     def rate(self) -> float:
@@ -62,11 +64,13 @@ class SimBucket:
             return 0
         admitted = min(count, math.floor((self.tokens - 1) / cost) + 1)
         self.tokens -= admitted * cost
+        self.spent += admitted * cost
         return admitted
 
     def charge(self, amount: float) -> None:
         """Takes ``amount`` unconditionally (test knob and bursts of known cost); may go negative."""
         self.tokens -= amount
+        self.spent += amount
 
     def set_limits(self, capacity: int, refill_tokens: int, refill_period_sec: int) -> None:
         """New limits (a category change): the balance is clamped to the new capacity, never raised."""

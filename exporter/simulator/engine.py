@@ -56,8 +56,11 @@ class BucketEngine:
         self.start = self.clock.time()
         self.tick = tick
         self.scenario = scenario or sc.Scenario(name="none")
+        self._fault_window: tuple[str, float] | None = None
+        self._fault_queue: deque[str] = deque()
         self.category = category
-        self._refill = refill
+        # A scenario that is about the refill mode (step-refill) fixes it whatever --refill says.
+        self._refill = self.scenario.refill or refill
         # Two generators: traffic draws never depend on how many calls asked for a correlation id.
         self._rng = random.Random(seed)  # noqa: S311 - simulation, not secrecy
         self._ids = random.Random(f"correlation-ids-{seed}")  # noqa: S311
@@ -180,16 +183,28 @@ class BucketEngine:
             case sc.Latency():
                 self._latency = (action.seconds, math.inf if action.until is None else end + action.until)
                 detail = {"seconds": action.seconds}
-            case sc.InjectError():
-                if action.count is not None:
-                    self._error_queue.extend([action.code] * action.count)
-                elif action.until is not None:
-                    self._error_window = (action.code, end + action.until)
-                detail = {"code": action.code, "count": action.count}
+            case sc.InjectError() | sc.Fault():
+                detail = self._schedule(action, end)
         log.info(
             "scenario event",
             extra={"ctx": {"at_s": round(cycle_at - end, 3), "event": type(action).__name__, **detail}},
         )
+
+    def _schedule(self, action: sc.InjectError | sc.Fault, end: float) -> dict[str, Any]:
+        """Queues an injected error or broken answer for ``count`` calls, or opens a window to ``until``."""
+        if isinstance(action, sc.InjectError):
+            queue, what = self._error_queue, action.code
+        else:
+            queue, what = self._fault_queue, action.kind
+        if action.count is not None:
+            queue.extend([what] * action.count)
+        elif action.until is not None:
+            window = (what, end + action.until)
+            if isinstance(action, sc.InjectError):
+                self._error_window = window
+            else:
+                self._fault_window = window
+        return {"code" if isinstance(action, sc.InjectError) else "kind": what, "count": action.count}
 
     def _live(self, policy: str, s: float) -> SimBucket | None:
         bucket = self._buckets.get(policy)
@@ -270,6 +285,25 @@ class BucketEngine:
         if self._error_window and self._ticks * self.tick < self._error_window[1]:
             return self._error_window[0]
         return None
+
+    def next_fault(self) -> str | None:
+        """The kind of broken answer the next list call must get, if any (see scenario.FAULT_KINDS)."""
+        self.advance()
+        if self._fault_queue:
+            return self._fault_queue.popleft()
+        if self._fault_window and self._ticks * self.tick < self._fault_window[1]:
+            return self._fault_window[0]
+        return None
+
+    def inject_fault(self, kind: str, count: int = 1) -> None:
+        if kind not in sc.FAULT_KINDS:
+            raise ValueError(f"{kind!r} is not one of {', '.join(sorted(sc.FAULT_KINDS))}")
+        self._fault_queue.extend([kind] * count)
+
+    def consumed(self, policy: str) -> float:
+        """True tokens spent on ``policy`` since the start (what the exporter's counter estimates)."""
+        self.advance()
+        return self._buckets[policy].spent
 
     def latency(self) -> float:
         self.advance()

@@ -16,7 +16,27 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from exporter.simulator.policy_table import ANTISCAN, CATEGORY_LIMITS, POLICY_NAMES
 
-BUILTIN = ("default", "quiet", "drain-entries-write")
+BUILTIN = (
+    "default",
+    "quiet",
+    "drain-entries-write",
+    "category-change",
+    "step-refill",
+    "empty-policies-list",
+    "invalid-answers",
+    "policy-disappears",
+)
+#: What a ``fault`` event makes the list answers look like (a broken Bridge or DICT, as seen by the exporter).
+FAULT_KINDS = frozenset(
+    {
+        "empty",  # no policy at all
+        "zero_capacity",  # every policy with capacity 0
+        "bad_category",  # category "?" (policies intact)
+        "future_time",  # ResponseTime 9999-12-31
+        "nan_404",  # error_404_rate NaN on every policy
+        "nul_name",  # the first policy's name carries a NUL
+    }
+)
 _NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 ERROR_CODES = frozenset(code.name for code in grpc.StatusCode if code is not grpc.StatusCode.OK)
 
@@ -101,8 +121,26 @@ class InjectError:
     until: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """Answer list calls with a broken answer of ``kind``: the next ``count`` answers, or until ``until``."""
+
+    kind: str
+    count: int | None = None
+    until: float | None = None
+
+
 Action = (
-    Traffic | Burst | Drain | Storm404 | CategoryChange | AddPolicy | RemovePolicy | Latency | InjectError
+    Traffic
+    | Burst
+    | Drain
+    | Storm404
+    | CategoryChange
+    | AddPolicy
+    | RemovePolicy
+    | Latency
+    | InjectError
+    | Fault
 )
 
 
@@ -119,6 +157,8 @@ class Scenario:
     events: tuple[ScenarioEvent, ...] = ()
     #: Seconds after which the scenario starts again (traffic reset, events replayed); None: play once.
     repeat: float | None = None
+    #: "continuous" or "period" to fix the refill mode whatever --refill says; None: --refill decides.
+    refill: str | None = None
 
 
 class _Reader:
@@ -287,6 +327,18 @@ def _parse_error(r: _Reader, node: Node, key: str, at: float) -> Action:
     return InjectError(code, until=r.until(items, key, at))
 
 
+def _parse_fault(r: _Reader, node: Node, key: str, at: float) -> Action:
+    items = r.mapping(node, key, {"kind", "count", "for", "by"}, {"kind"})
+    kind = r.scalar(items["kind"], f"{key}.kind")
+    if kind not in FAULT_KINDS:
+        kinds = ", ".join(sorted(FAULT_KINDS))
+        r.fail(items["kind"], f"{key}.kind", f"must be one of {kinds} (got {kind!r})")
+    _one_of(r, node, items, key, "count", "for", "by")
+    if "count" in items:
+        return Fault(kind, count=int(r.number(items["count"], f"{key}.count", 1, integer=True)))
+    return Fault(kind, until=r.until(items, key, at))
+
+
 #: Event kind (its YAML key) -> parser of its body.
 _PARSERS: dict[str, Callable[[_Reader, Node, str, float], Action]] = {
     "traffic": _parse_traffic,
@@ -298,6 +350,7 @@ _PARSERS: dict[str, Callable[[_Reader, Node, str, float], Action]] = {
     "remove_policy": _parse_remove_policy,
     "latency": _parse_latency,
     "error": _parse_error,
+    "fault": _parse_fault,
 }
 ACTIONS = tuple(_PARSERS)
 
@@ -328,7 +381,7 @@ def parse_scenario(text: str, source: str) -> Scenario:
         raise ScenarioError(source, line, "(yaml)", str(getattr(exc, "problem", exc))) from None
     if root is None:
         raise ScenarioError(source, 1, "(file)", "is empty")
-    items = r.mapping(root, "", {"name", "description", "repeat", "traffic", "events"}, set())
+    items = r.mapping(root, "", {"name", "description", "repeat", "refill", "traffic", "events"}, set())
     # Events first: add_policy there makes a new name valid in traffic too.
     events = sorted(_events(r, items["events"]) if "events" in items else [], key=lambda e: e.at)
     traffic = _traffic_table(r, items["traffic"]) if "traffic" in items else []
@@ -336,7 +389,12 @@ def parse_scenario(text: str, source: str) -> Scenario:
     if repeat is not None and events and events[-1].at >= repeat:
         r.fail(items["repeat"], "repeat", f"must be after the last event ({events[-1].at:g} s)")
     name = str(r.scalar(items["name"], "name")) if "name" in items else Path(source).stem
-    return Scenario(name=name, traffic=tuple(traffic), events=tuple(events), repeat=repeat)
+    refill = None
+    if "refill" in items:
+        refill = r.scalar(items["refill"], "refill")
+        if refill not in ("continuous", "period"):
+            r.fail(items["refill"], "refill", f"must be continuous or period (got {refill!r})")
+    return Scenario(name=name, traffic=tuple(traffic), events=tuple(events), repeat=repeat, refill=refill)
 
 
 def _traffic_table(r: _Reader, node: Node) -> list[Traffic]:

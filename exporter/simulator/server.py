@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -37,6 +40,24 @@ def _policy_message(reading: PolicyReading) -> pb.RateLimitPolicy:
     return message
 
 
+def _break(response: pb.GetRateLimitPoliciesResponse, kind: str) -> None:
+    """Turns a good list answer into the broken answer of ``kind`` (scenario ``fault`` events)."""
+    if kind == "empty":
+        del response.policies[:]
+    elif kind == "zero_capacity":
+        for policy in response.policies:
+            policy.capacity = 0
+    elif kind == "bad_category":
+        response.category = "?"
+    elif kind == "future_time":
+        response.response_time.FromDatetime(datetime(9999, 12, 31, tzinfo=UTC))
+    elif kind == "nan_404":
+        for policy in response.policies:
+            policy.error_404_rate = math.nan
+    elif kind == "nul_name" and response.policies:
+        response.policies[0].name += "\x00"
+
+
 class _Servicer(pb_grpc.RateLimitServiceServicer):
     """Answers as DICT would: each call spends its own bucket and is refused (429) when it is empty."""
 
@@ -60,6 +81,7 @@ class _Servicer(pb_grpc.RateLimitServiceServicer):
         self, request: pb.GetRateLimitPoliciesRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.GetRateLimitPoliciesResponse:
         self._server.list_calls += 1
+        self._server.list_call_times.append(time.monotonic())
         await self._gate(context, dp.POLICIES_LIST)
         response = pb.GetRateLimitPoliciesResponse(
             correlation_id=self._engine.correlation_id(),
@@ -67,6 +89,9 @@ class _Servicer(pb_grpc.RateLimitServiceServicer):
             policies=[_policy_message(reading) for reading in self._engine.readings()],
         )
         response.response_time.FromDatetime(self._engine.response_time())
+        fault = self._engine.next_fault()
+        if fault is not None:
+            _break(response, fault)
         return response
 
     async def GetRateLimitPolicy(
@@ -110,6 +135,8 @@ class SimulatorServer:
         )
         self.listen = listen
         self.list_calls = 0
+        #: time.monotonic() of every list call received, answered or refused (budget checks in tests).
+        self.list_call_times: list[float] = []
         self.read_calls = 0
         # PEM files are read here, so a missing one fails before anything listens.
         self._tls = tuple(

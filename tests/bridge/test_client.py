@@ -12,8 +12,11 @@ import grpc
 import grpc.aio
 import pytest
 
+from exporter.bridge.budget import CallBudget
 from exporter.bridge.client import (
     MAX_ATTEMPTS,
+    RETRY_AFTER_KEY,
+    BridgeBudgetError,
     BridgeClient,
     BridgeConfigError,
     BridgeError,
@@ -128,11 +131,59 @@ async def test_configuration_errors_are_never_retried(
 async def test_without_a_deadline_transient_errors_get_a_bounded_number_of_attempts(
     client: BridgeClient, simulator: SimulatorServer, attempts: list[str]
 ) -> None:
-    simulator.engine.inject_errors("RESOURCE_EXHAUSTED", 100)
+    simulator.engine.inject_errors("UNAVAILABLE", 100)
     with pytest.raises(BridgeTransientError) as caught:
         await client.list_policies()
+    assert (caught.value.code, caught.value.transient) == ("UNAVAILABLE", True)
+    assert attempts == ["UNAVAILABLE"] * MAX_ATTEMPTS
+
+
+async def test_resource_exhausted_is_never_retried(
+    client: BridgeClient, simulator: SimulatorServer, attempts: list[str]
+) -> None:
+    # DICT's 429: POLICIES_LIST is empty. A retry would be one more call keeping it empty.
+    simulator.engine.inject_errors("RESOURCE_EXHAUSTED", 100)
+    with pytest.raises(BridgeTransientError) as caught:
+        await client.list_policies(deadline=time.monotonic() + 10)
     assert (caught.value.code, caught.value.transient) == ("RESOURCE_EXHAUSTED", True)
-    assert attempts == ["RESOURCE_EXHAUSTED"] * MAX_ATTEMPTS
+    assert attempts == ["RESOURCE_EXHAUSTED"]
+    assert simulator.list_calls == 1
+
+
+async def test_the_call_budget_counts_retries_and_refuses_calls_beyond_it(
+    simulator: SimulatorServer, attempts: list[str]
+) -> None:
+    budget = CallBudget(2)
+    bridge = BridgeClient(simulator.address, timeout=2.0, on_attempt=attempts.append, budget=budget)
+    simulator.engine.inject_errors("UNAVAILABLE", 100)
+    try:
+        with pytest.raises(BridgeTransientError):
+            await bridge.list_policies(deadline=time.monotonic() + 10)
+        assert attempts == ["UNAVAILABLE", "UNAVAILABLE"]  # the retry spent the second call, no third
+        with pytest.raises(BridgeBudgetError) as caught:
+            await bridge.list_policies(deadline=time.monotonic() + 10)
+    finally:
+        await bridge.close()
+    assert caught.value.code == "BUDGET_EXHAUSTED"
+    assert simulator.list_calls == 2
+    assert 55 < budget.wait_seconds() <= 60
+
+
+def test_call_budget_is_a_sliding_window_of_sixty_seconds() -> None:
+    now = [1000.0]
+    budget = CallBudget(2, clock=lambda: now[0])
+    assert budget.acquire()
+    now[0] = 1030.0
+    assert budget.acquire()
+    assert not budget.acquire()
+    assert budget.wait_seconds() == 30.0
+    now[0] = 1059.9
+    assert not budget.acquire()
+    now[0] = 1060.0
+    assert budget.acquire()  # the first call left the window, the second did not
+    assert not budget.acquire()
+    assert budget.calls_in_window() == 2
+    assert budget.wait_seconds() == 30.0
 
 
 async def test_retries_never_pass_the_deadline(
@@ -269,11 +320,155 @@ async def test_bad_policies_are_rejected_one_by_one_with_a_reason() -> None:
     )
 
 
-@pytest.mark.parametrize(("category", "reason"), [("Z", "unknown_category"), ("", "unknown_category")])
-async def test_a_response_without_a_valid_category_is_malformed(category: str, reason: str) -> None:
+@pytest.mark.parametrize("category", ["Z", "", "AB", "é", " "])
+async def test_an_unusable_category_keeps_every_policy_and_is_counted(category: str) -> None:
+    # The poller keeps the previous snapshot's letter (or fails the poll when there is none).
+    result = await _call_canned(_response(category, _policy("ENTRIES_WRITE"), _policy("KEYS_CHECK")))
+    assert result.snapshot.category == ""
+    assert [p.name for p in result.snapshot.policies] == ["ENTRIES_WRITE", "KEYS_CHECK"]
+    assert result.rejected == (Rejection("", "unknown_category"),)
+
+
+async def test_a_lower_case_category_is_normalized_and_counted() -> None:
+    result = await _call_canned(_response(" g", _policy("ENTRIES_WRITE")))
+    assert result.snapshot.category == "G"
+    assert result.rejected == (Rejection("", "category_normalized"),)
+
+
+async def test_values_postgresql_or_prometheus_cannot_hold_are_rejected_field_by_field() -> None:
+    response = _response(
+        "A",
+        _policy("NUL\x00NAME"),
+        _policy("NEWLINE\nNAME"),
+        _policy("N" * 129),
+        _policy("HUGE_PERIOD", refill_period_sec=2**31),
+        _policy("HUGE_CAPACITY", capacity=2**53, available_tokens=2**53),
+        _policy("HUGE_DEBT", available_tokens=-(2**62)),
+        _policy("NAN_404", error_404_rate=float("nan")),
+        _policy("INF_404", error_404_rate=float("inf")),
+        _policy("NEGATIVE_404", error_404_rate=-1.0),
+        _policy("HUGE_404", error_404_rate=1e308),
+        _policy("GOOD_404", error_404_rate=0.07),
+        _policy("N" * 128, refill_period_sec=366 * 86400),
+    )
+    response.correlation_id = "abc\x00def\n" + "0" * 80
+    result = await _call_canned(response)
+    kept = {p.name: p for p in result.snapshot.policies}
+    assert list(kept) == ["NAN_404", "INF_404", "NEGATIVE_404", "HUGE_404", "GOOD_404", "N" * 128]
+    assert [kept[n].error_404_rate for n in ("NAN_404", "INF_404", "NEGATIVE_404", "HUGE_404")] == [None] * 4
+    assert kept["GOOD_404"].error_404_rate == 0.07
+    assert result.snapshot.correlation_id == ("abcdef" + "0" * 80)[:64]
+    assert result.rejected == (
+        Rejection("", "invalid_correlation_id"),
+        Rejection("NUL\x00NAME", "invalid_name"),
+        Rejection("NEWLINE\nNAME", "invalid_name"),
+        Rejection("N" * 129, "invalid_name"),
+        Rejection("HUGE_PERIOD", "value_out_of_range"),
+        Rejection("HUGE_CAPACITY", "value_out_of_range"),
+        Rejection("HUGE_DEBT", "value_out_of_range"),
+        Rejection("NAN_404", "invalid_error_404_rate"),
+        Rejection("INF_404", "invalid_error_404_rate"),
+        Rejection("NEGATIVE_404", "invalid_error_404_rate"),
+        Rejection("HUGE_404", "invalid_error_404_rate"),
+    )
+
+
+async def test_a_response_time_beyond_the_datetime_range_is_unusable() -> None:
+    response = _response("A", _policy("ENTRIES_WRITE"))
+    response.response_time.seconds = 253402300800 + 86400  # after 9999-12-31
     with pytest.raises(BridgeMalformedError) as caught:
-        await _call_canned(_response(category, _policy("ENTRIES_WRITE")))
-    assert caught.value.reason == reason
+        await _call_canned(response)
+    assert caught.value.reason == "implausible_response_time"
+
+
+class _Refusing(pb_grpc.RateLimitServiceServicer):
+    """Fails every list call with ``code``, passing ``retry_after`` as trailing metadata when given."""
+
+    def __init__(self, code: grpc.StatusCode, retry_after: str | None) -> None:
+        self.code, self.retry_after = code, retry_after
+        self.calls: list[float] = []
+
+    async def GetRateLimitPolicies(self, request: object, context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
+        self.calls.append(time.monotonic())
+        metadata = ((RETRY_AFTER_KEY, self.retry_after),) if self.retry_after is not None else ()
+        await context.abort(self.code, "DICT answered 503 (maintenance)", trailing_metadata=metadata)
+
+
+async def _refused(servicer: pb_grpc.RateLimitServiceServicer, deadline: float) -> BridgeError:
+    server = grpc.aio.server()
+    pb_grpc.add_RateLimitServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    bridge = BridgeClient(f"127.0.0.1:{port}", timeout=2.0)
+    try:
+        with pytest.raises(BridgeError) as caught:
+            await bridge.list_policies(deadline=time.monotonic() + deadline)
+        return caught.value
+    finally:
+        await bridge.close()
+        await server.stop(None)
+
+
+async def test_retry_after_is_honoured_between_attempts() -> None:
+    servicer = _Refusing(grpc.StatusCode.UNAVAILABLE, "0.6")
+    error = await _refused(servicer, deadline=1.0)
+    assert error.retry_after == 0.6
+    # 0.6 s between attempts (the backoff alone would be 0.1-0.2 s), so only two fit in 1 s.
+    assert len(servicer.calls) == 2
+    assert servicer.calls[1] - servicer.calls[0] >= 0.6
+
+
+async def test_a_retry_after_beyond_the_deadline_means_no_retry_and_is_passed_on() -> None:
+    servicer = _Refusing(grpc.StatusCode.UNAVAILABLE, "120")
+    error = await _refused(servicer, deadline=5.0)
+    assert (error.code, error.retry_after) == ("UNAVAILABLE", 120.0)
+    assert len(servicer.calls) == 1
+
+
+async def test_a_malformed_retry_after_is_ignored() -> None:
+    error = await _refused(_Refusing(grpc.StatusCode.RESOURCE_EXHAUSTED, "Wed, 21 Oct"), deadline=2.0)
+    assert (error.code, error.retry_after) == ("RESOURCE_EXHAUSTED", None)
+
+
+async def test_an_answer_above_the_grpc_message_limit_is_not_retried() -> None:
+    # 4 MB is gRPC's default receive limit; this answer is about 5 MB and would be again next time.
+    big = [_policy(f"POLICY_{i:06d}_" + "X" * 60) for i in range(60_000)]
+    calls: list[int] = []
+
+    class _Big(_Canned):
+        async def GetRateLimitPolicies(
+            self, request: object, context: object
+        ) -> pb.GetRateLimitPoliciesResponse:
+            calls.append(1)
+            return self.build()
+
+    response = _response("A", *big)
+    server = grpc.aio.server()
+    pb_grpc.add_RateLimitServiceServicer_to_server(_Big(lambda: response), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    bridge = BridgeClient(f"127.0.0.1:{port}", timeout=5.0)
+    try:
+        with pytest.raises(BridgeError) as caught:
+            await bridge.list_policies(deadline=time.monotonic() + 10)
+    finally:
+        await bridge.close()
+        await server.stop(None)
+    assert caught.value.code == "MESSAGE_TOO_LARGE"
+    assert caught.value.transient is False
+    assert calls == [1]
+
+
+def test_plaintext_to_a_non_loopback_address_warns(caplog: pytest.LogCaptureFixture) -> None:
+    BridgeClient("127.0.0.1:50051")
+    BridgeClient("localhost:50051")
+    BridgeClient("[::1]:50051")
+    assert "plaintext" not in caplog.text
+    BridgeClient("10.20.30.40:50051", tls=True)
+    assert "plaintext" not in caplog.text
+    BridgeClient("bridge.internal:50051")
+    assert "plaintext gRPC" in caplog.text
+    assert "bridge.internal:50051" in caplog.text
 
 
 async def test_categories_g_and_h_are_accepted() -> None:

@@ -117,18 +117,101 @@ def test_response_time_that_does_not_advance_gives_no_division_and_no_negative_r
     assert fresh.exhaustion_projection_seconds is None
 
 
-def test_category_change_is_flagged_and_new_limits_are_used() -> None:
+def test_category_change_is_flagged_and_the_clamped_interval_is_not_consumption() -> None:
+    # A -> H: capacity 50,000 -> 50 and refill 25,000/min -> 2/min; DICT clamps the balance to 50.
     antiscan = "ENTRIES_READ_PARTICIPANT_ANTISCAN"
-    before = snap(reading(50_000, 50_000, 25_000, 60, antiscan), category="A")
-    after = snap(reading(250, 250, 25, 60, antiscan), at=60, category="G")
-    derived = chain(before, after)
+    first = snap(reading(49_500, 50_000, 25_000, 60, antiscan), category="A")
+    before = snap(reading(49_001, 50_000, 25_000, 60, antiscan), at=30, category="A")
+    after = snap(reading(50, 50, 2, 60, antiscan), at=60, category="H")
+    derived = chain(first, before, after)
     assert derived.category_changed is True
     state = derived.states[0]
     assert state.remaining_ratio == 1.0
-    assert state.consumed_tokens == 49_750.0  # the balance fell by 49750; the old bucket was full
-    same = derive(snap(reading(250, 250, 25, 60, antiscan), at=120, category="G"), derived)
-    assert same.category_changed is False
-    assert derive(before, None).category_changed is False
+    # The old formula said 49,001 - 50 + min(12,500, 999) = 49,950 consumed and an exhaustion in 0.03 s.
+    assert state.limits_changed is True
+    assert state.consumed_tokens is None
+    assert state.consumed_tokens_total == 999.0  # only the A interval: 499 net + 500 refill (499 missing cap)
+    assert state.consumption_rate_per_minute is None
+    assert state.exhaustion_projection_seconds is None
+    # The next interval starts clean from the clamped balance, with H's limits:
+    # 10 net + min(2/60 * 30 = 1, 0 missing) = 10 tokens over 30 s.
+    following = derive(snap(reading(40, 50, 2, 60, antiscan), at=90, category="H"), derived)
+    assert following.category_changed is False
+    state = following.states[0]
+    assert state.limits_changed is False
+    assert state.consumed_tokens == 10.0
+    assert state.consumed_tokens_total == 1009.0
+    assert state.consumption_rate_per_minute == pytest.approx(20.0)
+    # drain 10/30 - 2/60 = 0.3 tokens/s: 40 left last 133.3 s
+    assert state.exhaustion_projection_seconds == pytest.approx(40 / 0.3)
+    assert derive(first, None).category_changed is False
+
+
+def test_any_capacity_or_refill_change_alone_is_not_consumption() -> None:
+    # Same category, new API version: ENTRIES_WRITE capacity 36,000 -> 30,000, balance clamped.
+    derived = chain(snap(reading(35_000)), snap(reading(30_000, capacity=30_000), at=30))
+    state = derived.states[0]
+    assert (state.limits_changed, state.consumed_tokens, state.consumed_tokens_total) == (True, None, 0.0)
+    refill = chain(snap(reading(30_000)), snap(reading(30_000, refill=600), at=30)).states[0]
+    assert refill.limits_changed is True
+    assert refill.consumed_tokens is None
+    # (1200, 60) -> (20, 1) is the same rate written differently, yet other numbers: also restarted.
+    rewritten = chain(snap(reading(30_000)), snap(reading(29_000, refill=20, period=1), at=30)).states[0]
+    assert rewritten.consumed_tokens is None
+
+
+def test_step_refill_light_traffic_is_not_over_reported() -> None:
+    # 1200 tokens arrive at once at t = 15, 75, ...; 5 tokens/s consumed; polls every 30 s.
+    #   t=0 20000 | t=30 20000-150+1200 = 21050 | t=60 20900 | t=90 21950 | t=120 21800
+    # Interval estimates (net drop + 600 credited): -450, +750, -450, +750. The old per-interval clamp at
+    # 0 counted 0 + 750 + 0 + 750 = 1500; the true consumption is 4 x 150 = 600.
+    balances = (20_000, 21_050, 20_900, 21_950, 21_800)
+    derived = None
+    states = []
+    for i, balance in enumerate(balances):
+        derived = derive(snap(reading(balance), at=30.0 * i), derived)
+        states.append(derived.states[0])
+    assert [s.consumed_tokens_total for s in states] == [0.0, 0.0, 300.0, 300.0, 600.0]
+    assert [s.consumed_tokens for s in states] == [None, 0.0, 300.0, 0.0, 300.0]
+    assert [s.signed_total for s in states] == [0.0, -450.0, 300.0, -150.0, 600.0]
+    # Rates over a whole refill period (60 s back): 5 tokens/s = 300/min once a period is covered.
+    assert states[2].consumption_rate_per_minute == pytest.approx(300.0)
+    assert states[3].consumption_rate_per_minute == pytest.approx(300.0)
+    assert states[4].consumption_rate_per_minute == pytest.approx(300.0)
+    assert all(s.exhaustion_projection_seconds is None for s in states)  # 5/s < 20/s refill: never
+
+
+def test_step_refill_draining_bucket_projection_does_not_flap() -> None:
+    # 25 tokens/s consumed (750 per 30 s), 1200 at once at t = 15, 75, ...:
+    #   t=0 20000 | t=30 20450 | t=60 19700 | t=90 20150 | t=120 19400
+    # Per interval the estimate alternates 150 and 1350 (rates 5/s and 45/s around the 20/s refill), so a
+    # projection per interval alternates "never" and 19700 / 25 = 788 s.
+    balances = (20_000, 20_450, 19_700, 20_150, 19_400)
+    derived = None
+    states = []
+    for i, balance in enumerate(balances):
+        derived = derive(snap(reading(balance), at=30.0 * i), derived)
+        states.append(derived.states[0])
+    assert states[-1].consumed_tokens_total == 3000.0  # 4 x 750, exact
+    # Over 60 s (one period, one step): 25 tokens/s, net drain 5/s.
+    assert [s.consumption_rate_per_minute for s in states[2:]] == pytest.approx([1500.0] * 3)
+    assert [s.exhaustion_projection_seconds for s in states[2:]] == pytest.approx(
+        [19_700 / 5, 20_150 / 5, 19_400 / 5]
+    )
+
+
+def test_tokens_given_back_never_make_consumption_negative_and_the_deficit_is_bounded() -> None:
+    # Capacity 50, refill 10/min (one step = 10 tokens). Payment orders give 20 tokens back in 6 s:
+    # estimate -20 + 1 = -19, carried only down to one step (-10) below the counter.
+    seq = [(20, 0), (40, 6), (38, 12), (30, 18)]
+    derived = None
+    states = []
+    for balance, at in seq:
+        derived = derive(snap(reading(balance, 50, 10, 60), at=at), derived)
+        states.append(derived.states[0])
+    assert [s.signed_total for s in states] == pytest.approx([0.0, -10.0, -7.0, 2.0])
+    assert [s.consumed_tokens_total for s in states] == pytest.approx([0.0, 0.0, 0.0, 2.0])
+    assert all(s.consumed_tokens is None or s.consumed_tokens >= 0 for s in states)
 
 
 def test_policy_appearing_starts_from_zero_and_disappearing_is_dropped() -> None:

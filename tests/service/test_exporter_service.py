@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import itertools
+import math
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
@@ -15,8 +16,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from devstack.embedded import free_port
-from exporter.config import ExporterSettings
+from exporter.bridge.budget import CallBudget
+from exporter.config import ExporterSettings, PolicyThreshold
 from exporter.service.app import ExporterService
+from exporter.simulator.clock import ManualClock
+from exporter.simulator.scenario import resolve_scenario
 from exporter.simulator.server import SimulatorServer
 from tests.support.env import require_binary
 
@@ -317,3 +321,307 @@ async def test_without_database_history_is_visibly_disabled(sim: SimulatorServer
     assert await running.value("dict_rate_limit_history_enabled") == 0.0
     await running.until(lambda: asyncio.sleep(0, running.service.poller.attempted >= 1))
     assert "database" not in (await running.status("/health/ready"))[1]["checks"]
+
+
+# --- truthful numbers and the polling budget against the simulator (issues 12 and 17)
+
+ANTISCAN = "ENTRIES_READ_PARTICIPANT_ANTISCAN"
+
+
+def _max_in_window(times: list[float], window: float) -> int:
+    return max((sum(1 for t in times if start <= t < start + window) for start in times), default=0)
+
+
+@pytest.fixture
+async def start_budgeted(
+    http: aiohttp.ClientSession,
+) -> AsyncIterator[Callable[[ExporterSettings, CallBudget], Any]]:
+    services: list[ExporterService] = []
+
+    async def starter(settings: ExporterSettings, budget: CallBudget) -> Running:
+        service = ExporterService(settings, budget=budget)
+        await service.start()
+        services.append(service)
+        return Running(service, http)
+
+    yield starter
+    for service in services:
+        await service.stop()
+
+
+@pytest.mark.parametrize("failure", ["empty-policies-list", "UNAVAILABLE", "slower-than-timeout"])
+async def test_no_failure_mode_spends_more_list_calls_than_the_ceiling(
+    start_budgeted: Any, failure: str
+) -> None:
+    """Time scaled by 6: a 10 s window holding at most 10 calls is the 60/min ceiling of a 1 s interval.
+
+    Without the ceiling, UNAVAILABLE and DEADLINE_EXCEEDED are retried inside each poll (2-3 calls per
+    second here) and the old client retried RESOURCE_EXHAUSTED too; with it, no 10 s window of the
+    simulator's log holds more."""
+    if failure == "UNAVAILABLE":
+        sim = SimulatorServer(category="A", seed=1)
+        sim.engine.inject_errors("UNAVAILABLE", 100_000)
+    elif failure == "slower-than-timeout":
+        # Each call reaches the Bridge (and DICT) and is answered after the client gave up: 0.5 s > 0.3 s.
+        sim = SimulatorServer(category="A", seed=1)
+        sim.engine.inject_latency(0.5)
+    else:
+        sim = SimulatorServer(category="A", seed=1, scenario=resolve_scenario(failure))
+    await sim.start()
+    try:
+        budget = CallBudget(60, window_seconds=10.0)
+        running = await start_budgeted(settings_for(sim.address, bridge_timeout_seconds=0.3), budget)
+        await asyncio.sleep(14.0)
+        await running.service.stop()
+        samples = await _final_samples(running)
+    finally:
+        await sim.stop()
+    calls = sim.list_call_times
+    assert len(calls) >= 10  # the budget is used: polling goes on
+    # Arrival times at the Bridge carry the client's scheduling jitter (the ceiling is enforced where calls
+    # are sent): a window 0.5 s shorter than the ceiling's absorbs it. Without the ceiling this fails.
+    assert _max_in_window(calls, 9.5) <= 10
+    codes = {labels: value for (name, labels), value in samples.items() if name.endswith("requests_total")}
+    assert sum(codes.values()) == len(calls)  # every call reached the Bridge was counted
+    assert samples[("dict_rate_limit_bridge_up", frozenset())] == 0.0
+    if failure == "empty-policies-list":
+        # 429s are never retried: one call per poll, and polls are at most one per second.
+        polls = sum(
+            samples[("dict_rate_limit_polls_total", frozenset({("result", r)}))]
+            for r in ("success", "failure")
+        )
+        assert len(calls) == polls
+        assert (
+            samples[("dict_rate_limit_bridge_requests_total", frozenset({("code", "RESOURCE_EXHAUSTED")}))]
+            >= 8
+        )
+
+
+async def _final_samples(running: Running) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    result = {}
+    text = running.service.metrics_body(gzip=False).decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            result[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return result
+
+
+async def test_an_empty_or_all_invalid_answer_is_a_failed_poll_with_the_reason(
+    sim: SimulatorServer, start: Any
+) -> None:
+    running = await start(settings_for(sim.address, stale_after_intervals=10))
+    await running.until(lambda: running.value("dict_rate_limit_bridge_up"))
+    sim.engine.inject_fault("empty", 3)
+    await running.until(lambda: _equals(running.value("dict_rate_limit_bridge_up"), 0.0))
+    status, body = await running.status("/health/ready")
+    assert status == 200  # data is still fresh (stale after 10 intervals), but the poll failed, and why:
+    assert body["checks"]["bridge"] == "ok"
+    assert "no usable policy (empty list)" in body["checks"]["last_poll"]
+    assert (await running.value("dict_rate_limit_invalid_policies_total", reason="no_usable_policy")) >= 1
+    sim.engine.inject_fault("zero_capacity", 100)
+    await running.until(
+        lambda: _value_at_least(
+            running.value("dict_rate_limit_invalid_policies_total", reason="capacity_not_positive"), 30
+        )
+    )
+    assert await running.value("dict_rate_limit_bridge_up") == 0.0
+    assert "no usable policy" in (running.service.poller.last_error or "")
+    # Bucket series of the last good snapshot are still served (not vanished, not zeroed).
+    write = {"endpoint_id": "ENTRIES_WRITE", "psp_category": "A"}
+    assert await running.value("dict_rate_limit_capacity", **write) == 36_000.0
+
+
+async def _value_at_least(value: Any, minimum: float) -> bool:
+    return bool((await value or 0) >= minimum)
+
+
+async def test_readiness_says_why_before_the_first_usable_answer(sim: SimulatorServer, start: Any) -> None:
+    sim.engine.inject_fault("empty", 100)
+    running = await start(settings_for(sim.address))
+    await running.until(lambda: _failures_at_least(running, 1))
+    status, body = await running.status("/health/ready")
+    assert status == 503
+    assert "no usable policy (empty list)" in body["checks"]["bridge"]
+
+
+async def test_a_policy_that_disappears_is_reported_missing(sim: SimulatorServer, start: Any) -> None:
+    running = await start(settings_for(sim.address))
+    keys = {"endpoint_id": "KEYS_CHECK", "psp_category": "A"}
+    await running.until(lambda: _equals(running.value("dict_rate_limit_policy_missing", **keys), 0.0))
+    sim.engine.remove_policy("KEYS_CHECK")
+    await running.until(lambda: _equals(running.value("dict_rate_limit_policy_missing", **keys), 1.0))
+    samples = await running.samples()
+    assert ("dict_rate_limit_available_tokens", frozenset(keys.items())) not in samples
+    assert samples[("dict_rate_limit_bridge_up", frozenset())] == 1.0
+    write = frozenset({"endpoint_id": "ENTRIES_WRITE", "psp_category": "A"}.items())
+    assert samples[("dict_rate_limit_policy_missing", write)] == 0.0
+
+
+async def test_nan_and_out_of_range_404_rates_are_rejected_fields_never_a_500(
+    sim: SimulatorServer, start: Any
+) -> None:
+    for policy, rate in (("ENTRIES_WRITE", math.nan), ("CLAIMS_READ", math.inf), ("KEYS_CHECK", -1.0),
+                         ("REFUNDS_READ", 1e308), ("CLAIMS_WRITE", 0.25)):  # fmt: skip
+        sim.engine.set_error_404_rate(policy, rate)
+    running = await start(settings_for(sim.address))
+    await running.until(lambda: running.value("dict_rate_limit_bridge_up"))
+    status, body = await running.status("/api/v1/policies")
+    assert status == 200
+    rates = {p["name"]: p["error_404_rate"] for p in body["policies"]}
+    assert [rates[n] for n in ("ENTRIES_WRITE", "CLAIMS_READ", "KEYS_CHECK", "REFUNDS_READ")] == [None] * 4
+    assert rates["CLAIMS_WRITE"] == 0.25
+    assert await running.value("dict_rate_limit_invalid_policies_total", reason="invalid_error_404_rate") >= 4
+    samples = await running.samples()
+    exported = {
+        dict(labels)["endpoint_id"] for name, labels in samples if name == "dict_rate_limit_error_404_rate"
+    }
+    assert exported == {"CLAIMS_WRITE"}
+
+
+async def test_category_change_with_clamping_adds_no_consumption_and_history_says_so(
+    start: Any, database_url: str
+) -> None:
+    from exporter.history import migrations
+
+    await asyncio.to_thread(migrations.apply, database_url)
+    clock = ManualClock()
+    sim = SimulatorServer(category="A", seed=1, clock=clock)
+    await sim.start()
+    try:
+        sim.engine.consume(ANTISCAN, 1000)  # 49,000 of 50,000
+        running = await start(settings_for(sim.address, database_url=database_url))
+        labels_a = {"endpoint_id": ANTISCAN, "psp_category": "A"}
+        await running.until(lambda: running.value("dict_rate_limit_available_tokens", **labels_a))
+        clock.advance(1.0)  # 1 s at 25,000/min refills 416.7 of the 1,000 missing
+        sim.engine.consume(ANTISCAN, 400)
+        await running.until(
+            lambda: _value_at_least(running.value("dict_rate_limit_consumed_tokens_total", **labels_a), 1)
+        )
+        before = await running.value("dict_rate_limit_consumed_tokens_total", **labels_a)
+        assert before == pytest.approx(400, abs=2)
+        clock.advance(1.0)
+        sim.engine.set_category("H")  # capacity 50, refill 2/min: the balance is clamped to 50
+        labels_h = {"endpoint_id": ANTISCAN, "psp_category": "H"}
+        await running.until(lambda: running.value("dict_rate_limit_available_tokens", **labels_h))
+        # The old formula counted 49,000-ish tokens "consumed" here and projected exhaustion in 0.03 s.
+        assert await running.value("dict_rate_limit_consumed_tokens_total", **labels_h) == before
+        assert await running.value("dict_rate_limit_exhaustion_projection_seconds", **labels_h) is None
+        await running.until(lambda: _rows_written_at_least(running, 3 * len(sim.engine.policy_names())))
+    finally:
+        await sim.stop()
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        cursor = await conn.execute(
+            "SELECT psp_category, available_tokens, consumed_tokens, exhaustion_projection_seconds "
+            "FROM dict_rate_limit_states WHERE endpoint_id = %s ORDER BY response_time",
+            (ANTISCAN,),
+        )
+        rows = await cursor.fetchall()
+    changed = next(row for row in rows if row[0] == "H")
+    assert changed[1] == 50
+    assert changed[2] is None  # nothing measured over the interval of the change
+    assert changed[3] is None
+    assert all(row[2] is None or row[2] < 1000 for row in rows)
+
+
+async def test_a_restart_remembers_policies_from_history_and_reports_them_missing(
+    sim: SimulatorServer, start: Any, database_url: str
+) -> None:
+    from exporter.history import migrations
+
+    await asyncio.to_thread(migrations.apply, database_url)
+    first = await start(settings_for(sim.address, database_url=database_url))
+    await first.until(lambda: _rows_written_at_least(first, len(sim.engine.policy_names())))
+    await first.service.stop()
+    sim.engine.remove_policy("KEYS_CHECK")
+    second = await start(settings_for(sim.address, database_url=database_url))
+    keys = {"endpoint_id": "KEYS_CHECK", "psp_category": "A"}
+    await second.until(lambda: _equals(second.value("dict_rate_limit_policy_missing", **keys), 1.0))
+
+
+async def test_an_orphaned_threshold_is_warned_about_and_exported(
+    sim: SimulatorServer, start: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    thresholds = {"KEYS_READ": PolicyThreshold(0.3, 0.1), "KEYS_CHECK": PolicyThreshold(0.3, 0.1)}
+    running = await start(settings_for(sim.address, policy_thresholds=thresholds))
+    await running.until(
+        lambda: _equals(
+            running.value("dict_rate_limit_threshold_policy_unmatched", endpoint_id="KEYS_READ"), 1.0
+        )
+    )
+    assert await running.value("dict_rate_limit_threshold_policy_unmatched", endpoint_id="KEYS_CHECK") is None
+    text = caplog.text
+    assert "not a policy of DICT's table" in text  # at start-up
+    assert "which the Bridge does not return" in text  # after the first poll that shows it
+
+
+async def test_step_refill_counter_follows_true_consumption_and_projection_holds(start: Any) -> None:
+    """The real exporter against the step-refill scenario: 10 simulated minutes, one poll per 30 s of the
+    simulator's clock (moved by the test after each poll), read back from /metrics."""
+    clock = ManualClock()
+    sim = SimulatorServer(category="A", seed=1, clock=clock, scenario=resolve_scenario("step-refill"))
+    await sim.start()
+    write = {"endpoint_id": "ENTRIES_WRITE", "psp_category": "A"}
+    try:
+        # The simulator's clock runs ahead of the local one by 30 s per poll: allow it.
+        running = await start(settings_for(sim.address, bridge_max_clock_skew_seconds=1e6))
+        await running.until(lambda: asyncio.sleep(0, running.service.poller.latest is not None))
+        first_true = sim.engine.consumed("ENTRIES_WRITE")
+        projections = []
+        for _ in range(20):
+            polls = running.service.poller.attempted
+            clock.advance(30.0)
+            await running.until(lambda p=polls: asyncio.sleep(0, running.service.poller.attempted > p))
+            projections.append(await running.value("dict_rate_limit_exhaustion_projection_seconds", **write))
+        true = sim.engine.consumed("ENTRIES_WRITE") - first_true
+        counter = await running.value("dict_rate_limit_consumed_tokens_total", **write)
+    finally:
+        await sim.stop()
+    assert true == 15_000  # 1,500 requests/min for 10 minutes, none refused
+    assert counter == pytest.approx(true, rel=0.03)
+    # Draining by 5 tokens/s net from about 18,000 down to about 15,000: 3,600 s falling to 3,000 s, never
+    # "never" once a whole period is seen (per interval it alternated between about 700 s and "never").
+    assert all(p is not None and 2_900 < p < 3_700 for p in projections[1:]), projections
+    assert projections[-1] < projections[1]
+
+
+async def test_poison_answers_never_reach_history_and_the_next_good_one_does(
+    sim: SimulatorServer, start: Any, database_url: str
+) -> None:
+    """A ResponseTime of 9999-12-31, a NUL in a policy name and a NaN 404 share: refused or cleaned at the
+    edge, counted, and the next good answer is stored within an interval."""
+    from exporter.history import migrations
+
+    await asyncio.to_thread(migrations.apply, database_url)
+    sim.engine.set_error_404_rate("ENTRIES_WRITE", 0.02)
+    sim.engine.inject_fault("future_time", 1)
+    sim.engine.inject_fault("nul_name", 1)
+    sim.engine.inject_fault("nan_404", 1)
+    running = await start(settings_for(sim.address, database_url=database_url))
+    policies = len(sim.engine.policy_names())
+    # Poll 1 refused, polls 2 (29 policies) and 3 stored, then at least one good one more.
+    await running.until(lambda: _rows_written_at_least(running, 3 * policies + 29), within=15)
+    assert (
+        await running.value("dict_rate_limit_invalid_policies_total", reason="implausible_response_time") == 1
+    )
+    assert await running.value("dict_rate_limit_invalid_policies_total", reason="invalid_name") == 1
+    assert await running.value("dict_rate_limit_invalid_policies_total", reason="invalid_error_404_rate") >= 1
+    status, body = await running.status("/health/ready")
+    assert (status, body["checks"]["database"]) == (200, "ok")
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        cursor = await conn.execute(
+            "SELECT max(response_time) > now() + interval '1 hour', count(DISTINCT response_time) "
+            "FROM dict_rate_limit_states"
+        )
+        far_future, snapshots = await cursor.fetchone() or (None, None)
+        cursor = await conn.execute(
+            "SELECT count(*) FROM dict_rate_limit_states WHERE endpoint_id = 'ENTRIES_WRITE' "
+            "AND error_404_rate IS NULL"
+        )
+        (nan_rows,) = await cursor.fetchone() or (None,)
+    assert far_future is False
+    assert snapshots >= 3
+    assert nan_rows == 1  # the NaN answer's row: stored without the field, not refused

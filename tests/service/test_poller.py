@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
+from exporter.bridge.budget import CallBudget
 from exporter.bridge.client import (
+    BridgeBudgetError,
     BridgeConfigError,
     BridgeMalformedError,
     BridgeResult,
@@ -179,3 +185,242 @@ async def test_a_bug_after_a_poll_ends_the_loop_visibly() -> None:
         await asyncio.sleep(0)
     assert isinstance(poller.failed, ValueError)
     await poller.stop(0.1)
+
+
+# --- answers that cannot be served, policies that go missing, the call ceiling (issues 12 and 17)
+
+
+class AnswerBridge:
+    """Answers each poll with the next scripted BridgeResult builder (given the clock), or raises."""
+
+    def __init__(self, clock: FakeClock, *outcomes: Callable[[float], BridgeResult] | Exception) -> None:
+        self.clock = clock
+        self.outcomes = list(outcomes)
+        self.calls: list[float] = []
+
+    async def __call__(self, deadline: float | None) -> BridgeResult:
+        self.calls.append(self.clock.now)
+        outcome = self.outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome(self.clock.now)
+
+
+def answer(
+    *names: str, category: str = "A", at: float | None = None, rejected: tuple[Rejection, ...] = ()
+) -> Callable[[float], BridgeResult]:
+    def build(now: float) -> BridgeResult:
+        policies = tuple(PolicyReading(name, 30_000, 36_000, 1200, 60) for name in names)
+        when = datetime.fromtimestamp(now if at is None else at, UTC)
+        return BridgeResult(Snapshot(when, "c" * 32, category, policies), rejected)
+
+    return build
+
+
+def reasons(metrics: SelfMetrics, reason: str) -> float | None:
+    return metrics.registry.get_sample_value("dict_rate_limit_invalid_policies_total", {"reason": reason})
+
+
+async def test_an_answer_without_any_usable_policy_is_a_failed_poll() -> None:
+    clock = FakeClock(1000.0)
+    every_invalid = answer(rejected=(Rejection("ENTRIES_WRITE", "capacity_not_positive"),))
+    bridge = AnswerBridge(clock, answer("ENTRIES_WRITE"), answer(), every_invalid)
+    poller, metrics = make(clock, bridge)  # type: ignore[arg-type]
+    assert await poller.poll_once() is True
+    assert await poller.poll_once() is False  # empty list
+    assert metrics.registry.get_sample_value("dict_rate_limit_bridge_up") == 0
+    assert poller.last_error is not None
+    assert "no usable policy (empty list)" in poller.last_error
+    assert await poller.poll_once() is False  # every policy invalid
+    assert "no usable policy (1 left out: capacity_not_positive)" in poller.last_error
+    assert reasons(metrics, "no_usable_policy") == 2
+    assert reasons(metrics, "capacity_not_positive") == 1
+    assert poller.latest is not None
+    assert [s.reading.name for s in poller.latest.states] == ["ENTRIES_WRITE"]  # the last good one served
+
+
+async def test_implausible_response_times_are_rejected_and_the_next_good_one_goes_through() -> None:
+    clock = FakeClock(1000.0)
+    far_future = datetime(9999, 12, 31, tzinfo=UTC).timestamp()
+    bridge = AnswerBridge(
+        clock,
+        answer("ENTRIES_WRITE"),
+        answer("ENTRIES_WRITE", at=far_future),
+        answer("ENTRIES_WRITE", at=1000.0 - 301),  # past the 300 s skew bound
+        answer("ENTRIES_WRITE", at=990.0),  # within the bound, but before the previous snapshot
+        answer("ENTRIES_WRITE", at=1000.0 + 299),  # within the bound, after the previous one
+    )
+    poller, metrics = make(clock, bridge)  # type: ignore[arg-type]
+    assert [await poller.poll_once() for _ in range(5)] == [True, False, False, False, True]
+    assert reasons(metrics, "implausible_response_time") == 2
+    assert reasons(metrics, "response_time_backwards") == 1
+    assert poller.latest is not None
+    assert poller.latest.snapshot.response_time.timestamp() == 1299.0
+
+
+async def test_an_unusable_category_keeps_the_previous_letter_or_fails_the_first_poll() -> None:
+    clock = FakeClock(1000.0)
+    bad = (Rejection("", "unknown_category"),)
+    bridge = AnswerBridge(
+        clock, answer("ENTRIES_WRITE", category="", rejected=bad), answer("ENTRIES_WRITE", category="G"),
+        answer("ENTRIES_WRITE", category="", rejected=bad),
+    )  # fmt: skip
+    poller, metrics = make(clock, bridge)  # type: ignore[arg-type]
+    assert await poller.poll_once() is False
+    assert reasons(metrics, "no_usable_category") == 1
+    assert await poller.poll_once() is True
+    clock.now += 30
+    assert await poller.poll_once() is True
+    assert poller.latest is not None
+    assert poller.latest.snapshot.category == "G"
+    assert poller.latest.category_changed is False
+    assert [s.reading.name for s in poller.latest.states] == ["ENTRIES_WRITE"]
+    assert reasons(metrics, "unknown_category") == 2
+
+
+async def test_a_policy_seen_before_and_now_absent_is_missing_until_it_returns(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock(1000.0)
+    bridge = AnswerBridge(
+        clock,
+        answer("ENTRIES_WRITE", "KEYS_CHECK"),
+        answer("ENTRIES_WRITE"),
+        BridgeTransientError("down", code="UNAVAILABLE"),
+        answer("ENTRIES_WRITE"),
+        answer("ENTRIES_WRITE", "KEYS_CHECK"),
+    )
+    metrics = SelfMetrics(30.0)
+    poller = Poller(
+        bridge, metrics, interval=30.0, lead=2.0, stale_after=3, clock=clock,  # type: ignore[arg-type]
+        known_policies={"STATISTICS_READ"},  # remembered by history from before a restart
+    )  # fmt: skip
+    missing = []
+    for _ in range(5):
+        await poller.poll_once()
+        clock.now += 30
+        assert poller.latest is not None
+        missing.append(poller.latest.missing)
+    assert missing == [
+        ("STATISTICS_READ",),
+        ("KEYS_CHECK", "STATISTICS_READ"),
+        ("KEYS_CHECK", "STATISTICS_READ"),  # a failed poll changes nothing
+        ("KEYS_CHECK", "STATISTICS_READ"),
+        ("STATISTICS_READ",),
+    ]
+    warnings = [r.getMessage() for r in caplog.records if "missing from the Bridge" in r.getMessage()]
+    assert warnings == [
+        "policy STATISTICS_READ, seen before, is missing from the Bridge's answer",
+        "policy KEYS_CHECK, seen before, is missing from the Bridge's answer",
+    ]
+
+
+async def test_a_threshold_naming_a_policy_the_bridge_does_not_return_is_reported_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock(1000.0)
+    bridge = AnswerBridge(clock, *(answer("ENTRIES_WRITE", "KEYS_CHECK") for _ in range(3)))
+    metrics = SelfMetrics(30.0)
+    poller = Poller(
+        bridge, metrics, interval=30.0, lead=2.0, stale_after=3, clock=clock,  # type: ignore[arg-type]
+        thresholds={"KEYS_READ", "KEYS_CHECK"},
+    )  # fmt: skip
+    assert (
+        metrics.registry.get_sample_value(
+            "dict_rate_limit_threshold_policy_unmatched", {"endpoint_id": "KEYS_READ"}
+        )
+        is None
+    )
+    for _ in range(3):
+        await poller.poll_once()
+        clock.now += 30
+    r = metrics.registry
+    assert r.get_sample_value("dict_rate_limit_threshold_policy_unmatched", {"endpoint_id": "KEYS_READ"}) == 1
+    assert (
+        r.get_sample_value("dict_rate_limit_threshold_policy_unmatched", {"endpoint_id": "KEYS_CHECK"})
+        is None
+    )
+    warnings = [r.getMessage() for r in caplog.records if "POLICY_THRESHOLDS names" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "KEYS_READ" in warnings[0]
+
+
+async def test_no_failure_mode_spends_more_than_the_ceiling_in_any_minute() -> None:
+    """Every call fails; the fetch spends from the budget as the Bridge client does for each attempt
+    (first call and retries alike). Over 10 simulated minutes no 60 s window holds more than 2 calls."""
+    clock = FakeClock(1000.0)
+    budget = CallBudget(2, clock=clock.monotonic)
+    calls: list[float] = []
+
+    async def failing(deadline: float | None) -> BridgeResult:
+        for _attempt in range(5):  # a client that would retry 5 times if the budget let it
+            if not budget.acquire():
+                raise BridgeBudgetError("spent")
+            calls.append(clock.now)
+            clock.now += 0.5
+        raise BridgeTransientError("down", code="UNAVAILABLE")
+
+    metrics = SelfMetrics(30.0)
+    poller = Poller(failing, metrics, interval=30.0, lead=2.0, stale_after=3, clock=clock, budget=budget)
+    poller.start()
+    for _ in range(20_000):
+        if clock.now > 1600:
+            break
+        await asyncio.sleep(0)
+    await poller.stop(1.0)
+    assert len(calls) >= 19  # about 2 per minute for 10 minutes: the ceiling is used, not starved
+    for start in calls:
+        assert sum(1 for t in calls if start <= t < start + 60) <= 2
+    assert metrics.registry.get_sample_value("dict_rate_limit_polls_total", {"result": "skipped"}) >= 1
+
+
+async def test_a_retry_after_passed_by_the_bridge_defers_the_next_calls() -> None:
+    clock = FakeClock(1000.0)
+    bridge = AnswerBridge(
+        clock, BridgeTransientError("maintenance", code="UNAVAILABLE", retry_after=100.0),
+        *(answer("ENTRIES_WRITE") for _ in range(10)),
+    )  # fmt: skip
+    poller, metrics = make(clock, bridge)  # type: ignore[arg-type]
+    poller.start()
+    for _ in range(5000):
+        if len(bridge.calls) >= 3:
+            break
+        await asyncio.sleep(0)
+    await poller.stop(1.0)
+    # 1000 failed with Retry-After 100 s: 1018, 1048, 1078 are skipped; 1108 is the first call after.
+    assert bridge.calls[:3] == [1000.0, 1108.0, 1138.0]
+    assert metrics.registry.get_sample_value("dict_rate_limit_polls_total", {"result": "skipped"}) == 3
+
+
+async def test_a_healthy_run_at_the_ceiling_skips_only_the_poll_right_after_start_up() -> None:
+    """2 calls/min at 30 s exactly fills the ceiling; each call is made a little after its boundary (here
+    5 ms), so the boundary two polls later comes just before that call leaves the window: it must wait
+    those milliseconds, not skip the poll."""
+    clock = FakeClock(1000.0)
+    budget = CallBudget(2, clock=clock.monotonic)
+    calls: list[float] = []
+
+    async def fetch(deadline: float | None) -> BridgeResult:
+        clock.now += 0.005  # scheduling and channel set-up before the call leaves
+        if not budget.acquire():
+            raise BridgeBudgetError("spent")
+        calls.append(clock.now)
+        return answer("ENTRIES_WRITE")(clock.now)
+
+    metrics = SelfMetrics(30.0)
+    poller = Poller(fetch, metrics, interval=30.0, lead=2.0, stale_after=3, clock=clock, budget=budget)
+    poller.start()
+    for _ in range(20_000):
+        if clock.now > 1600:
+            break
+        await asyncio.sleep(0)
+    await poller.stop(1.0)
+    r = metrics.registry
+    assert (
+        r.get_sample_value("dict_rate_limit_polls_total", {"result": "skipped"}) == 1
+    )  # 1048: 1000 is too near
+    assert r.get_sample_value("dict_rate_limit_polls_total", {"result": "failure"}) == 0
+    assert len(calls) >= 19
+    assert all(b - a >= 30 for a, b in itertools.pairwise(calls[1:]))
+    for start in calls:
+        assert sum(1 for t in calls if start <= t < start + 60) <= 2

@@ -305,3 +305,10 @@ def test_all_thirty_policies_for_every_category() -> None:
         assert (specs[dp.ANTISCAN].refill_tokens, specs[dp.ANTISCAN].capacity) == (refill, capacity)
     assert dp.spec("CIDS_FILES_WRITE", "A") == dp.PolicySpec("CIDS_FILES_WRITE", 40, 86400, 200)
     assert dp.spec("EVENT_LIST", "A") is None
+
+
+def test_the_simulator_table_and_the_exporters_list_of_dict_names_agree() -> None:
+    from exporter.snapshot import DICT_POLICY_NAMES, RENAMED_POLICIES
+
+    assert set(dp.POLICY_NAMES) == DICT_POLICY_NAMES
+    assert not set(RENAMED_POLICIES) & DICT_POLICY_NAMES

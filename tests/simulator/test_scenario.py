@@ -156,6 +156,25 @@ def test_resolve_defaults_to_the_built_in_default_and_reads_files(tmp_path: Path
     assert "cannot be read" in str(caught.value)
 
 
+def test_refill_and_fault_parse_and_are_checked() -> None:
+    scenario = sc.parse_scenario(
+        "refill: period\nevents:\n  - at: 5\n    fault: {kind: nan_404, for: 10}\n"
+        "  - at: 1\n    fault: {kind: empty, count: 2}\n",
+        "t.yaml",
+    )
+    assert scenario.refill == "period"
+    assert [e.action for e in scenario.events] == [
+        sc.Fault("empty", count=2),
+        sc.Fault("nan_404", until=15.0),
+    ]
+    with pytest.raises(sc.ScenarioError) as caught:
+        sc.parse_scenario("refill: steps\n", "t.yaml")
+    assert str(caught.value) == "t.yaml:1: refill: must be continuous or period (got 'steps')"
+    with pytest.raises(sc.ScenarioError) as caught:
+        sc.parse_scenario("events:\n  - at: 1\n    fault: {kind: loud, count: 1}\n", "t.yaml")
+    assert "events[0].fault.kind: must be one of" in str(caught.value)
+
+
 def test_the_example_in_docs_simulator_md_is_valid() -> None:
     text = (ROOT / "docs" / "simulator.md").read_text(encoding="utf-8")
     example = text.split("```yaml\n", 1)[1].split("```", 1)[0]
@@ -163,5 +182,6 @@ def test_the_example_in_docs_simulator_md_is_valid() -> None:
     assert scenario.name == "incident-42"
     assert {type(e.action).__name__ for e in scenario.events} == {
         "Drain", "Burst", "Storm404", "CategoryChange", "AddPolicy", "RemovePolicy", "Traffic", "Latency",
-        "InjectError",
+        "InjectError", "Fault",
     }  # fmt: skip
+    assert scenario.refill == "period"

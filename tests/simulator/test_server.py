@@ -57,7 +57,7 @@ async def test_twenty_back_to_back_list_calls_empty_policies_list(
     for _ in range(20):
         assert await _list_status(client) == "OK"
     assert await _list_status(client) == "RESOURCE_EXHAUSTED"  # the 21st
-    assert simulator.list_calls == 21 + 2  # the client tried the 21st three times; none was charged
+    assert simulator.list_calls == 21  # a 429 (RESOURCE_EXHAUSTED) is never retried
     assert simulator.engine.tokens(dp.POLICIES_LIST) == 0
 
 
@@ -89,7 +89,7 @@ async def test_policies_read_is_charged_per_read_and_refused_when_empty(
     with pytest.raises(BridgeTransientError) as caught:
         await client.get_policy("ENTRIES_WRITE")
     assert caught.value.code == "RESOURCE_EXHAUSTED"
-    assert simulator.read_calls == 4
+    assert simulator.read_calls == 2  # the refused read is not retried
 
 
 async def test_negative_balances_are_served_as_they_are(
@@ -196,3 +196,45 @@ async def test_a_read_without_a_policy_name_is_invalid_argument_and_free(
         await client.get_policy("")
     assert caught.value.code == "INVALID_ARGUMENT"
     assert simulator.engine.tokens(dp.POLICIES_READ) == 200
+
+
+async def test_fault_injection_breaks_list_answers_as_told(
+    client: BridgeClient, simulator: SimulatorServer
+) -> None:
+    from exporter.bridge.client import Rejection
+
+    engine = simulator.engine
+    for kind in ("empty", "zero_capacity", "bad_category", "nan_404", "nul_name", "future_time"):
+        engine.inject_fault(kind)
+    empty = await client.list_policies()
+    assert (empty.snapshot.policies, empty.rejected) == ((), ())
+    zero = await client.list_policies()
+    assert zero.snapshot.policies == ()
+    assert {r.reason for r in zero.rejected} == {"capacity_not_positive"}
+    bad = await client.list_policies()
+    assert bad.snapshot.category == ""
+    assert Rejection("", "unknown_category") in bad.rejected
+    engine.set_error_404_rate("ENTRIES_WRITE", 0.1)
+    nan = await client.list_policies()
+    assert nan.snapshot.policy("ENTRIES_WRITE") is not None
+    assert Rejection("ENTRIES_WRITE", "invalid_error_404_rate") in nan.rejected
+    nul = await client.list_policies()
+    assert len(nul.snapshot.policies) == len(engine.policy_names()) - 1
+    assert [r.reason for r in nul.rejected] == ["invalid_name"]
+    future = await client.list_policies()
+    assert future.snapshot.response_time.year == 9999  # the poller, not the client, judges plausibility
+    healthy = await client.list_policies()
+    assert (len(healthy.snapshot.policies), healthy.rejected) == (30, ())
+    with pytest.raises(ValueError, match="not one of"):
+        engine.inject_fault("loud")
+
+
+def test_the_engine_counts_true_consumption_per_policy(clock: ManualClock) -> None:
+    from exporter.simulator.engine import BucketEngine
+
+    engine = BucketEngine(clock=clock)
+    engine.consume("ENTRIES_WRITE", 500)
+    clock.advance(10)
+    engine.consume("ENTRIES_WRITE", 250.5)
+    assert engine.consumed("ENTRIES_WRITE") == 750.5
+    assert engine.consumed("KEYS_CHECK") == 0.0

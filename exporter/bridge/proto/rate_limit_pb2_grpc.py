@@ -26,7 +26,10 @@ if _version_not_supported:
 
 
 class RateLimitServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Errors: DICT 429 -> RESOURCE_EXHAUSTED (never retried by the exporter), DICT/RSFN unreachable or 503 ->
+    UNAVAILABLE. When DICT sends Retry-After, pass it as trailing metadata "retry-after" in seconds
+    (decimal, e.g. "120"): the exporter makes no call before it has passed.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -47,7 +50,10 @@ class RateLimitServiceStub:
 
 
 class RateLimitServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Errors: DICT 429 -> RESOURCE_EXHAUSTED (never retried by the exporter), DICT/RSFN unreachable or 503 ->
+    UNAVAILABLE. When DICT sends Retry-After, pass it as trailing metadata "retry-after" in seconds
+    (decimal, e.g. "120"): the exporter makes no call before it has passed.
+    """
 
     def GetRateLimitPolicies(self, request, context):
         """GET /policies/ on DICT. Costs the participant 1 token of POLICIES_LIST (refill 6/min, capacity 20).
@@ -85,7 +91,10 @@ def add_RateLimitServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class RateLimitService:
-    """Missing associated documentation comment in .proto file."""
+    """Errors: DICT 429 -> RESOURCE_EXHAUSTED (never retried by the exporter), DICT/RSFN unreachable or 503 ->
+    UNAVAILABLE. When DICT sends Retry-After, pass it as trailing metadata "retry-after" in seconds
+    (decimal, e.g. "120"): the exporter makes no call before it has passed.
+    """
 
     @staticmethod
     def GetRateLimitPolicies(request,
