@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
+from exporter.backoff import Backoff
 from exporter.bridge.budget import CallBudget
 from exporter.bridge.proto import rate_limit_pb2 as pb
 from exporter.bridge.proto import rate_limit_pb2_grpc as pb_grpc
@@ -40,8 +41,8 @@ RETRY_AFTER_KEY = "retry-after"
 #: A Retry-After above this is read as this: a broken header must not silence the exporter for days.
 MAX_RETRY_AFTER_SECONDS = 3600.0
 CONFIG_CODES = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED", "INVALID_ARGUMENT"})
-#: Backoff between transient failures: full delay doubles from BACKOFF_BASE up to BACKOFF_MAX, then
-#: a random share of 50-100% of it is slept, so a fleet of exporters does not retry in lock-step.
+#: Backoff between transient failures (exporter.backoff): doubles from BACKOFF_BASE up to BACKOFF_MAX,
+#: 50-100% of it slept, so a fleet of exporters does not retry in lock-step.
 BACKOFF_BASE = 0.2
 BACKOFF_MAX = 5.0
 #: Without a deadline from the caller, a call makes at most this many attempts.
@@ -355,6 +356,7 @@ class BridgeClient:
         """Attempts until one succeeds, an error is not retried, the budget is spent, or a retry would
         pass the deadline. Every attempt is one DICT call: each goes through ``budget``."""
         failures = 0
+        backoff = Backoff(BACKOFF_BASE, BACKOFF_MAX, rng=self._rng)
         while True:
             timeout = self.timeout
             if deadline is not None:
@@ -375,7 +377,7 @@ class BridgeClient:
                 self._report(code)
                 error = self._classify(code, exc.details() or "", _retry_after(exc))
                 failures += 1
-                delay = max(self._backoff(failures), error.retry_after or 0.0)
+                delay = max(backoff.next(), error.retry_after or 0.0)
                 if error.code not in RETRIED_CODES or not self._may_retry(failures, delay, deadline, budget):
                     raise error from None
                 log.info(
@@ -395,11 +397,6 @@ class BridgeClient:
         if deadline is None:
             return failures < MAX_ATTEMPTS
         return time.monotonic() + delay + MIN_ATTEMPT_SECONDS < deadline
-
-    def _backoff(self, failures: int) -> float:
-        full = min(BACKOFF_MAX, BACKOFF_BASE * 2.0 ** (failures - 1))
-        jitter: float = self._rng.uniform(0.5, 1.0)
-        return full * jitter
 
     def _report(self, code: str) -> None:
         if self._on_attempt is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from datetime import UTC
 from typing import Any, Protocol
 
@@ -23,7 +24,7 @@ from exporter.config import ExporterSettings, call_ceiling, check_budget, warn_a
 from exporter.service.collector import RenderedBuckets
 from exporter.service.derivation import DerivedSnapshot
 from exporter.service.http import build_apps
-from exporter.service.poller import Clock, Fetch, Poller
+from exporter.service.poller import Fetch, PollClock, Poller
 from exporter.service.selfmetrics import SelfMetrics
 from exporter.snapshot import DICT_POLICY_NAMES, RENAMED_POLICIES
 from exporter.webconfig import WebConfig, check_ports
@@ -70,7 +71,7 @@ class ExporterService:
         settings: ExporterSettings,
         *,
         fetch: Fetch | None = None,
-        clock: Clock | None = None,
+        clock: PollClock | None = None,
         serve_http: bool = True,
         budget: CallBudget | None = None,
     ) -> None:
@@ -96,7 +97,8 @@ class ExporterService:
             )
             bridge = self._bridge
 
-            async def fetch_from_bridge(deadline: float | None) -> Any:
+            async def fetch_from_bridge(seconds: float | None) -> Any:
+                deadline = None if seconds is None else time.monotonic() + seconds
                 return await bridge.list_policies(deadline=deadline)
 
             fetch = fetch_from_bridge

@@ -29,10 +29,11 @@ BUDGET_GRACE_SECONDS = 1.0
 DEFAULT_MAX_SKEW_SECONDS = 300.0
 
 
+#: One list call; its argument is the seconds it may take, retries included (None: the client's own bound).
 Fetch = Callable[[float | None], Awaitable[BridgeResult]]
 
 
-class Clock(Protocol):
+class PollClock(Protocol):
     """Wall clock (alignment), monotonic clock (durations, staleness) and sleep; injectable for tests."""
 
     def time(self) -> float: ...
@@ -40,7 +41,7 @@ class Clock(Protocol):
     async def sleep(self, seconds: float) -> None: ...
 
 
-class SystemClock:
+class SystemPollClock:
     def time(self) -> float:
         return time.time()
 
@@ -69,7 +70,7 @@ class Poller:
         lead: float,
         stale_after: int,
         on_snapshot: Callable[[DerivedSnapshot], Awaitable[None]] | None = None,
-        clock: Clock | None = None,
+        clock: PollClock | None = None,
         budget: CallBudget | None = None,
         max_skew: float = DEFAULT_MAX_SKEW_SECONDS,
         thresholds: Iterable[str] = (),
@@ -81,7 +82,7 @@ class Poller:
         self.lead = lead
         self.stale_after = stale_after
         self._on_snapshot = on_snapshot
-        self.clock: Clock = clock or SystemClock()
+        self.clock: PollClock = clock or SystemPollClock()
         self.latest: DerivedSnapshot | None = None
         #: Monotonic start of the last successful poll: the age of the data served is measured from it.
         self.last_success: float | None = None
@@ -139,11 +140,12 @@ class Poller:
         """One poll: fetch, validate, derive, publish. Never raises for Bridge trouble; returns success."""
         clock = self.clock
         started = clock.monotonic()
-        # The Bridge client's deadline is on time.monotonic(); retries of one poll never run into the next.
-        deadline = time.monotonic() + 0.8 * self.interval
+        # What one poll may spend, retries included, so they never run into the next poll. A duration, not
+        # a deadline: the poller's time is its injected clock, the Bridge client's is the real one.
+        deadline = 0.8 * self.interval
         derived: DerivedSnapshot | None = None
         try:
-            result = await self._fetch(deadline)
+            result = await self._fetch(deadline)  # seconds this poll may spend
             self._metrics.observe("bridge_call", clock.monotonic() - started)
             for rejection in result.rejected:
                 self._metrics.record_invalid(rejection.reason)

@@ -424,3 +424,18 @@ async def test_a_healthy_run_at_the_ceiling_skips_only_the_poll_right_after_star
     assert all(b - a >= 30 for a, b in itertools.pairwise(calls[1:]))
     for start in calls:
         assert sum(1 for t in calls if start <= t < start + 60) <= 2
+
+
+async def test_the_poll_tells_the_bridge_how_long_it_may_take_never_a_real_clock_reading() -> None:
+    # The poller's time is its injected clock; a time.monotonic() reading would leak the real clock in.
+    clock = FakeClock(1_000_000.0)
+    seen: list[float | None] = []
+    bridge = ScriptedBridge(clock)
+
+    async def fetch(seconds: float | None) -> BridgeResult:
+        seen.append(seconds)
+        return await bridge(seconds)
+
+    poller = Poller(fetch, SelfMetrics(30.0), interval=30.0, lead=2.0, stale_after=3, clock=clock)
+    assert await poller.poll_once()
+    assert seen == [24.0]  # 80 % of the interval, retries included
