@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulator": ("exporter.simulator:run", "Serve a Bridge simulator with real token-bucket dynamics."),
     "demo": ("exporter.demo:run", "Start the whole stack on embedded defaults and show it working."),
     # Takes its own arguments, not Settings: `rules render` only writes files.
-    "rules": ("exporter.rules_render:run_render", "Render the alerting rules for your selectors (rules render)."),
+    "rules": ("exporter.rules_render:run_render", "Render the alerting rules for your selectors."),
 }
 
 
@@ -41,6 +41,11 @@ def _add_rules_parser(parser: argparse.ArgumentParser) -> None:
         "deployment labels; rules/ in the repository is the rendering with the defaults.",
     )
     add_render_arguments(render)
+
+
+def _run_rules(args: argparse.Namespace) -> int:
+    entry = _resolve(COMMANDS["rules"][0])
+    return entry(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,8 +95,10 @@ def _resolve(target: str) -> Callable[..., int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "rules":
-        return _resolve(COMMANDS["rules"][0])(args)
+    return _run_rules(args) if args.command == "rules" else _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     flags = {k: v for k, v in vars(args).items() if k.startswith("cfg_") or k == "config_file"}
     command = args.target if args.command == "check-config" else args.command
     try:

@@ -107,6 +107,27 @@ def _category(raw: Any) -> str:
     return value
 
 
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+
+
+def _label_names(raw: Any) -> tuple[str, ...]:
+    """Prometheus label names, comma-separated (env) or a YAML list; may be empty."""
+    items = raw if isinstance(raw, list | tuple) else _str(raw).split(",")
+    names = tuple(_str(item) for item in items if _str(item))
+    for name in names:
+        if not _LABEL_NAME.fullmatch(name):
+            raise ValueError(f"not a label name: {name!r}")
+    return names
+
+
+def _opt_urls(raw: Any) -> str | None:
+    value = _opt_str(raw)
+    for url in (value or "").split(","):
+        if url.strip() and not re.match(r"^https?://[^/\s]+", url.strip()):
+            raise ValueError(f"must be http(s)://HOST:PORT URLs, comma-separated (got {url.strip()!r})")
+    return value
+
+
 def _ratio(raw: Any) -> float:
     return float(_number(float, 0.0, 1.0)(raw))
 
@@ -231,6 +252,15 @@ KEYS: tuple[Key, ...] = (
         "PEM certificate to serve the webhook over TLS.", RECEIVER),
     Key("receiver_tls_key_file", "RECEIVER_TLS_KEY_FILE", _opt_str,
         "PEM private key to serve the webhook over TLS.", RECEIVER),
+    Key("alert_replica_labels", "ALERT_REPLICA_LABELS", _label_names,
+        "Labels that tell Prometheus HA replicas apart, ignored when identifying an alert.", RECEIVER),
+    Key("alert_start_tolerance_seconds", "ALERT_START_TOLERANCE_SECONDS", _number(float, 0.0),
+        "How far apart two Prometheus replicas may start one alert and still be one audit row.", RECEIVER),
+    Key("alertmanager_url", "ALERTMANAGER_URL", _opt_urls,
+        "Alertmanager(s) feeding this receiver, comma-separated: firing rows gone from all of them are "
+        "resolved (reconciled), e.g. an inhibited resolution. Unset: no reconciliation.", RECEIVER),
+    Key("reconcile_interval_seconds", "RECONCILE_INTERVAL_SECONDS", _number(float, 0.1),
+        "Seconds between two reconciliations with Alertmanager.", RECEIVER),
     Key("pulsar_url", "PULSAR_URL", _str, "Pulsar service URL.", RECEIVER),
     Key("pulsar_topic", "PULSAR_TOPIC", _str, "Topic alert events are published to.", RECEIVER),
     Key("pulsar_auth_token", "PULSAR_AUTH_TOKEN", _opt_str,
@@ -299,6 +329,10 @@ class Settings:
     webhook_max_body_bytes: int = 1048576
     receiver_tls_cert_file: str | None = None
     receiver_tls_key_file: str | None = None
+    alert_replica_labels: tuple[str, ...] = ("prometheus_replica", "replica", "__replica__")
+    alert_start_tolerance_seconds: float = 300.0
+    alertmanager_url: str | None = None
+    reconcile_interval_seconds: float = 60.0
     pulsar_url: str = "pulsar://127.0.0.1:6650"
     pulsar_topic: str = DEFAULT_PULSAR_TOPIC
     pulsar_auth_token: str | None = None

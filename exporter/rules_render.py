@@ -3,9 +3,9 @@
 The source is the templates in ``exporter/rules/templates/``: mixin-style placeholders for how the
 exporter's, the receiver's and Alertmanager's series are selected and which labels identify one
 deployment. ``render_rules`` fills them (``dict-rate-limit rules render``); ``rules/`` is the default
-rendering (a test fails when it drifts). ``render_prometheusrule`` wraps the rendered groups in one PrometheusRule
-object for the Prometheus Operator (committed as deploy/kubernetes/prometheusrule.yaml and checked for
-drift by the tests); ``render_fast_rules`` writes copies whose ``for:`` durations are shortened, so a demo
+rendering (a test fails when it drifts). ``render_prometheusrule`` wraps the rendered groups in one
+PrometheusRule object for the Prometheus Operator (committed as deploy/kubernetes/prometheusrule.yaml and
+checked for drift by the tests); ``render_fast_rules`` writes copies whose ``for:`` durations are shortened, so a demo
 or an end-to-end test sees alerts fire in seconds with the same expressions, labels and annotations.
 
     python -m exporter.rules_render            # rewrite deploy/kubernetes/prometheusrule.yaml
@@ -111,7 +111,10 @@ class Selectors:
 
 
 def parse_selector(text: str, option: str) -> str:
-    """A normalised matcher list (``a="b",c=~"d"``) from ``{a="b", c=~"d"}`` or ``a="b"``; errors name the option."""
+    """A normalised matcher list (``a="b",c=~"d"``) from ``{a="b", c=~"d"}`` or ``a="b"``.
+
+    Errors name ``option`` (the command-line flag).
+    """
     body = text.strip()
     if body.startswith("{") and body.endswith("}"):
         body = body[1:-1]
@@ -166,7 +169,8 @@ _MACROS = {
     ),
     "__CATEGORY__": (
         '{{ with printf "dict_rate_limit_capacity{__EXPORTERQ__,__IDQ__,endpoint_id=%q}"'
-        ' __IDA__ $labels.endpoint_id | query }}{{ . | first | label "psp_category" }}{{ else }}unknown{{ end }}'
+        ' __IDA__ $labels.endpoint_id | query }}{{ . | first | label "psp_category" }}'
+        "{{ else }}unknown{{ end }}"
     ),
     # "fresh" while the exporter serves the policy, "missing" while the alert holds its last known
     # state: the receiver records a resolution whose last state was "missing" as data lost.
@@ -223,7 +227,9 @@ def render_rule_text(template: str, selectors: Selectors) -> str:
     return rendered
 
 
-def render_rules(dst_dir: Path, selectors: Selectors = Selectors(), src_dir: Path = TEMPLATES_DIR) -> list[Path]:
+def render_rules(
+    dst_dir: Path, selectors: Selectors = Selectors(), src_dir: Path = TEMPLATES_DIR
+) -> list[Path]:
     """Writes the bundle's rule files for ``selectors`` to ``dst_dir``; returns their paths."""
     bundle_version(src_dir)  # the templates must agree on the version before anything is written
     destination = Path(dst_dir)
@@ -331,7 +337,7 @@ def add_render_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``dict-rate-limit rules render``."""
     parser.add_argument(
         "--exporter-selector", default="", metavar="MATCHERS",
-        help='Label matchers selecting the exporter\'s series, e.g. \'job="dict-rate-limit"\' (default: all).',
+        help="Label matchers selecting the exporter's series, e.g. 'job=\"x\"' (default: all).",
     )
     parser.add_argument(
         "--receiver-selector", default="", metavar="MATCHERS",
