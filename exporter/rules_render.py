@@ -6,7 +6,8 @@ deployment. ``render_rules`` fills them (``dict-rate-limit rules render``); ``ru
 rendering (a test fails when it drifts). ``render_prometheusrule`` wraps the rendered groups in one
 PrometheusRule object for the Prometheus Operator (committed as deploy/kubernetes/prometheusrule.yaml and
 checked for drift by the tests); ``render_fast_rules`` writes copies whose ``for:`` durations are
-shortened, so a demo or an end-to-end test sees alerts fire in seconds with the same expressions, labels and annotations.
+shortened, so a demo or an end-to-end test sees alerts fire in seconds with the same expressions,
+labels and annotations.
 
     python -m exporter.rules_render            # rewrite deploy/kubernetes/prometheusrule.yaml
     python -m exporter.rules_render --check    # exit 1 when the committed manifest is out of date
