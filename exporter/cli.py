@@ -79,9 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Validate the configuration and print the effective values, "
         "secrets masked. Exit 2 and one line naming the key when invalid.",
     )
-    check.add_argument(
-        "target", choices=sorted(set(COMMANDS) - {"rules"}), nargs="?", default="exporter"
-    )
+    check.add_argument("target", choices=sorted(set(COMMANDS) - {"rules"}), nargs="?", default="exporter")
     config.add_flags(check, "check-config")
     return parser
 

@@ -124,7 +124,7 @@ def parse_selector(text: str, option: str) -> str:
     while position < len(body.rstrip()):
         match = _MATCHER.match(body, position)
         if match is None:
-            raise RulesBundleError(f"{option}: not a list of label matchers like job=\"x\": {text!r}")
+            raise RulesBundleError(f'{option}: not a list of label matchers like job="x": {text!r}')
         matchers.append(f'{match[1]}{match[2]}"{match[3]}"')
         position = match.end()
         if position < len(body) and body[position] == ",":
@@ -156,12 +156,12 @@ def _go_string(selector: str) -> str:
 _MACROS = {
     "__AVAILABLE__": (
         '{{ with printf "min(dict_rate_limit_available_tokens{__EXPORTERQ__,__IDQ__,endpoint_id=%q})"'
-        " __IDA__ $labels.endpoint_id | query }}{{ . | first | value | printf \"%.0f\" }}"
+        ' __IDA__ $labels.endpoint_id | query }}{{ . | first | value | printf "%.0f" }}'
         "{{ else }}? (data missing){{ end }}"
     ),
     "__CAPACITY__": (
         '{{ with printf "max(dict_rate_limit_capacity{__EXPORTERQ__,__IDQ__,endpoint_id=%q})"'
-        " __IDA__ $labels.endpoint_id | query }}{{ . | first | value | printf \"%.0f\" }}{{ else }}?{{ end }}"
+        ' __IDA__ $labels.endpoint_id | query }}{{ . | first | value | printf "%.0f" }}{{ else }}?{{ end }}'
     ),
     "__RATIO__": (
         '{{ with printf "endpoint:dict_rate_limit_remaining:ratio_last{__IDQ__,endpoint_id=%q}"'
@@ -285,15 +285,53 @@ def render_prometheusrule(src_dir: Path = RULES_DIR, name: str = "dict-rate-limi
     return header + _dump(manifest)
 
 
-def _scaled_for(alert: str, current: str, for_scale: float | Mapping[str, str], min_for: float) -> str:
+# An alert whose condition is "below for half of a window" (hysteresis): the window sets its delay.
+_HYSTERESIS = re.compile(r"avg_over_time\((?P<series>[^\[\]]+)\[(?P<window>\w+)\]\)\s*>=\s*0\.5")
+
+
+def hysteresis_window(rule: Mapping[str, Any]) -> float | None:
+    """Seconds of the averaging window of a hysteresis alert, None for a plain ``for:`` alert."""
+    match = _HYSTERESIS.search(str(rule.get("expr", "")))
+    return parse_duration(match["window"]) if match else None
+
+
+def effective_for(rule: Mapping[str, Any]) -> float:
+    """Seconds a condition that starts and stays true takes to fire the alert: ``for:`` plus, for a
+    hysteresis alert, half its window (the average reaches one half then)."""
+    window = hysteresis_window(rule)
+    return parse_duration(str(rule.get("for", "0s"))) + (window / 2 if window else 0.0)
+
+
+def _set_window(rule: dict[str, Any], seconds: float) -> None:
+    match = _HYSTERESIS.search(rule["expr"])
+    assert match is not None
+    replacement = f"avg_over_time({match['series']}[{format_duration(seconds)}]) >= 0.5"
+    rule["expr"] = rule["expr"][: match.start()] + replacement + rule["expr"][match.end() :]
+
+
+def _fast_alert(rule: dict[str, Any], for_scale: float | Mapping[str, str], floor: float) -> None:
+    """Shortens one alert: ``for:``, its hysteresis window and ``keep_firing_for`` alike."""
+    window = hysteresis_window(rule)
     if isinstance(for_scale, Mapping):
-        if alert not in for_scale:
-            return current
-        return format_duration(parse_duration(for_scale[alert]))
-    seconds = parse_duration(current)
-    if seconds == 0:
-        return "0s"
-    return format_duration(max(seconds * for_scale, min_for))
+        if rule["alert"] not in for_scale:
+            return
+        target = parse_duration(for_scale[rule["alert"]])
+        if window is not None:  # the named duration is the effective delay: half the window
+            _set_window(rule, max(2 * target, 2 * floor))
+            rule["for"] = "0s"
+        else:
+            rule["for"] = format_duration(target)
+        if "keep_firing_for" in rule:
+            rule["keep_firing_for"] = format_duration(max(target, floor))
+        return
+    if "for" in rule and parse_duration(rule["for"]) > 0:
+        rule["for"] = format_duration(max(parse_duration(rule["for"]) * for_scale, floor))
+    if window is not None:
+        _set_window(rule, max(window * for_scale, 2 * floor))
+    if "keep_firing_for" in rule:
+        rule["keep_firing_for"] = format_duration(
+            max(parse_duration(rule["keep_firing_for"]) * for_scale, floor)
+        )
 
 
 def render_fast_rules(
@@ -303,13 +341,14 @@ def render_fast_rules(
     *,
     min_for: str = "1s",
 ) -> list[Path]:
-    """Writes the bundle's rule files to ``dst_dir`` with shorter ``for:`` durations; returns their paths.
+    """Writes the bundle's rule files to ``dst_dir`` with shorter hold durations; returns their paths.
 
-    ``for_scale`` is either a factor applied to every alert's ``for:`` (0.02 turns 5m into 6s and 2m into
-    3s; results are rounded up to whole seconds and never below ``min_for``) or a mapping from alert name
-    to a duration (``{"DICTRateLimitWarning": "4s"}``), leaving the alerts it does not name unchanged.
-    Expressions, range windows, labels and annotations are copied as they are, so the fast rules raise the
-    same alerts with the same labels; only how long a condition must hold changes.
+    ``for_scale`` is either a factor applied to every alert's ``for:``, hysteresis window and
+    ``keep_firing_for`` (0.02 turns the WARNING's 10-minute window into 12s, so it fires after 6s below;
+    results are rounded up to whole seconds and never below ``min_for``) or a mapping from alert name to
+    its effective delay (``{"DICTRateLimitWarning": "4s"}``: the window becomes 8s, ``keep_firing_for``
+    4s), leaving the alerts it does not name unchanged. Expressions otherwise, recording rules, labels and
+    annotations are copied as they are, so the fast rules raise the same alerts with the same labels.
     """
     if not isinstance(for_scale, Mapping) and not 0 < for_scale <= 1:
         raise RulesBundleError(f"for_scale must be in (0, 1], got {for_scale}")
@@ -322,11 +361,11 @@ def render_fast_rules(
         document = yaml.safe_load(path.read_text(encoding="utf-8"))
         for group in document["groups"]:
             for rule in group["rules"]:
-                if "alert" in rule and "for" in rule:
-                    rule["for"] = _scaled_for(rule["alert"], rule["for"], for_scale, floor)
+                if "alert" in rule:
+                    _fast_alert(rule, for_scale, floor)
         target = destination / path.name
         header = (
-            f"# Fast variant of rules/{path.name} for demos and end-to-end tests; for: durations shortened.\n"
+            f"# Fast variant of rules/{path.name} for demos and end-to-end tests; holds shortened.\n"
             f"# bundle-version: {version}\n"
         )
         target.write_text(header + _dump(document), encoding="utf-8")
@@ -337,19 +376,27 @@ def render_fast_rules(
 def add_render_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``dict-rate-limit rules render``."""
     parser.add_argument(
-        "--exporter-selector", default="", metavar="MATCHERS",
+        "--exporter-selector",
+        default="",
+        metavar="MATCHERS",
         help="Label matchers selecting the exporter's series, e.g. 'job=\"x\"' (default: all).",
     )
     parser.add_argument(
-        "--receiver-selector", default="", metavar="MATCHERS",
+        "--receiver-selector",
+        default="",
+        metavar="MATCHERS",
         help="Label matchers selecting the receiver's series (default: all).",
     )
     parser.add_argument(
-        "--alertmanager-selector", default="", metavar="MATCHERS",
+        "--alertmanager-selector",
+        default="",
+        metavar="MATCHERS",
         help="Label matchers selecting Alertmanager's own series (default: all).",
     )
     parser.add_argument(
-        "--deployment-labels", default=",".join(DEFAULT_DEPLOYMENT_LABELS), metavar="LABELS",
+        "--deployment-labels",
+        default=",".join(DEFAULT_DEPLOYMENT_LABELS),
+        metavar="LABELS",
         help="Comma-separated labels that identify one deployment (default: %(default)s).",
     )
     parser.add_argument("--output", type=Path, required=True, metavar="DIR", help="Directory to write to.")
