@@ -30,7 +30,19 @@ EXPORTER = [sys.executable, "-m", "exporter.cli", "exporter"]
 JOB = "dict-rate-limit-exporter"
 CAPACITY = 36000  # ENTRIES_WRITE for every category (dict-domain.md §2)
 #: Labels that Prometheus (targets, histograms, ALERTS) or the rules' folding add, never the exporter.
-TARGET_LABELS = {"job", "instance", "pod", "le", "alertname", "alertstate"}
+#: Labels Prometheus (discovery, relabelling) puts on the series, not the exporter: the deployment labels
+#: of the rules' default rendering among them.
+TARGET_LABELS = {
+    "job",
+    "instance",
+    "pod",
+    "le",
+    "alertname",
+    "alertstate",
+    "cluster",
+    "namespace",
+    "participant",
+}
 
 
 # --- what the bundle queries
@@ -179,12 +191,19 @@ async def eventually(check: Callable[[], Any], within: float, what: str) -> Any:
 # --- contract
 
 
+#: Series that exist only while something is wrong, so a healthy exporter need not export them
+#: (dict_rate_limit_policy_missing: 1 while a policy seen before is absent; the exporter side of issue 11).
+ONLY_WHILE_MISSING = {"dict_rate_limit_policy_missing"}
+
+
 def _missing(used: dict[str, set[str]], exposed: dict[str, set[str]], receiver: set[str]) -> list[str]:
     problems = []
     for name, labels in sorted(used.items()):
         if name in receiver:
             continue
         if name not in exposed:
+            if name in ONLY_WHILE_MISSING:
+                continue
             problems.append(f"{name}: not exported")
         elif labels - TARGET_LABELS - exposed[name]:
             problems.append(f"{name}: no label {sorted(labels - TARGET_LABELS - exposed[name])}")
@@ -269,8 +288,10 @@ def _expect_labels(alert: dict[str, Any], severity: str) -> None:
         "severity": severity,
         "job": JOB,
         "endpoint_id": "ENTRIES_WRITE",
-        "psp_category": "A",
     }
+    # The category is not part of the identity (BCB changes it); it travels as an annotation.
+    assert alert["annotations"]["psp_category"] == "A"
+    assert alert["annotations"]["data_state"] == "fresh"
 
 
 @pytest.mark.slow
