@@ -122,6 +122,8 @@ def _label_names(raw: Any) -> tuple[str, ...]:
 
 def _opt_urls(raw: Any) -> str | None:
     value = _opt_str(raw)
+    if value is not None and value.lower() == "off":
+        return "off"
     for url in (value or "").split(","):
         if url.strip() and not re.match(r"^https?://[^/\s]+", url.strip()):
             raise ValueError(f"must be http(s)://HOST:PORT URLs, comma-separated (got {url.strip()!r})")
@@ -257,7 +259,8 @@ KEYS: tuple[Key, ...] = (
         "How far apart two Prometheus replicas may start one alert and still be one audit row.", RECEIVER),
     Key("alertmanager_url", "ALERTMANAGER_URL", _opt_urls,
         "Alertmanager(s) feeding this receiver, comma-separated: firing rows gone from all of them are "
-        "resolved (reconciled), e.g. an inhibited resolution. Unset: no reconciliation.", RECEIVER),
+        "resolved (reconciled), e.g. an inhibited resolution. Unset: the Alertmanagers that send "
+        "notifications (their externalURL); off: no reconciliation.", RECEIVER),
     Key("reconcile_interval_seconds", "RECONCILE_INTERVAL_SECONDS", _number(float, 0.1),
         "Seconds between two reconciliations with Alertmanager.", RECEIVER),
     Key("pulsar_url", "PULSAR_URL", _str, "Pulsar service URL.", RECEIVER),

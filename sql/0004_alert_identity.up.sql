@@ -15,3 +15,9 @@ ALTER TABLE dict_rate_limit_alerts ADD CONSTRAINT dict_rate_limit_alerts_resolve
 -- one alert up to an evaluation apart); the unique (fingerprint, starts_at) index serves that range scan.
 COMMENT ON COLUMN dict_rate_limit_alerts.resolved_by IS
     'alertmanager (recovered), data_lost (resolved while data was missing), reconciled (gone from Alertmanager without a delivered resolution), auto_resolve (safety net).';
+
+-- The external URL of the Alertmanager that notified the alert first: the receiver reconciles a firing row
+-- against that Alertmanager's API (docs/alerting.md), never against one that did not send it.
+ALTER TABLE dict_rate_limit_alerts ADD COLUMN alertmanager_url text;
+COMMENT ON COLUMN dict_rate_limit_alerts.alertmanager_url IS
+    'externalURL of the Alertmanager whose notification created the row (reconciliation source).';

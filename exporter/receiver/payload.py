@@ -97,6 +97,8 @@ class WebhookPayload:
     receiver: str
     truncated_alerts: int
     alerts: tuple[AlertNotification, ...]
+    #: The sending Alertmanager's external URL: where the receiver asks which alerts are still active.
+    external_url: str = ""
 
 
 def parse_number(text: str | None) -> float | None:
@@ -268,4 +270,5 @@ def parse_payload(body: bytes, replica_labels: tuple[str, ...] = DEFAULT_REPLICA
         receiver=_text(document.get("receiver"), "receiver", required=False),
         truncated_alerts=truncated,
         alerts=tuple(_alert(item, f"alerts[{index}]", replica_labels) for index, item in enumerate(alerts)),
+        external_url=_text(document.get("externalURL"), "externalURL", required=False),
     )

@@ -9,8 +9,13 @@ without the replica labels) none of them holds at two consecutive checks. Two ch
 Alertmanager is about to deliver (within its group_interval) is recorded as it says, not raced.
 
 Why this mechanism: the rules cannot know what Alertmanager suppresses, and Alertmanager offers no
-"deliver inhibited resolutions" option; its API is the only place where "still active" is known. If any
-Alertmanager cannot be asked, the round is skipped: an unreachable API must never resolve anything.
+"deliver inhibited resolutions" option; its API is the only place where "still active" is known.
+
+Which Alertmanagers: those of ``ALERTMANAGER_URL`` (every firing row is checked against all of them; if
+any cannot be asked, the round is skipped), or by default the ones that send notifications (their
+``externalURL``, learnt from each payload and stored on the rows they create): each row is checked
+against the Alertmanager that created it only, and not at all while that one cannot be asked. An
+unreachable API never resolves anything. ``ALERTMANAGER_URL=off`` disables the reconciliation.
 The UPDATE fires the outbox trigger, so the ``resolved`` event reaches Pulsar like any other.
 """
 
@@ -30,7 +35,7 @@ from exporter.receiver.store import RecordResult, Transition
 
 log = logging.getLogger(__name__)
 
-FIRING = "SELECT id, fingerprint FROM dict_rate_limit_alerts WHERE status = 'firing'"
+FIRING = "SELECT id, fingerprint, alertmanager_url FROM dict_rate_limit_alerts WHERE status = 'firing'"
 RESOLVE = """
 UPDATE dict_rate_limit_alerts
    SET status = 'resolved', ends_at = now(), resolved_at = now(), resolved_by = 'reconciled',
@@ -51,26 +56,42 @@ def identities(alerts: Iterable[Mapping[str, Any]], replica_labels: Iterable[str
     return {label_fingerprint(without_replica_labels(a.get("labels") or {}, drop)) for a in alerts}
 
 
+def _normal(url: str) -> str:
+    return url.strip().rstrip("/")
+
+
 class Reconciler:
     """Resolves firing rows that every configured Alertmanager has forgotten (see the module docstring)."""
 
     def __init__(
         self,
         pool: AsyncConnectionPool,
-        urls: Iterable[str],
+        urls: Iterable[str] | None,
         replica_labels: Iterable[str],
         interval_seconds: float,
     ) -> None:
+        """``urls`` None: learn the Alertmanagers from the notifications (:meth:`learn`)."""
         self._pool = pool
-        self._urls = [url.strip().rstrip("/") for url in urls if url.strip()]
+        self._explicit = urls is not None
+        self._urls = [_normal(url) for url in urls or () if url.strip()]
         self._replica_labels = tuple(replica_labels)
         self._interval = interval_seconds
         self._absent_before: set[int] = set()
         self._stopping = asyncio.Event()
 
-    async def _alertmanager_alerts(self, session: aiohttp.ClientSession) -> list[Mapping[str, Any]]:
+    def learn(self, external_url: str) -> None:
+        """Notes an Alertmanager that sent a notification (ignored with explicit URLs)."""
+        url = _normal(external_url)
+        if not self._explicit and url and url not in self._urls:
+            self._urls.append(url)
+
+    async def _held_by(self, session: aiohttp.ClientSession, url: str) -> set[str]:
+        """Identities of the alerts one Alertmanager holds; raises AlertmanagerUnavailable."""
+        return identities(await self._alerts_of(session, url), self._replica_labels)
+
+    async def _alerts_of(self, session: aiohttp.ClientSession, url: str) -> list[Mapping[str, Any]]:
         alerts: list[Mapping[str, Any]] = []
-        for url in self._urls:
+        if url:
             try:
                 async with session.get(f"{url}/api/v2/alerts") as response:
                     if response.status != 200:
@@ -83,15 +104,37 @@ class Reconciler:
             alerts.extend(item for item in body if isinstance(item, dict))
         return alerts
 
+    async def _absent(self, session: aiohttp.ClientSession, rows: list[tuple[Any, ...]]) -> set[int]:
+        """Firing rows whose alert their Alertmanager(s) no longer hold."""
+        if self._explicit:
+            held: set[str] = set()
+            for url in self._urls:
+                held |= await self._held_by(session, url)  # one failure skips the whole round
+            return {int(row_id) for row_id, fingerprint, _ in rows if fingerprint not in held}
+        absent: set[int] = set()
+        for url in list(self._urls):
+            try:
+                held = await self._held_by(session, url)
+            except AlertmanagerUnavailable as exc:
+                log.warning("reconciliation skipped for one Alertmanager", extra={"ctx": {"error": str(exc)}})
+                continue
+            absent |= {
+                int(row_id)
+                for row_id, fingerprint, source in rows
+                if _normal(source or "") == url and fingerprint not in held
+            }
+        return absent
+
     async def check_once(self) -> RecordResult:
         """One round; returns the resolutions it committed (for the seed counters)."""
-        timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_SECONDS)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            active = identities(await self._alertmanager_alerts(session), self._replica_labels)
         result = RecordResult()
+        if not self._urls:
+            return result
         async with self._pool.connection() as conn:
             rows = await (await conn.execute(FIRING)).fetchall()
-            absent = {int(row_id) for row_id, fingerprint in rows if fingerprint not in active}
+            timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_SECONDS)
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                absent = await self._absent(session, rows)
             due = sorted(absent & self._absent_before)
             self._absent_before = absent - set(due)
             if due:

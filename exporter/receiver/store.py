@@ -40,7 +40,8 @@ INSERT = """
 INSERT INTO dict_rate_limit_alerts (
     fingerprint, alert_name, severity, endpoint_id, psp_category, status, starts_at, ends_at, resolved_at,
     resolved_by, available_tokens, capacity, utilization_percent, recovery_eta_seconds,
-    exhaustion_projection_seconds, summary, description, labels, annotations, payload, generator_url)
+    exhaustion_projection_seconds, summary, description, labels, annotations, payload, generator_url,
+    alertmanager_url)
 SELECT %(fingerprint)s, %(alert_name)s, %(severity)s, %(endpoint_id)s::text, %(psp_category)s::text,
        %(status)s, %(starts_at)s, %(ends_at)s::timestamptz, CASE WHEN %(resolved)s THEN now() END,
        %(resolved_by)s::text,
@@ -50,7 +51,7 @@ SELECT %(fingerprint)s, %(alert_name)s, %(severity)s, %(endpoint_id)s::text, %(p
        coalesce(%(recovery_eta_seconds)s::float8, s.recovery_eta_seconds),
        coalesce(%(exhaustion_projection_seconds)s::float8, s.exhaustion_projection_seconds),
        %(summary)s::text, %(description)s::text, %(labels)s, %(annotations)s, %(payload)s,
-       %(generator_url)s::text
+       %(generator_url)s::text, %(alertmanager_url)s::text
   FROM (SELECT 1) AS one
   LEFT JOIN LATERAL (
         SELECT st.available_tokens, st.capacity, st.utilization_percent, st.recovery_eta_seconds,
@@ -116,7 +117,7 @@ def _transition(kind: str, alert: AlertNotification) -> Transition:
     return Transition(kind, alert.endpoint_id or "", alert.severity, alert.psp_category or "")
 
 
-def _insert_params(alert: AlertNotification) -> dict[str, Any]:
+def _insert_params(alert: AlertNotification, source: str) -> dict[str, Any]:
     resolved = alert.status == "resolved"
     return {
         "fingerprint": alert.fingerprint,
@@ -140,6 +141,7 @@ def _insert_params(alert: AlertNotification) -> dict[str, Any]:
         "annotations": Jsonb(dict(alert.annotations)),
         "payload": Jsonb(alert.raw, dumps=_dumps),
         "generator_url": alert.generator_url or None,
+        "alertmanager_url": source or None,
     }
 
 
@@ -164,7 +166,11 @@ async def _find(
 
 
 async def _record_one(
-    conn: AsyncConnection[Any], alert: AlertNotification, result: RecordResult, tolerance: timedelta
+    conn: AsyncConnection[Any],
+    alert: AlertNotification,
+    result: RecordResult,
+    tolerance: timedelta,
+    source: str,
 ) -> None:
     found = await _find(conn, alert, tolerance)
     if found is not None:
@@ -177,7 +183,7 @@ async def _record_one(
                 return
         result.duplicates += 1
         return
-    cursor = await conn.execute(INSERT, _insert_params(alert))
+    cursor = await conn.execute(INSERT, _insert_params(alert, source))
     if await cursor.fetchone() is None:  # the same instance exactly (fingerprint, startsAt): a retry
         result.duplicates += 1
         return
@@ -190,10 +196,14 @@ async def record_alerts(
     conn: AsyncConnection[Any],
     alerts: tuple[AlertNotification, ...],
     start_tolerance: timedelta = DEFAULT_START_TOLERANCE,
+    source: str = "",
 ) -> RecordResult:
-    """Records every alert of one notification in one transaction; returns what changed once committed."""
+    """Records every alert of one notification in one transaction; returns what changed once committed.
+
+    ``source`` is the sending Alertmanager's external URL, kept on new rows for the reconciliation.
+    """
     result = RecordResult()
     async with conn.transaction():
         for alert in alerts:
-            await _record_one(conn, alert, result, start_tolerance)
+            await _record_one(conn, alert, result, start_tolerance, source)
     return result

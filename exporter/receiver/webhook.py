@@ -144,10 +144,11 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
                 settings.database_url, state.publisher, state.metrics, state.relay_tuning
             )
             state.tasks.append(asyncio.create_task(state.relay.run(), name="outbox-relay"))
-        if settings.alertmanager_url:
+        if (settings.alertmanager_url or "").strip().lower() != "off":
+            explicit = [u for u in (settings.alertmanager_url or "").split(",") if u.strip()]
             state.reconciler = Reconciler(
                 pool,
-                settings.alertmanager_url.split(","),
+                explicit or None,  # None: the Alertmanagers that send notifications (externalURL)
                 settings.alert_replica_labels,
                 settings.reconcile_interval_seconds,
             )
@@ -213,7 +214,7 @@ async def _receive(request: web.Request, state: ReceiverState) -> web.Response:
     assert state.pool is not None
     try:
         async with state.pool.connection() as conn:
-            result = await record_alerts(conn, payload.alerts, state.start_tolerance)
+            result = await record_alerts(conn, payload.alerts, state.start_tolerance, payload.external_url)
     except psycopg.OperationalError as exc:
         log.warning("database unavailable: answering 503", extra={"ctx": {"error": str(exc)}})
         return _error(503, "database unavailable, retry later")
@@ -224,6 +225,8 @@ async def _receive(request: web.Request, state: ReceiverState) -> web.Response:
         log.exception("recording alerts failed")
         return _error(500, "recording alerts failed")
     _recorded(state, result)
+    if state.reconciler is not None and payload.external_url:
+        state.reconciler.learn(payload.external_url)
     _log_result(payload, result)
     return web.json_response(
         {

@@ -169,6 +169,34 @@ async def test_an_inhibited_resolution_is_reconciled_from_alertmanager_within_se
     ]
 
 
+async def test_without_alertmanager_url_the_notifying_alertmanager_is_asked(
+    tmp_path: Path, database_url: str, pulsar_broker: EmbeddedPulsar
+) -> None:
+    """Default: the receiver learns the Alertmanager from its notifications' externalURL."""
+    binary = require_binary("prometheus-alertmanager")
+    migrate(database_url)
+    topic = unique_topic()
+    settings = receiver_settings(database_url, pulsar_broker, topic, tmp_path / "token")
+    settings = settings.replace(reconcile_interval_seconds=1.0)
+    assert settings.alertmanager_url is None
+    config = alertmanager_config(settings, tmp_path)
+    starts = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=40)
+    query = "SELECT alert_name, status, resolved_by, alertmanager_url FROM dict_rate_limit_alerts ORDER BY 1"
+    with alertmanager(binary, config, tmp_path) as manager:
+        async with running_receiver(settings, ReceiverMetrics()):
+            manager.post(am_alert(LABELS, starts_at=starts))
+            assert await statuses(database_url, "firing", 20) == [("firing",)]
+            manager.post(am_alert({**LABELS, "alertname": "DICTRateLimitExhausted"}, starts_at=starts))
+            expected = [
+                ("DICTRateLimitCritical", "firing", None, manager.url),
+                ("DICTRateLimitExhausted", "firing", None, manager.url),
+            ]
+            assert await eventually(query, database_url, expected, 20) == expected
+            manager.post(am_alert(LABELS, starts_at=starts, resolved=True))  # inhibited: not delivered
+            expected[0] = ("DICTRateLimitCritical", "resolved", "reconciled", manager.url)
+            assert await eventually(query, database_url, expected, 20) == expected
+
+
 async def test_no_reconciliation_while_alertmanager_cannot_be_asked(
     tmp_path: Path, database_url: str, pulsar_broker: EmbeddedPulsar
 ) -> None:
