@@ -77,6 +77,7 @@ class Reconciler:
         self._replica_labels = tuple(replica_labels)
         self._interval = interval_seconds
         self._absent_before: set[int] = set()
+        self._failing: set[str] = set()
         self._stopping = asyncio.Event()
 
     def learn(self, external_url: str) -> None:
@@ -116,8 +117,14 @@ class Reconciler:
             try:
                 held = await self._held_by(session, url)
             except AlertmanagerUnavailable as exc:
-                log.warning("reconciliation skipped for one Alertmanager", extra={"ctx": {"error": str(exc)}})
+                # Once per outage: an externalURL the receiver cannot reach would log every round.
+                level = logging.DEBUG if url in self._failing else logging.WARNING
+                log.log(
+                    level, "reconciliation skipped for one Alertmanager", extra={"ctx": {"error": str(exc)}}
+                )
+                self._failing.add(url)
                 continue
+            self._failing.discard(url)
             absent |= {
                 int(row_id)
                 for row_id, fingerprint, source in rows
