@@ -18,6 +18,10 @@ RUNBOOKS = "https://github.com/dict-rate-limit-exporter/dict-rate-limit-exporter
 PROM = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
 PG = dm.DataSourceRef(type_val="grafana-postgresql-datasource", uid="${postgres}")
 SEL = 'endpoint_id=~"$policy", psp_category=~"$category"'
+# The recording rules carry no psp_category (rules bundle 2: not part of an alert's identity): select
+# them by policy and keep the policies of the chosen categories with a join on the raw series.
+RULE_SEL = 'endpoint_id=~"$policy"'
+IN_CATEGORY = f" and on (endpoint_id) group by (endpoint_id) (dict_rate_limit_capacity{{{SEL}}})"
 # One source for the alert thresholds: the exporter's defaults, which the rules compare against.
 WARN = Settings().warning_remaining_ratio
 CRIT = Settings().critical_remaining_ratio
