@@ -362,3 +362,43 @@ async def _state(
         return None
     alert = alerts.get(alertname)
     return alerts if alert is not None and alert["state"] == state else None
+
+
+@pytest.mark.slow
+async def test_a_firing_critical_holds_when_the_exporter_stops_and_the_liveness_alert_explains_why(
+    tmp_path: Path,
+) -> None:
+    """Real Prometheus, real exporter: stopping the exporter does not resolve the Critical (no false
+    "resolved"); it keeps firing marked data missing while DICTRateLimitExporterAbsent fires."""
+    sim = SimulatorServer(category="A")
+    await sim.start()
+    prometheus: asyncio.subprocess.Process | None = None
+    try:
+        async with keep_full(sim), aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+            async with exporter_process(sim) as url, hold(sim, 0.05):
+                prometheus, base = await prometheus_process(tmp_path, url.split("/")[2])
+                await eventually(
+                    lambda: _state(http, base, "DICTRateLimitCritical", "firing"), 40, "CRITICAL firing"
+                )
+            # The exporter is gone: its target fails, every series of it goes stale.
+
+            async def absent() -> bool:
+                async with http.get(f"{base}/api/v1/alerts") as response:
+                    alerts = (await response.json())["data"]["alerts"]
+                return any(
+                    a["labels"]["alertname"] == "DICTRateLimitExporterAbsent" and a["state"] == "firing"
+                    for a in alerts
+                )
+
+            await eventually(absent, 30, "ExporterAbsent firing")
+            await asyncio.sleep(5)  # longer than the fast Critical's window and keep_firing_for
+            alerts = await firing(http, base)
+            critical = alerts["DICTRateLimitCritical"]
+            assert critical["state"] == "firing"
+            assert critical["annotations"]["data_state"] == "missing"
+            assert "? (data missing)" in critical["annotations"]["description"]
+    finally:
+        if prometheus is not None and prometheus.returncode is None:
+            prometheus.terminate()
+            await prometheus.wait()
+        await sim.stop()
