@@ -263,6 +263,9 @@ KEYS: tuple[Key, ...] = (
         "notifications (their externalURL); off: no reconciliation.", RECEIVER),
     Key("reconcile_interval_seconds", "RECONCILE_INTERVAL_SECONDS", _number(float, 0.1),
         "Seconds between two reconciliations with Alertmanager.", RECEIVER),
+    Key("reconcile_grace_seconds", "RECONCILE_GRACE_SECONDS", _number(float, 0.0),
+        "How long Alertmanager must have forgotten a firing alert before the receiver resolves it.",
+        RECEIVER),
     Key("pulsar_url", "PULSAR_URL", _str, "Pulsar service URL.", RECEIVER),
     Key("pulsar_topic", "PULSAR_TOPIC", _str, "Topic alert events are published to.", RECEIVER),
     Key("pulsar_auth_token", "PULSAR_AUTH_TOKEN", _opt_str,
@@ -329,6 +332,7 @@ class Settings:
     alert_start_tolerance_seconds: float = 300.0
     alertmanager_url: str | None = None
     reconcile_interval_seconds: float = 60.0
+    reconcile_grace_seconds: float = 180.0
     pulsar_url: str = "pulsar://127.0.0.1:6650"
     pulsar_topic: str = DEFAULT_PULSAR_TOPIC
     pulsar_auth_token: str | None = None

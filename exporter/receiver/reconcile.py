@@ -5,8 +5,10 @@ so its audit row would stay firing, and core systems would hear nothing, until t
 Every ``RECONCILE_INTERVAL_SECONDS`` the receiver asks each configured Alertmanager for the alerts it
 holds (``GET /api/v2/alerts``: active, inhibited, silenced and unprocessed alike; resolved ones are not
 listed) and resolves, with ``resolved_by = 'reconciled'``, the firing rows whose identity (fingerprint
-without the replica labels) none of them holds at two consecutive checks. Two checks, so a resolution
-Alertmanager is about to deliver (within its group_interval) is recorded as it says, not raced.
+without the replica labels) it has not held at any check for ``RECONCILE_GRACE_SECONDS`` (180, at least
+two checks): long enough for a resolution Alertmanager is about to deliver (its group_interval) to be
+recorded as it says, and for Prometheus to resend its active alerts to an Alertmanager that restarted
+empty (every minute, ``resend_delay``).
 
 Why this mechanism: the rules cannot know what Alertmanager suppresses, and Alertmanager offers no
 "deliver inhibited resolutions" option; its API is the only place where "still active" is known.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -69,6 +72,7 @@ class Reconciler:
         urls: Iterable[str] | None,
         replica_labels: Iterable[str],
         interval_seconds: float,
+        grace_seconds: float = 180.0,
     ) -> None:
         """``urls`` None: learn the Alertmanagers from the notifications (:meth:`learn`)."""
         self._pool = pool
@@ -76,7 +80,8 @@ class Reconciler:
         self._urls = [_normal(url) for url in urls or () if url.strip()]
         self._replica_labels = tuple(replica_labels)
         self._interval = interval_seconds
-        self._absent_before: set[int] = set()
+        self._grace = grace_seconds
+        self._absent_since: dict[int, float] = {}
         self._failing: set[str] = set()
         self._stopping = asyncio.Event()
 
@@ -142,8 +147,14 @@ class Reconciler:
             timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_SECONDS)
             async with aiohttp.ClientSession(timeout=timeout) as session:
                 absent = await self._absent(session, rows)
-            due = sorted(absent & self._absent_before)
-            self._absent_before = absent - set(due)
+            now = time.monotonic()
+            # Absent since the first check that missed it; kept only while it stays absent.
+            self._absent_since = {row: self._absent_since.get(row, now) for row in absent}
+            due = sorted(
+                row for row, since in self._absent_since.items() if since < now and now - since >= self._grace
+            )
+            for row in due:
+                del self._absent_since[row]
             if due:
                 async with conn.transaction():
                     resolved = await (await conn.execute(RESOLVE, [due])).fetchall()

@@ -151,6 +151,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
                 explicit or None,  # None: the Alertmanagers that send notifications (externalURL)
                 settings.alert_replica_labels,
                 settings.reconcile_interval_seconds,
+                settings.reconcile_grace_seconds,
             )
             state.tasks.append(
                 asyncio.create_task(state.reconciler.run(lambda r: _recorded(state, r)), name="reconcile")

@@ -144,7 +144,9 @@ async def test_an_inhibited_resolution_is_reconciled_from_alertmanager_within_se
     exhausted = {**LABELS, "alertname": "DICTRateLimitExhausted"}
     try:
         with alertmanager(binary, config, tmp_path) as manager:
-            settings = settings.replace(alertmanager_url=manager.url, reconcile_interval_seconds=1.0)
+            settings = settings.replace(
+                alertmanager_url=manager.url, reconcile_interval_seconds=0.5, reconcile_grace_seconds=5.0
+            )
             async with running_receiver(settings, ReceiverMetrics()):
                 manager.post(am_alert(critical, starts_at=starts))
                 assert await statuses(database_url, "firing", 20) == [("firing",)]
@@ -154,12 +156,15 @@ async def test_an_inhibited_resolution_is_reconciled_from_alertmanager_within_se
                 assert await eventually(query, database_url, both, 20) == both
                 manager.post(am_alert(critical, starts_at=starts, resolved=True))  # while inhibited
                 still = await asyncio.to_thread(manager.alerts)
+                await asyncio.sleep(2)  # well within the 5 s grace: an Alertmanager may resend it yet
+                within_grace = rows(database_url, query)
                 expected = [("DICTRateLimitCritical", "resolved"), ("DICTRateLimitExhausted", "firing")]
                 found = await eventually(query, database_url, expected, 20)
                 events = await asyncio.to_thread(consumer.receive, 3, 20)
     finally:
         consumer.close()
     assert all(a["labels"]["alertname"] == "DICTRateLimitExhausted" for a in still)
+    assert within_grace == both
     assert found == expected
     by = rows(database_url, "SELECT resolved_by FROM dict_rate_limit_alerts WHERE status = 'resolved'")
     assert by == [("reconciled",)]
@@ -177,7 +182,7 @@ async def test_without_alertmanager_url_the_notifying_alertmanager_is_asked(
     migrate(database_url)
     topic = unique_topic()
     settings = receiver_settings(database_url, pulsar_broker, topic, tmp_path / "token")
-    settings = settings.replace(reconcile_interval_seconds=1.0)
+    settings = settings.replace(reconcile_interval_seconds=1.0, reconcile_grace_seconds=2.0)
     assert settings.alertmanager_url is None
     config = alertmanager_config(settings, tmp_path)
     starts = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=40)
@@ -211,7 +216,9 @@ async def test_no_reconciliation_while_alertmanager_cannot_be_asked(
             manager.post(am_alert(LABELS, starts_at=starts))
             assert await statuses(database_url, "firing", 20) == [("firing",)]
     # Alertmanager is gone; a receiver pointed at it must keep the row firing.
-    settings = settings.replace(alertmanager_url=manager.url, reconcile_interval_seconds=0.5)
+    settings = settings.replace(
+        alertmanager_url=manager.url, reconcile_interval_seconds=0.5, reconcile_grace_seconds=1.0
+    )
     async with running_receiver(settings, ReceiverMetrics()):
         await asyncio.sleep(3)
     assert rows(database_url, "SELECT status FROM dict_rate_limit_alerts") == [("firing",)]
