@@ -23,6 +23,10 @@ PG = dm.DataSourceRef(type_val="grafana-postgresql-datasource", uid="${postgres_
 # rules group by (cluster, namespace; absent labels match the ".*" of "All").
 ID = 'job=~"$job", cluster=~"$cluster", namespace=~"$namespace"'
 SEL = ID + ', endpoint_id=~"$policy", psp_category=~"$category"'
+# The recording rules carry no psp_category (rules bundle 2: not part of an alert's identity): select
+# them by policy and keep the policies of the chosen categories with a join on the raw series.
+RULE_SEL = ID + ', endpoint_id=~"$policy"'
+IN_CATEGORY = f" and on (endpoint_id) group by (endpoint_id) (dict_rate_limit_capacity{{{SEL}}})"
 # One source for the alert thresholds: the exporter's defaults, which the rules compare against.
 WARN = ThresholdKeys().warning_remaining_ratio
 CRIT = ThresholdKeys().critical_remaining_ratio

@@ -10,8 +10,10 @@ from panel_kit import (
     CRIT,
     EXHAUSTION_SOON_SECONDS,
     ID,
+    IN_CATEGORY,
     PG,
     PROM,
+    RULE_SEL,
     SEL,
     WARN,
     SqlQuery,
@@ -29,8 +31,8 @@ from panel_kit import (
 
 def danger_table() -> table.Panel:
     # Recording rules fold exporter replicas (instance, pod) the way the alerts do.
-    top = f"bottomk(10, endpoint:dict_rate_limit_remaining:ratio{{{SEL}}})"
-    join = f" and on (endpoint_id, psp_category) {top}"
+    top = f"bottomk(10, endpoint:dict_rate_limit_remaining:ratio{{{RULE_SEL}}}{IN_CATEGORY})"
+    join = f" and on (endpoint_id) {top}"
     available = f"min without (instance, pod) (dict_rate_limit_available_tokens{{{SEL}}}){join}"
     eta = f"max without (instance, pod) (dict_rate_limit_recovery_eta_seconds{{{SEL}}}){join}"
     return (
@@ -126,7 +128,7 @@ def bucket_panels() -> list[cogbuilder.Builder[dm.Panel]]:
         "Remaining share of each bucket",
         "percentunit",
         "available / capacity; the dashed lines are the default WARNING and CRITICAL thresholds.",
-        promql(f"endpoint:dict_rate_limit_remaining:ratio{{{SEL}}}"),
+        promql(f"endpoint:dict_rate_limit_remaining:ratio{{{RULE_SEL}}}{IN_CATEGORY}"),
     ).thresholds(remaining_steps())
     remaining = remaining.thresholds_style(
         common.GraphThresholdsStyleConfig().mode(cm.GraphThresholdsStyleMode.DASHED)
@@ -160,7 +162,7 @@ def bucket_panels() -> list[cogbuilder.Builder[dm.Panel]]:
         bars(
             "Exhaustion projection",
             "s",
-            f"endpoint:dict_rate_limit_exhaustion:seconds{{{SEL}}}",
+            f"endpoint:dict_rate_limit_exhaustion:seconds{{{RULE_SEL}}}{IN_CATEGORY}",
             "Time until the balance reaches 0 at the last 5 minutes' net drain (the projection "
             "DICTRateLimitExhaustionSoon alerts on below one hour). Empty when no bucket is draining "
             "(consumption below refill): the healthy state.",

@@ -18,7 +18,7 @@ from types import FrameType
 from typing import Any
 
 from devstack.stack import Stack, StackError, Timings
-from exporter.rules.render import RULES_DIR, format_duration, load_groups, parse_duration
+from exporter.rules.render import RULES_DIR, effective_for, format_duration, load_groups
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +46,13 @@ SCENARIO_STORY = (
 
 
 def demo_alert_for(scale: float = FOR_SCALE) -> dict[str, str]:
-    """Every alert's ``for:`` times ``scale`` (at least 1 s); the stack's own alerts at least 30 s."""
+    """Every alert's delay (``for:``, or half its hysteresis window) times ``scale`` (at least 1 s); the
+    stack's own alerts at least 30 s."""
     durations: dict[str, str] = {}
     for group in load_groups(RULES_DIR):
         for rule in group["rules"]:
             if "alert" in rule:
-                seconds = max(parse_duration(rule.get("for", "0s")) * scale, 1.0)
+                seconds = max(effective_for(rule) * scale, 1.0)
                 if rule["alert"] in SELF_ALERTS:
                     seconds = max(seconds, SELF_ALERT_MIN_FOR)
                 durations[rule["alert"]] = format_duration(seconds)

@@ -30,7 +30,27 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "exporter.simulator.server:run",
         "Serve a Bridge simulator with real token-bucket dynamics.",
     ),
+    # Takes its own arguments, not Settings: `rules render` only writes files.
+    "rules": ("exporter.rules.render:run_render", "Render the alerting rules for your selectors."),
 }
+
+
+def _add_rules_parser(parser: argparse.ArgumentParser) -> None:
+    from exporter.rules.render import add_render_arguments
+
+    actions = parser.add_subparsers(dest="rules_action", required=True, metavar="ACTION")
+    render = actions.add_parser(
+        "render",
+        help="Write the rule files and the PrometheusRule for given selectors.",
+        description="Write the rules bundle (rule files and PrometheusRule) with your selectors and "
+        "deployment labels; rules/ in the repository is the rendering with the defaults.",
+    )
+    add_render_arguments(render)
+
+
+def _run_rules(args: argparse.Namespace) -> int:
+    entry = _resolve(COMMANDS["rules"][0])
+    return entry(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_target, help_text) in COMMANDS.items():
         command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "rules":
+            _add_rules_parser(command_parser)
+            continue
         config.add_flags(command_parser, name)
         if name == "migrate":
             command_parser.add_argument(
@@ -61,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Validate the configuration and print the effective values, "
         "secrets masked. Exit 2 and one line naming the key when invalid.",
     )
-    check.add_argument("target", choices=sorted(COMMANDS), nargs="?", default="exporter")
+    check.add_argument("target", choices=sorted(set(COMMANDS) - {"rules"}), nargs="?", default="exporter")
     config.add_flags(check, "check-config")
     return parser
 
@@ -75,6 +98,10 @@ def _resolve(target: str) -> Callable[..., int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return _run_rules(args) if args.command == "rules" else _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     flags = {k: v for k, v in vars(args).items() if k.startswith("cfg_") or k == "config_file"}
     command = args.target if args.command == "check-config" else args.command
     try:

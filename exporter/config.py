@@ -236,6 +236,29 @@ def _require_files(settings: Any, *names: str) -> None:
             raise ConfigError(name.upper(), f"file {path!r} does not exist")
 
 
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+
+
+def _label_names(raw: Any) -> tuple[str, ...]:
+    """Prometheus label names, comma-separated (env) or a YAML list; may be empty."""
+    items = raw if isinstance(raw, list | tuple) else _str(raw).split(",")
+    names = tuple(_str(item) for item in items if _str(item))
+    for name in names:
+        if not _LABEL_NAME.fullmatch(name):
+            raise ValueError(f"not a label name: {name!r}")
+    return names
+
+
+def _opt_urls(raw: Any) -> str | None:
+    value = _opt_str(raw)
+    if value is not None and value.lower() == "off":
+        return "off"
+    for url in (value or "").split(","):
+        if url.strip() and not re.match(r"^https?://[^/\s]+", url.strip()):
+            raise ValueError(f"must be http(s)://HOST:PORT URLs, comma-separated (got {url.strip()!r})")
+    return value
+
+
 def _host_port_or_none(raw: Any) -> str | None:
     return _host_port(raw) if _str(raw) else None
 
@@ -418,6 +441,31 @@ class ReceiverKeys(_Keys):
         1048576, _number(int, 1024), "Largest accepted webhook body; larger gets 413."
     )
     receiver_tls_cert_file: str | None = key(None, _opt_str, "PEM certificate to serve the webhook over TLS.")
+    alert_replica_labels: tuple[str, ...] = key(
+        ("prometheus_replica", "replica", "__replica__"),
+        _label_names,
+        "Labels that tell Prometheus HA replicas apart, ignored when identifying an alert.",
+    )
+    alert_start_tolerance_seconds: float = key(
+        300.0,
+        _number(float, 0.0),
+        "How far apart two Prometheus replicas may start one alert and still be one audit row.",
+    )
+    alertmanager_url: str | None = key(
+        None,
+        _opt_urls,
+        "Alertmanager(s) feeding this receiver, comma-separated: firing rows gone from all of them are "
+        "resolved (reconciled), e.g. an inhibited resolution. Unset: the Alertmanagers that send "
+        "notifications (their externalURL); off: no reconciliation.",
+    )
+    reconcile_interval_seconds: float = key(
+        60.0, _number(float, 0.1), "Seconds between two reconciliations with Alertmanager."
+    )
+    reconcile_grace_seconds: float = key(
+        180.0,
+        _number(float, 0.0),
+        "How long Alertmanager must have forgotten a firing alert before the receiver resolves it.",
+    )
     receiver_tls_key_file: str | None = key(None, _opt_str, "PEM private key to serve the webhook over TLS.")
 
     def _check(self) -> None:

@@ -134,7 +134,17 @@ def _rfc3339(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+_RESOLUTION_CAUSES = {
+    "data_lost": " (data lost, recovery not seen)",
+    "reconciled": " (no longer active in Alertmanager)",
+}
+
+
 def _message(row: OutboxRow, resolved: bool) -> str:
     # The rules' description names the policy and its numbers; the summary is the static fallback.
     text = " ".join((row.description or row.summary or row.alert_name).split()) or row.alert_name
-    return f"Resolved: {text}" if resolved else text
+    if not resolved:
+        return text
+    # A resolution is not always a recovery: say so, consumers must not read "the bucket is fine".
+    cause = _RESOLUTION_CAUSES.get(row.resolved_by or "", "")
+    return f"Resolved{cause}: {text}"

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+from exporter.receiver.identity import DEFAULT_REPLICA_LABELS, label_fingerprint, without_replica_labels
+
 SEVERITIES = ("critical", "warning", "info")
 ALERT_STATUSES = ("firing", "resolved")
 #: Alertmanager's "no end time" while an alert fires (Go's zero time.Time).
@@ -70,7 +72,15 @@ class AlertNotification:
 
     @property
     def psp_category(self) -> str | None:
-        return self.labels.get("psp_category") or None
+        # Bundle 2 keeps the category out of the labels (BCB changes it; identity must survive) and in
+        # an annotation; the seeds' rules and bundle 1 have it as a label.
+        category = self.labels.get("psp_category") or self.annotations.get("psp_category") or ""
+        return category if category and category != "unknown" else None
+
+    @property
+    def data_lost(self) -> bool:
+        """The rules' last evaluation held the alert on its last known state (no fresh bucket data)."""
+        return self.annotations.get("data_state") == "missing"
 
     def number(self, name: str) -> float | None:
         """A numeric annotation (or label) such as ``available_tokens``; None when absent or not a number."""
@@ -87,6 +97,8 @@ class WebhookPayload:
     receiver: str
     truncated_alerts: int
     alerts: tuple[AlertNotification, ...]
+    #: The sending Alertmanager's external URL: where the receiver asks which alerts are still active.
+    external_url: str = ""
 
 
 def parse_number(text: str | None) -> float | None:
@@ -188,7 +200,7 @@ def _kind(value: Any) -> str:
     return "null" if value is None else names.get(type(value), "number")
 
 
-def _alert(raw: Any, field: str) -> AlertNotification:
+def _alert(raw: Any, field: str, replica_labels: tuple[str, ...]) -> AlertNotification:
     if not isinstance(raw, dict):
         raise PayloadError(field, f"must be an object (got {_kind(raw)})")
     _storable(raw, field)
@@ -203,6 +215,9 @@ def _alert(raw: Any, field: str) -> AlertNotification:
     fingerprint = _text(raw.get("fingerprint"), f"{field}.fingerprint")
     if not fingerprint or len(fingerprint) > 128:
         raise PayloadError(f"{field}.fingerprint", "must be 1 to 128 characters")
+    identity = without_replica_labels(labels, replica_labels)
+    if identity != labels:  # a Prometheus replica's copy: identified as the alert without its replica label
+        labels, fingerprint = identity, label_fingerprint(identity)
     starts_at = parse_time(raw.get("startsAt"), f"{field}.startsAt")
     ends_raw = raw.get("endsAt")
     ends_at = None if ends_raw in (None, "") else parse_time(ends_raw, f"{field}.endsAt")
@@ -222,8 +237,11 @@ def _alert(raw: Any, field: str) -> AlertNotification:
     )
 
 
-def parse_payload(body: bytes) -> WebhookPayload:
-    """Validates a webhook body; raises :class:`PayloadError` (never anything else) when it is not one."""
+def parse_payload(body: bytes, replica_labels: tuple[str, ...] = DEFAULT_REPLICA_LABELS) -> WebhookPayload:
+    """Validates a webhook body; raises :class:`PayloadError` (never anything else) when it is not one.
+
+    ``replica_labels`` are dropped from each alert's labels (and its fingerprint recomputed without them).
+    """
     try:
         document = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
     except PayloadError:
@@ -251,5 +269,6 @@ def parse_payload(body: bytes) -> WebhookPayload:
         status=_text(document.get("status"), "status", required=False),
         receiver=_text(document.get("receiver"), "receiver", required=False),
         truncated_alerts=truncated,
-        alerts=tuple(_alert(item, f"alerts[{index}]") for index, item in enumerate(alerts)),
+        alerts=tuple(_alert(item, f"alerts[{index}]", replica_labels) for index, item in enumerate(alerts)),
+        external_url=_text(document.get("externalURL"), "externalURL", required=False),
     )

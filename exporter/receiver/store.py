@@ -1,13 +1,19 @@
 """The alert lifecycle in PostgreSQL: one transaction per notification, idempotent per alert instance.
 
-An alert instance is Alertmanager's fingerprint plus ``startsAt`` (the table's unique key). For each alert
-of a notification:
+An alert instance is its identity fingerprint (Alertmanager's, or recomputed without the Prometheus
+replica labels: exporter/receiver/identity.py) plus its episode: the row of that fingerprint whose
+``starts_at`` is within ``start_tolerance`` of the notification's ``startsAt`` and that had not ended
+before it. Two Prometheus replicas start the same alert up to an evaluation interval apart; both copies
+land on one row, so one ``created`` and one ``resolved`` event. Each fingerprint is serialized by a
+transaction-level advisory lock, so receiver replicas never race each other into two rows.
+For each alert of a notification:
 
 - firing, unknown instance: insert a firing row (the outbox trigger of ``sql/0003`` queues ``created``);
-- firing, known instance: nothing (a retry, a peer of an Alertmanager cluster, a repeat notification, or a
-  late firing after the resolution: a resolved row is final);
-- resolved, firing row: mark it resolved (``ends_at``, ``resolved_at``, ``resolved_by='alertmanager'``;
-  the trigger queues ``resolved``);
+- firing, known instance: nothing (a retry, a peer of an Alertmanager cluster, the other Prometheus
+  replica's copy, a repeat notification, or a late firing after the resolution: a resolved row is final);
+- resolved, firing row: mark it resolved (``ends_at``, ``resolved_at``, ``resolved_by`` = ``alertmanager``
+  for a recovery, ``data_lost`` when the rules last held the alert on missing data; the trigger queues
+  ``resolved``);
 - resolved, unknown instance (its firing notification was lost): insert it resolved (trigger: both events);
 - resolved, resolved row: nothing.
 
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from psycopg import AsyncConnection
@@ -33,7 +40,8 @@ INSERT = """
 INSERT INTO dict_rate_limit_alerts (
     fingerprint, alert_name, severity, endpoint_id, psp_category, status, starts_at, ends_at, resolved_at,
     resolved_by, available_tokens, capacity, utilization_percent, recovery_eta_seconds,
-    exhaustion_projection_seconds, summary, description, labels, annotations, payload, generator_url)
+    exhaustion_projection_seconds, summary, description, labels, annotations, payload, generator_url,
+    alertmanager_url)
 SELECT %(fingerprint)s, %(alert_name)s, %(severity)s, %(endpoint_id)s::text, %(psp_category)s::text,
        %(status)s, %(starts_at)s, %(ends_at)s::timestamptz, CASE WHEN %(resolved)s THEN now() END,
        %(resolved_by)s::text,
@@ -43,7 +51,7 @@ SELECT %(fingerprint)s, %(alert_name)s, %(severity)s, %(endpoint_id)s::text, %(p
        coalesce(%(recovery_eta_seconds)s::float8, s.recovery_eta_seconds),
        coalesce(%(exhaustion_projection_seconds)s::float8, s.exhaustion_projection_seconds),
        %(summary)s::text, %(description)s::text, %(labels)s, %(annotations)s, %(payload)s,
-       %(generator_url)s::text
+       %(generator_url)s::text, %(alertmanager_url)s::text
   FROM (SELECT 1) AS one
   LEFT JOIN LATERAL (
         SELECT st.available_tokens, st.capacity, st.utilization_percent, st.recovery_eta_seconds,
@@ -57,11 +65,25 @@ RETURNING id
 """
 RESOLVE = (
     "UPDATE dict_rate_limit_alerts"
-    "   SET status = 'resolved', ends_at = %s, resolved_at = now(), resolved_by = 'alertmanager',"
+    "   SET status = 'resolved', ends_at = %s, resolved_at = now(), resolved_by = %s,"
     "       payload = %s, updated_at = now()"
-    " WHERE fingerprint = %s AND starts_at = %s AND status = 'firing'"
+    " WHERE id = %s AND status = 'firing'"
     " RETURNING id"
 )
+LOCK = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 28554171))"
+# The episode a notification belongs to: same fingerprint, started within the tolerance, not ended
+# before this copy started (a new episode starts after the previous one's end).
+FIND = """
+SELECT id, status
+  FROM dict_rate_limit_alerts
+ WHERE fingerprint = %(fingerprint)s
+   AND starts_at BETWEEN %(starts_at)s - %(tolerance)s AND %(starts_at)s + %(tolerance)s
+   AND (status = 'firing' OR ends_at IS NULL OR %(starts_at)s < ends_at)
+ ORDER BY abs(extract(epoch FROM starts_at - %(starts_at)s))
+ LIMIT 1
+"""
+#: How far apart two Prometheus replicas may start one alert (an evaluation interval plus margin).
+DEFAULT_START_TOLERANCE = timedelta(minutes=5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +117,7 @@ def _transition(kind: str, alert: AlertNotification) -> Transition:
     return Transition(kind, alert.endpoint_id or "", alert.severity, alert.psp_category or "")
 
 
-def _insert_params(alert: AlertNotification) -> dict[str, Any]:
+def _insert_params(alert: AlertNotification, source: str) -> dict[str, Any]:
     resolved = alert.status == "resolved"
     return {
         "fingerprint": alert.fingerprint,
@@ -107,7 +129,7 @@ def _insert_params(alert: AlertNotification) -> dict[str, Any]:
         "starts_at": alert.starts_at,
         "ends_at": alert.ends_at if resolved else None,
         "resolved": resolved,
-        "resolved_by": "alertmanager" if resolved else None,
+        "resolved_by": resolved_by(alert) if resolved else None,
         "available_tokens": to_bigint(alert.number("available_tokens")),
         "capacity": to_bigint(alert.number("capacity")),
         "utilization_percent": alert.number("utilization_percent"),
@@ -119,6 +141,7 @@ def _insert_params(alert: AlertNotification) -> dict[str, Any]:
         "annotations": Jsonb(dict(alert.annotations)),
         "payload": Jsonb(alert.raw, dumps=_dumps),
         "generator_url": alert.generator_url or None,
+        "alertmanager_url": source or None,
     }
 
 
@@ -126,35 +149,61 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-async def _resolve(conn: AsyncConnection[Any], alert: AlertNotification) -> bool:
+def resolved_by(alert: AlertNotification) -> str:
+    """``data_lost`` when the rules held the alert on missing data until it ended, else ``alertmanager``."""
+    return "data_lost" if alert.data_lost else "alertmanager"
+
+
+async def _find(
+    conn: AsyncConnection[Any], alert: AlertNotification, tolerance: timedelta
+) -> tuple[int, str] | None:
+    await conn.execute(LOCK, [alert.fingerprint])
     cursor = await conn.execute(
-        RESOLVE, [alert.ends_at, Jsonb(alert.raw, dumps=_dumps), alert.fingerprint, alert.starts_at]
+        FIND, {"fingerprint": alert.fingerprint, "starts_at": alert.starts_at, "tolerance": tolerance}
     )
-    return await cursor.fetchone() is not None
+    row = await cursor.fetchone()
+    return None if row is None else (int(row[0]), str(row[1]))
 
 
-async def _record_one(conn: AsyncConnection[Any], alert: AlertNotification, result: RecordResult) -> None:
-    if alert.status == "resolved" and await _resolve(conn, alert):
+async def _record_one(
+    conn: AsyncConnection[Any],
+    alert: AlertNotification,
+    result: RecordResult,
+    tolerance: timedelta,
+    source: str,
+) -> None:
+    found = await _find(conn, alert, tolerance)
+    if found is not None:
+        row_id, status = found
+        if alert.status == "resolved" and status == "firing":
+            params = [alert.ends_at, resolved_by(alert), Jsonb(alert.raw, dumps=_dumps), row_id]
+            cursor = await conn.execute(RESOLVE, params)
+            if await cursor.fetchone() is not None:
+                result.transitions.append(_transition("resolved", alert))
+                return
+        result.duplicates += 1
+        return
+    cursor = await conn.execute(INSERT, _insert_params(alert, source))
+    if await cursor.fetchone() is None:  # the same instance exactly (fingerprint, startsAt): a retry
+        result.duplicates += 1
+        return
+    result.transitions.append(_transition("created", alert))
+    if alert.status == "resolved":
         result.transitions.append(_transition("resolved", alert))
-        return
-    cursor = await conn.execute(INSERT, _insert_params(alert))
-    if await cursor.fetchone() is not None:
-        result.transitions.append(_transition("created", alert))
-        if alert.status == "resolved":
-            result.transitions.append(_transition("resolved", alert))
-        return
-    # The insert lost to a concurrent transaction that committed the firing row meanwhile (two Alertmanager
-    # peers, two receiver replicas): this statement sees that row now, so try the resolution once more.
-    if alert.status == "resolved" and await _resolve(conn, alert):
-        result.transitions.append(_transition("resolved", alert))
-        return
-    result.duplicates += 1
 
 
-async def record_alerts(conn: AsyncConnection[Any], alerts: tuple[AlertNotification, ...]) -> RecordResult:
-    """Records every alert of one notification in one transaction; returns what changed once committed."""
+async def record_alerts(
+    conn: AsyncConnection[Any],
+    alerts: tuple[AlertNotification, ...],
+    start_tolerance: timedelta = DEFAULT_START_TOLERANCE,
+    source: str = "",
+) -> RecordResult:
+    """Records every alert of one notification in one transaction; returns what changed once committed.
+
+    ``source`` is the sending Alertmanager's external URL, kept on new rows for the reconciliation.
+    """
     result = RecordResult()
     async with conn.transaction():
         for alert in alerts:
-            await _record_one(conn, alert, result)
+            await _record_one(conn, alert, result, start_tolerance, source)
     return result

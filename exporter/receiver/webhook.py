@@ -17,6 +17,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -30,6 +31,7 @@ from exporter.receiver.metrics import ReceiverMetrics
 from exporter.receiver.outbox import OutboxRelay, RelayTuning
 from exporter.receiver.payload import PayloadError, WebhookPayload, parse_payload
 from exporter.receiver.publisher import PulsarPublisher
+from exporter.receiver.reconcile import Reconciler
 from exporter.receiver.store import RecordResult, record_alerts
 from exporter.webconfig import WebConfig
 
@@ -54,7 +56,12 @@ class ReceiverState:
     pool: AsyncConnectionPool | None = None
     relay: OutboxRelay | None = None
     publisher: PulsarPublisher | None = None
+    reconciler: Reconciler | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def start_tolerance(self) -> timedelta:
+        return timedelta(seconds=self.settings.alert_start_tolerance_seconds)
 
 
 STATE = web.AppKey("receiver_state", ReceiverState)
@@ -147,8 +154,22 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
                 settings.database_url, state.publisher, state.metrics, state.relay_tuning
             )
             state.tasks.append(asyncio.create_task(state.relay.run(), name="outbox-relay"))
+        if (settings.alertmanager_url or "").strip().lower() != "off":
+            explicit = [u for u in (settings.alertmanager_url or "").split(",") if u.strip()]
+            state.reconciler = Reconciler(
+                pool,
+                explicit or None,  # None: the Alertmanagers that send notifications (externalURL)
+                settings.alert_replica_labels,
+                settings.reconcile_interval_seconds,
+                settings.reconcile_grace_seconds,
+            )
+            state.tasks.append(
+                asyncio.create_task(state.reconciler.run(lambda r: _recorded(state, r)), name="reconcile")
+            )
         yield
     finally:
+        if state.reconciler is not None:
+            await state.reconciler.stop()
         if state.relay is not None:
             await state.relay.stop()
         for task in state.tasks:
@@ -204,7 +225,7 @@ async def _receive(request: web.Request, state: ReceiverState) -> web.Response:
     assert state.pool is not None
     try:
         async with state.pool.connection() as conn:
-            result = await record_alerts(conn, payload.alerts)
+            result = await record_alerts(conn, payload.alerts, state.start_tolerance, payload.external_url)
     except psycopg.OperationalError as exc:
         log.warning("database unavailable: answering 503", extra={"ctx": {"error": str(exc)}})
         return _error(503, "database unavailable, retry later")
@@ -214,9 +235,9 @@ async def _receive(request: web.Request, state: ReceiverState) -> web.Response:
     except psycopg.Error:
         log.exception("recording alerts failed")
         return _error(500, "recording alerts failed")
-    state.metrics.count_recorded(result)
-    if result.transitions and state.relay is not None:
-        state.relay.wake()
+    _recorded(state, result)
+    if state.reconciler is not None and payload.external_url:
+        state.reconciler.learn(payload.external_url)
     _log_result(payload, result)
     return web.json_response(
         {
@@ -229,6 +250,13 @@ async def _receive(request: web.Request, state: ReceiverState) -> web.Response:
     )
 
 
+def _recorded(state: ReceiverState, result: RecordResult) -> None:
+    """After a commit: the seed counters, and the relay woken for the new events."""
+    state.metrics.count_recorded(result)
+    if result.transitions and state.relay is not None:
+        state.relay.wake()
+
+
 async def _payload(request: web.Request, state: ReceiverState) -> WebhookPayload | web.Response:
     limit = state.settings.webhook_max_body_bytes
     try:
@@ -239,7 +267,7 @@ async def _payload(request: web.Request, state: ReceiverState) -> WebhookPayload
         state.metrics.invalid_payloads.labels("too_large").inc()
         return _error(413, f"body larger than WEBHOOK_MAX_BODY_BYTES ({limit} bytes)")
     try:
-        return parse_payload(body)
+        return parse_payload(body, state.settings.alert_replica_labels)
     except PayloadError as exc:
         state.metrics.invalid_payloads.labels(exc.reason).inc()
         log.warning("invalid webhook payload", extra={"ctx": {"reason": str(exc)}})

@@ -1,13 +1,19 @@
-"""Renders the rules bundle (rules/*.rules.yml): the PrometheusRule manifest and the demo's fast variant.
+"""Renders the rules bundle: rule files for a given setup, the PrometheusRule manifest, the fast variant.
 
-The rule files are the only source. ``render_prometheusrule`` wraps their groups in one PrometheusRule
-object for the Prometheus Operator (committed as deploy/kubernetes/base/prometheusrule.yaml and checked for
-drift by the tests); ``render_fast_rules`` writes copies whose ``for:`` durations are shortened, so a demo
-or an end-to-end test sees alerts fire in seconds with the same expressions, labels and annotations.
+The source is the templates in ``exporter/rules/templates/``: mixin-style placeholders for how the
+exporter's, the receiver's and Alertmanager's series are selected and which labels identify one
+deployment. ``render_rules`` fills them (``dict-rate-limit rules render``); ``rules/`` is the default
+rendering (a test fails when it drifts). ``render_prometheusrule`` wraps the rendered groups in one
+PrometheusRule object for the Prometheus Operator (committed as deploy/kubernetes/base/prometheusrule.yaml and
+checked for drift by the tests); ``render_fast_rules`` writes copies whose ``for:`` durations are
+shortened, so a demo or an end-to-end test sees alerts fire in seconds with the same expressions,
+labels and annotations.
 
     python -m exporter.rules.render            # rewrite deploy/kubernetes/base/prometheusrule.yaml
     python -m exporter.rules.render --check    # exit 1 when the committed manifest is out of date
     python -m exporter.rules.render --fast DIR --for-scale 0.02
+    python -m exporter.rules.render --defaults  # rewrite rules/ from the templates (default selectors)
+    dict-rate-limit rules render --exporter-selector 'job="x"' --receiver-selector 'job="y"' --output DIR
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import math
 import re
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +33,15 @@ ROOT = Path(__file__).resolve().parents[2]
 RULES_DIR = ROOT / "rules"
 MANIFEST = ROOT / "deploy" / "kubernetes" / "base" / "prometheusrule.yaml"
 RULE_FILE_GLOB = "*.rules.yml"
+TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
+#: Labels that identify one deployment (one participant's exporter and receiver) by default: alerts are
+#: per deployment, inhibitions compare them, descriptions query with them.
+DEFAULT_DEPLOYMENT_LABELS = ("cluster", "namespace", "participant", "job")
 
 _VERSION_LINE = re.compile(r"^# bundle-version: (\d+\.\d+\.\d+)$", re.MULTILINE)
 _DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d|w|y)")
+_MATCHER = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"\s*')
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
 
 
@@ -84,6 +97,152 @@ def load_groups(src_dir: Path) -> list[dict[str, Any]]:
     return groups
 
 
+@dataclass(frozen=True, slots=True)
+class Selectors:
+    """How one installation's series are selected and which labels identify one deployment.
+
+    Selectors are PromQL matcher lists without braces (``job="dict-rate-limit",namespace=~"pix-.*"``); empty
+    selects every series of the metric, which is enough because every metric name is the product's own.
+    """
+
+    exporter: str = ""
+    receiver: str = ""
+    alertmanager: str = ""
+    deployment_labels: tuple[str, ...] = DEFAULT_DEPLOYMENT_LABELS
+
+
+def parse_selector(text: str, option: str) -> str:
+    """A normalised matcher list (``a="b",c=~"d"``) from ``{a="b", c=~"d"}`` or ``a="b"``.
+
+    Errors name ``option`` (the command-line flag).
+    """
+    body = text.strip()
+    if body.startswith("{") and body.endswith("}"):
+        body = body[1:-1]
+    matchers: list[str] = []
+    position = 0
+    while position < len(body.rstrip()):
+        match = _MATCHER.match(body, position)
+        if match is None:
+            raise RulesBundleError(f'{option}: not a list of label matchers like job="x": {text!r}')
+        matchers.append(f'{match[1]}{match[2]}"{match[3]}"')
+        position = match.end()
+        if position < len(body) and body[position] == ",":
+            position += 1
+        elif position < len(body.rstrip()):
+            raise RulesBundleError(f"{option}: matchers must be separated by commas: {text!r}")
+    return ",".join(matchers)
+
+
+def parse_label_list(text: str, option: str) -> tuple[str, ...]:
+    """Label names from ``cluster,namespace,job``; at least one, each a valid Prometheus label name."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise RulesBundleError(f"{option}: at least one label is needed")
+    for name in names:
+        if not _LABEL_NAME.fullmatch(name):
+            raise RulesBundleError(f"{option}: not a label name: {name!r}")
+    if "endpoint_id" in names:
+        raise RulesBundleError(f"{option}: endpoint_id identifies a policy, not a deployment")
+    return names
+
+
+def _go_string(selector: str) -> str:
+    """A selector inside a Go ``printf "..."`` literal of an annotation: quotes, backslashes and % escaped."""
+    return selector.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+
+
+# Annotation fragments shared by the bucket alerts (expanded before the selector placeholders they use).
+_MACROS = {
+    "__AVAILABLE__": (
+        '{{ with printf "min(dict_rate_limit_available_tokens{__EXPORTERQ__,__IDQ__,endpoint_id=%q})"'
+        ' __IDA__ $labels.endpoint_id | query }}{{ . | first | value | printf "%.0f" }}'
+        "{{ else }}? (data missing){{ end }}"
+    ),
+    "__CAPACITY__": (
+        '{{ with printf "max(dict_rate_limit_capacity{__EXPORTERQ__,__IDQ__,endpoint_id=%q})"'
+        ' __IDA__ $labels.endpoint_id | query }}{{ . | first | value | printf "%.0f" }}{{ else }}?{{ end }}'
+    ),
+    "__RATIO__": (
+        '{{ with printf "endpoint:dict_rate_limit_remaining:ratio_last{__IDQ__,endpoint_id=%q}"'
+        " __IDA__ $labels.endpoint_id | query }}{{ . | first | value | humanizePercentage }}"
+        "{{ else }}?{{ end }}"
+    ),
+    "__CATEGORY__": (
+        '{{ with printf "dict_rate_limit_capacity{__EXPORTERQ__,__IDQ__,endpoint_id=%q}"'
+        ' __IDA__ $labels.endpoint_id | query }}{{ . | first | label "psp_category" }}'
+        "{{ else }}unknown{{ end }}"
+    ),
+    # "fresh" while the exporter serves the policy, "missing" while the alert holds its last known
+    # state: the receiver records a resolution whose last state was "missing" as data lost.
+    "__DATA_STATE__": (
+        '{{ with printf "endpoint:dict_rate_limit_remaining:ratio{__IDQ__,endpoint_id=%q}"'
+        " __IDA__ $labels.endpoint_id | query }}fresh{{ else }}missing{{ end }}"
+    ),
+}
+
+
+def _tokens(selectors: Selectors) -> dict[str, str]:
+    labels = selectors.deployment_labels
+    return {
+        "__EXPORTERQ__": _go_string(selectors.exporter),
+        "__RECEIVERQ__": _go_string(selectors.receiver),
+        "__ALERTMANAGERQ__": _go_string(selectors.alertmanager),
+        "__EXPORTER__": selectors.exporter,
+        "__RECEIVER__": selectors.receiver,
+        "__ALERTMANAGER__": selectors.alertmanager,
+        "__BY__": ", ".join(labels),
+        "__IDQ__": ",".join(f"{name}=%q" for name in labels),
+        "__IDA__": " ".join(f"$labels.{name}" for name in labels),
+    }
+
+
+def _fill(text: str, selectors: Selectors) -> str:
+    for token, fragment in _MACROS.items():
+        text = text.replace(token, fragment)
+    for token, value in _tokens(selectors).items():
+        text = text.replace(token, value)
+    # An empty selector leaves `metric{}` or `{,label=...}`: both mean the same without the gap.
+    return text.replace("{}", "").replace("{,", "{")
+
+
+def _fill_document(node: Any, selectors: Selectors) -> Any:
+    if isinstance(node, str):
+        return _fill(node, selectors)
+    if isinstance(node, list):
+        return [_fill_document(item, selectors) for item in node]
+    if isinstance(node, dict):
+        return {key: _fill_document(value, selectors) for key, value in node.items()}
+    return node
+
+
+def render_rule_text(template: str, selectors: Selectors) -> str:
+    """One rule file from its template, comments kept; refuses a selector that breaks the YAML quoting."""
+    rendered = _fill(template, selectors)
+    try:
+        parsed = yaml.safe_load(rendered)
+    except yaml.YAMLError as exc:
+        raise RulesBundleError(f"a selector breaks the rule file's YAML: {exc}") from None
+    if parsed != _fill_document(yaml.safe_load(template), selectors):
+        raise RulesBundleError("a selector changes the rule file's YAML structure (quotes or ': ' in it?)")
+    return rendered
+
+
+def render_rules(
+    dst_dir: Path, selectors: Selectors = Selectors(), src_dir: Path = TEMPLATES_DIR
+) -> list[Path]:
+    """Writes the bundle's rule files for ``selectors`` to ``dst_dir``; returns their paths."""
+    bundle_version(src_dir)  # the templates must agree on the version before anything is written
+    destination = Path(dst_dir)
+    destination.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for path in rule_files(src_dir):
+        target = destination / path.name
+        target.write_text(render_rule_text(path.read_text(encoding="utf-8"), selectors), encoding="utf-8")
+        written.append(target)
+    return written
+
+
 class _BlockDumper(yaml.SafeDumper):
     """Multi-line strings (expressions) as literal blocks; nothing wrapped, so diffs stay readable."""
 
@@ -126,15 +285,53 @@ def render_prometheusrule(src_dir: Path = RULES_DIR, name: str = "dict-rate-limi
     return header + _dump(manifest)
 
 
-def _scaled_for(alert: str, current: str, for_scale: float | Mapping[str, str], min_for: float) -> str:
+# An alert whose condition is "below for half of a window" (hysteresis): the window sets its delay.
+_HYSTERESIS = re.compile(r"avg_over_time\((?P<series>[^\[\]]+)\[(?P<window>\w+)\]\)\s*>=\s*0\.5")
+
+
+def hysteresis_window(rule: Mapping[str, Any]) -> float | None:
+    """Seconds of the averaging window of a hysteresis alert, None for a plain ``for:`` alert."""
+    match = _HYSTERESIS.search(str(rule.get("expr", "")))
+    return parse_duration(match["window"]) if match else None
+
+
+def effective_for(rule: Mapping[str, Any]) -> float:
+    """Seconds a condition that starts and stays true takes to fire the alert: ``for:`` plus, for a
+    hysteresis alert, half its window (the average reaches one half then)."""
+    window = hysteresis_window(rule)
+    return parse_duration(str(rule.get("for", "0s"))) + (window / 2 if window else 0.0)
+
+
+def _set_window(rule: dict[str, Any], seconds: float) -> None:
+    match = _HYSTERESIS.search(rule["expr"])
+    assert match is not None
+    replacement = f"avg_over_time({match['series']}[{format_duration(seconds)}]) >= 0.5"
+    rule["expr"] = rule["expr"][: match.start()] + replacement + rule["expr"][match.end() :]
+
+
+def _fast_alert(rule: dict[str, Any], for_scale: float | Mapping[str, str], floor: float) -> None:
+    """Shortens one alert: ``for:``, its hysteresis window and ``keep_firing_for`` alike."""
+    window = hysteresis_window(rule)
     if isinstance(for_scale, Mapping):
-        if alert not in for_scale:
-            return current
-        return format_duration(parse_duration(for_scale[alert]))
-    seconds = parse_duration(current)
-    if seconds == 0:
-        return "0s"
-    return format_duration(max(seconds * for_scale, min_for))
+        if rule["alert"] not in for_scale:
+            return
+        target = parse_duration(for_scale[rule["alert"]])
+        if window is not None:  # the named duration is the effective delay: half the window
+            _set_window(rule, max(2 * target, 2 * floor))
+            rule["for"] = "0s"
+        else:
+            rule["for"] = format_duration(target)
+        if "keep_firing_for" in rule:
+            rule["keep_firing_for"] = format_duration(max(target, floor))
+        return
+    if "for" in rule and parse_duration(rule["for"]) > 0:
+        rule["for"] = format_duration(max(parse_duration(rule["for"]) * for_scale, floor))
+    if window is not None:
+        _set_window(rule, max(window * for_scale, 2 * floor))
+    if "keep_firing_for" in rule:
+        rule["keep_firing_for"] = format_duration(
+            max(parse_duration(rule["keep_firing_for"]) * for_scale, floor)
+        )
 
 
 def render_fast_rules(
@@ -144,13 +341,14 @@ def render_fast_rules(
     *,
     min_for: str = "1s",
 ) -> list[Path]:
-    """Writes the bundle's rule files to ``dst_dir`` with shorter ``for:`` durations; returns their paths.
+    """Writes the bundle's rule files to ``dst_dir`` with shorter hold durations; returns their paths.
 
-    ``for_scale`` is either a factor applied to every alert's ``for:`` (0.02 turns 5m into 6s and 2m into
-    3s; results are rounded up to whole seconds and never below ``min_for``) or a mapping from alert name
-    to a duration (``{"DICTRateLimitWarning": "4s"}``), leaving the alerts it does not name unchanged.
-    Expressions, range windows, labels and annotations are copied as they are, so the fast rules raise the
-    same alerts with the same labels; only how long a condition must hold changes.
+    ``for_scale`` is either a factor applied to every alert's ``for:``, hysteresis window and
+    ``keep_firing_for`` (0.02 turns the WARNING's 10-minute window into 12s, so it fires after 6s below;
+    results are rounded up to whole seconds and never below ``min_for``) or a mapping from alert name to
+    its effective delay (``{"DICTRateLimitWarning": "4s"}``: the window becomes 8s, ``keep_firing_for``
+    4s), leaving the alerts it does not name unchanged. Expressions otherwise, recording rules, labels and
+    annotations are copied as they are, so the fast rules raise the same alerts with the same labels.
     """
     if not isinstance(for_scale, Mapping) and not 0 < for_scale <= 1:
         raise RulesBundleError(f"for_scale must be in (0, 1], got {for_scale}")
@@ -163,16 +361,65 @@ def render_fast_rules(
         document = yaml.safe_load(path.read_text(encoding="utf-8"))
         for group in document["groups"]:
             for rule in group["rules"]:
-                if "alert" in rule and "for" in rule:
-                    rule["for"] = _scaled_for(rule["alert"], rule["for"], for_scale, floor)
+                if "alert" in rule:
+                    _fast_alert(rule, for_scale, floor)
         target = destination / path.name
         header = (
-            f"# Fast variant of rules/{path.name} for demos and end-to-end tests; for: durations shortened.\n"
+            f"# Fast variant of rules/{path.name} for demos and end-to-end tests; holds shortened.\n"
             f"# bundle-version: {version}\n"
         )
         target.write_text(header + _dump(document), encoding="utf-8")
         written.append(target)
     return written
+
+
+def add_render_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``dict-rate-limit rules render``."""
+    parser.add_argument(
+        "--exporter-selector",
+        default="",
+        metavar="MATCHERS",
+        help="Label matchers selecting the exporter's series, e.g. 'job=\"x\"' (default: all).",
+    )
+    parser.add_argument(
+        "--receiver-selector",
+        default="",
+        metavar="MATCHERS",
+        help="Label matchers selecting the receiver's series (default: all).",
+    )
+    parser.add_argument(
+        "--alertmanager-selector",
+        default="",
+        metavar="MATCHERS",
+        help="Label matchers selecting Alertmanager's own series (default: all).",
+    )
+    parser.add_argument(
+        "--deployment-labels",
+        default=",".join(DEFAULT_DEPLOYMENT_LABELS),
+        metavar="LABELS",
+        help="Comma-separated labels that identify one deployment (default: %(default)s).",
+    )
+    parser.add_argument("--output", type=Path, required=True, metavar="DIR", help="Directory to write to.")
+
+
+def run_render(args: argparse.Namespace) -> int:
+    """Writes the rule files and the PrometheusRule for the given selectors; 2 and one line when invalid."""
+    try:
+        selectors = Selectors(
+            exporter=parse_selector(args.exporter_selector, "--exporter-selector"),
+            receiver=parse_selector(args.receiver_selector, "--receiver-selector"),
+            alertmanager=parse_selector(args.alertmanager_selector, "--alertmanager-selector"),
+            deployment_labels=parse_label_list(args.deployment_labels, "--deployment-labels"),
+        )
+        written = render_rules(args.output, selectors)
+        manifest = Path(args.output) / "prometheusrule.yaml"
+        manifest.write_text(render_prometheusrule(Path(args.output)), encoding="utf-8")
+    except (RulesBundleError, OSError, yaml.YAMLError) as exc:
+        print(f"dict-rate-limit rules render: {exc}", file=sys.stderr)
+        return 2
+    for path in [*written, manifest]:
+        print(path)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -184,8 +431,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="Exit 1 if --output is out of date.")
     parser.add_argument("--fast", type=Path, metavar="DIR", help="Write the fast rule files to DIR instead.")
     parser.add_argument("--for-scale", type=float, default=0.02, help="Factor for for: durations (--fast).")
+    parser.add_argument(
+        "--defaults", action="store_true", help="Rewrite --rules-dir from the templates (default selectors)."
+    )
     args = parser.parse_args(argv)
     try:
+        if args.defaults:
+            render_rules(args.rules_dir)
         if args.fast is not None:
             for path in render_fast_rules(args.rules_dir, args.fast, args.for_scale):
                 print(path)

@@ -192,7 +192,8 @@ def _rule_default(record: str) -> float:
 def test_thresholds_match_the_alert_rules() -> None:
     warning = _rule_default("endpoint:dict_rate_limit_warning_remaining:ratio")
     critical = _rule_default("endpoint:dict_rate_limit_critical_remaining:ratio")
-    soon = float(re.search(r"<\s*([0-9.]+)", rule("DICTRateLimitExhaustionSoon")["expr"]).group(1))  # type: ignore[union-attr]
+    soon_rule = rule("endpoint:dict_rate_limit_exhaustion_soon:bool")["expr"]  # what ExhaustionSoon reads
+    soon = float(re.search(r"<\s*(?:bool\s+)?([0-9.]+)", soon_rule).group(1))  # type: ignore[union-attr]
     assert (warning, critical, soon) == (0.20, 0.10, 3600.0)
     by_title = {p["title"]: p for p in panels()}
     checked = 0

@@ -18,6 +18,7 @@ from tests.support.receiver import alertmanager, am_alert
 WEBHOOK = "dict-rate-limit-receiver"
 PAGER = "dict-rate-limit-pager"
 CHAT = "dict-rate-limit-chat"
+WATCHDOG = "dict-rate-limit-watchdog"
 
 #: Where each alert of the bundle must go. A new alert in rules/ without a line here fails the suite.
 ROUTING_CASES: dict[str, list[str]] = {
@@ -37,6 +38,10 @@ ROUTING_CASES: dict[str, list[str]] = {
     "DICTRateLimitReceiverDown": [WEBHOOK, CHAT],
     "DICTRateLimitPulsarPublishFailing": [WEBHOOK, CHAT],
     "DICTRateLimitOutboxBacklog": [WEBHOOK, CHAT],
+    "DICTRateLimitPolicyMissing": [WEBHOOK, CHAT],
+    "DICTRateLimitReceiverFailing": [WEBHOOK, CHAT],
+    "DICTRateLimitAlertDeliveryFailing": [WEBHOOK, CHAT],
+    "DICTRateLimitWatchdog": [WATCHDOG],
 }
 
 
@@ -55,9 +60,9 @@ def bundle_alerts() -> dict[str, dict[str, Any]]:
 def _labels(rule: dict[str, Any]) -> list[str]:
     """The labels the alert carries at Alertmanager: its static labels, plus the policy for bucket alerts."""
     labels = {"alertname": rule["alert"], **{k: str(v) for k, v in rule.get("labels", {}).items()}}
-    if "endpoint:" in rule["expr"] or "available_tokens" in rule["expr"]:
+    if "endpoint:" in rule["expr"] or "endpoint_id" in rule["expr"]:
         labels.setdefault("endpoint_id", "ENTRIES_WRITE")
-        labels.setdefault("psp_category", "A")
+    labels.setdefault("job", "dict-rate-limit")
     return [f"{key}={value}" for key, value in sorted(labels.items())]
 
 
@@ -68,7 +73,9 @@ def amtool(*args: str) -> subprocess.CompletedProcess[str]:
 def test_reference_config_passes_amtool_check_config() -> None:
     result = amtool("check-config", str(SOURCE))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "2 inhibit rules" in result.stdout
+    assert "3 inhibit rules" in result.stdout
+    for rule in yaml.safe_load(SOURCE.read_text(encoding="utf-8"))["inhibit_rules"]:
+        assert {"cluster", "namespace", "participant", "job"} <= set(rule["equal"]), rule
 
 
 def test_every_alert_of_the_rules_bundle_has_a_routing_case() -> None:
@@ -87,6 +94,7 @@ def test_alert_reaches_the_webhook_and_its_on_call_receiver(name: str) -> None:
     expected = ROUTING_CASES[name]
     severity = rules[name]["labels"]["severity"]
     assert (PAGER in expected) == (severity == "critical"), f"{name} is {severity}: routing case disagrees"
+    assert (WEBHOOK in expected) == (severity != "none"), "the Watchdog goes to its own receiver only"
     result = amtool(
         "config",
         "routes",
@@ -96,6 +104,21 @@ def test_alert_reaches_the_webhook_and_its_on_call_receiver(name: str) -> None:
         *_labels(rules[name]),
     )
     assert result.returncode == 0, f"{name}: {result.stdout} {result.stderr}"
+
+
+@pytest.mark.parametrize(("severity", "on_call"), [("CRITICAL", PAGER), ("Warning", CHAT)])
+def test_severities_are_matched_in_any_case(severity: str, on_call: str) -> None:
+    result = amtool(
+        "config",
+        "routes",
+        "test",
+        f"--config.file={SOURCE}",
+        f"--verify.receivers={WEBHOOK},{on_call}",
+        "alertname=DICTRateLimitCritical",
+        f"severity={severity}",
+        "endpoint_id=ENTRIES_WRITE",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_alerts_of_other_bundles_do_not_reach_the_webhook() -> None:
@@ -143,7 +166,61 @@ def _wait_for_state(manager: Any, name: str, endpoint: str, state: str) -> None:
         time.sleep(0.2)
 
 
-def test_inhibitions_silence_warnings_under_a_critical_and_bucket_alerts_under_bridge_down(
+def _deployment_alerts(namespace: str) -> list[dict[str, Any]]:
+    base = {"job": "dict-rate-limit-exporter", "namespace": namespace}
+    return [
+        am_alert(
+            {"alertname": "DICTRateLimitExhausted", "severity": "critical", "endpoint_id": "E1", **base}
+        ),
+        am_alert({"alertname": "DICTRateLimitCritical", "severity": "critical", "endpoint_id": "E1", **base}),
+        am_alert({"alertname": "DICTRateLimitWarning", "severity": "warning", "endpoint_id": "E1", **base}),
+        am_alert({"alertname": "DICTRateLimitBridgeDown", "severity": "critical", **base}),
+        am_alert({"alertname": "DICTRateLimitDataStale", "severity": "critical", **base}),
+    ]
+
+
+def _states(manager: Any) -> dict[tuple[str, str | None, str | None], str]:
+    return {
+        (a["labels"]["alertname"], a["labels"].get("namespace"), a["labels"].get("endpoint_id")): a["status"][
+            "state"
+        ]
+        for a in manager.alerts()
+    }
+
+
+def test_inhibitions_never_cross_deployments_and_one_condition_pages_once(tmp_path: Path) -> None:
+    """Namespace a has every condition; namespace b only the ones the inhibitions would wrongly hide."""
+    binary = require_binary("prometheus-alertmanager")
+    config = render_alertmanager_config(
+        "http://127.0.0.1:9/alerts", tmp_path / "token", tmp_path / "am.yml", fast=True
+    )
+    with alertmanager(binary, config, tmp_path) as manager:
+        b = {"job": "dict-rate-limit-exporter", "namespace": "b"}
+        manager.post(
+            *_deployment_alerts("a"),
+            am_alert(
+                {"alertname": "DICTRateLimitCritical", "severity": "critical", "endpoint_id": "E1", **b}
+            ),
+            am_alert({"alertname": "DICTRateLimitWarning", "severity": "warning", "endpoint_id": "E2", **b}),
+            am_alert({"alertname": "DICTRateLimitDataStale", "severity": "critical", **b}),
+        )
+        expected = {
+            ("DICTRateLimitExhausted", "a", "E1"): "active",
+            ("DICTRateLimitCritical", "a", "E1"): "suppressed",  # the empty bucket pages once
+            ("DICTRateLimitWarning", "a", "E1"): "suppressed",
+            ("DICTRateLimitBridgeDown", "a", None): "active",
+            ("DICTRateLimitDataStale", "a", None): "suppressed",  # one Bridge outage pages once
+            ("DICTRateLimitCritical", "b", "E1"): "active",  # a's Exhausted on E1 does not reach b
+            ("DICTRateLimitWarning", "b", "E2"): "active",
+            ("DICTRateLimitDataStale", "b", None): "active",  # a's BridgeDown does not reach b
+        }
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and _states(manager) != expected:
+            time.sleep(0.2)
+        assert _states(manager) == expected
+
+
+def test_a_critical_silences_the_warning_of_its_own_policy_and_deployment_only(
     tmp_path: Path,
 ) -> None:
     binary = require_binary("prometheus-alertmanager")
@@ -156,7 +233,7 @@ def test_inhibitions_silence_warnings_under_a_critical_and_bucket_alerts_under_b
             am_alert(
                 {
                     "alertname": "DICTRateLimitCritical",
-                    "severity": "critical",
+                    "severity": "CRITICAL",
                     "endpoint_id": "ENTRIES_WRITE",
                     **job,
                 }
@@ -177,19 +254,28 @@ def test_inhibitions_silence_warnings_under_a_critical_and_bucket_alerts_under_b
                     **job,
                 }
             ),
+            am_alert(
+                {
+                    "alertname": "DICTRateLimitWarning",
+                    "severity": "warning",
+                    "endpoint_id": "ENTRIES_WRITE",
+                    "job": "dict-rate-limit-exporter",
+                    "cluster": "c2",
+                }
+            ),
             am_alert({"alertname": "DICTRateLimitPollsFailing", "severity": "warning", **job}),
-            am_alert({"alertname": "DICTRateLimitHistoryDropping", "severity": "warning", **job}),
         )
         _wait_for_state(manager, "DICTRateLimitWarning", "ENTRIES_WRITE", "suppressed")
-        assert _state(manager, "DICTRateLimitWarning", "ENTRIES_WRITE") == "suppressed"
-        assert _state(manager, "DICTRateLimitWarning", "CLAIMS_READ") == "active"
-        assert _state(manager, "DICTRateLimitCritical", "ENTRIES_WRITE") == "active"
-        assert _state(manager, "DICTRateLimitPollsFailing", None) == "active"
-
-        manager.post(am_alert({"alertname": "DICTRateLimitBridgeDown", "severity": "critical", **job}))
-        _wait_for_state(manager, "DICTRateLimitWarning", "CLAIMS_READ", "suppressed")
-        assert _state(manager, "DICTRateLimitWarning", "CLAIMS_READ") == "suppressed"
-        assert _state(manager, "DICTRateLimitCritical", "ENTRIES_WRITE") == "suppressed"
-        # Health alerts carry no policy: Bridge down does not hide them, nor does one hide another.
-        assert _state(manager, "DICTRateLimitHistoryDropping", None) == "active"
-        assert _state(manager, "DICTRateLimitBridgeDown", None) == "active"
+        states = {
+            (a["labels"]["alertname"], a["labels"].get("endpoint_id"), a["labels"].get("cluster")): a[
+                "status"
+            ]["state"]
+            for a in manager.alerts()
+        }
+        assert states == {
+            ("DICTRateLimitCritical", "ENTRIES_WRITE", None): "active",
+            ("DICTRateLimitWarning", "ENTRIES_WRITE", None): "suppressed",  # upper-case CRITICAL matches too
+            ("DICTRateLimitWarning", "CLAIMS_READ", None): "active",
+            ("DICTRateLimitWarning", "ENTRIES_WRITE", "c2"): "active",  # cluster c1's Critical, c2's Warning
+            ("DICTRateLimitPollsFailing", None, None): "active",
+        }

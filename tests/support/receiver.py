@@ -163,6 +163,7 @@ class Alertmanager:
                 f"--config.file={config}",
                 f"--storage.path={directory / 'data'}",
                 f"--web.listen-address=127.0.0.1:{self.port}",
+                f"--web.external-url={self.url}",  # what its notifications say (externalURL)
                 "--cluster.listen-address=",
                 "--log.level=warn",
             ],
