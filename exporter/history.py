@@ -5,7 +5,7 @@ in-memory queue (the oldest snapshot is dropped, counted and logged when it is f
 task writes the queue head, retrying with backoff until it succeeds. Each snapshot is one transaction:
 COPY into a per-connection temporary table, then ``INSERT ... ON CONFLICT DO NOTHING`` into
 ``dict_rate_limit_states`` (so a retried write, a duplicate or a second replica never duplicates a row)
-and an upsert of ``dict_rate_limit_policies``.
+and an upsert of the ``dict_rate_limit_policies`` rows that change something (see history_sql.PolicyRows).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from exporter.history_sql import (
     COPY_STATES,
     CREATE_INCOMING,
     INSERT_INCOMING,
-    STATE_COLUMNS,
     UPSERT_POLICIES,
-    policy_params,
+    PolicyRows,
+    copy_rows,
     rows_of,
 )
 from exporter.maintenance import Maintenance
@@ -91,6 +91,7 @@ class HistoryWriter:
         self._retry_max_delay = retry_max_delay
         self._ping_interval = ping_interval
         self._months: set[date] = set()
+        self._policy_rows = PolicyRows()
         self._ok = False
         self._last_warning = 0.0
         self._wakeup = asyncio.Event()
@@ -263,27 +264,26 @@ class HistoryWriter:
         ON CONFLICT DO NOTHING, so the result is the same either way: each row exactly once.
         """
         rows = rows_of(derived, self._thresholds)
-        policies = policy_params(derived, rows)
+        policies = self._policy_rows.due(derived, rows)  # None: no policy row changes
         month = derived.snapshot.response_time.astimezone(UTC).date().replace(day=1)
         started = time.perf_counter()
         async with self._pool.connection() as conn:
             try:
                 async with conn.transaction():
                     await self._ensure_partition(conn, month)
-                    async with conn.cursor().copy(COPY_STATES) as copy:
-                        for row in rows:
-                            await copy.write_row(row[: len(STATE_COLUMNS)])
-                    await conn.execute(UPSERT_POLICIES, policies)
+                    await copy_rows(conn, COPY_STATES, rows)
+                    if policies is not None:
+                        await conn.execute(UPSERT_POLICIES, policies)
                 inserted = len(rows)
             except psycopg.errors.UniqueViolation:
                 async with conn.transaction():
                     await conn.execute(CLEAR_INCOMING)
-                    async with conn.cursor().copy(COPY_INCOMING) as copy:
-                        for row in rows:
-                            await copy.write_row(row[: len(STATE_COLUMNS)])
+                    await copy_rows(conn, COPY_INCOMING, rows)
                     cursor = await conn.execute(INSERT_INCOMING)
                     inserted = max(0, cursor.rowcount)
-                    await conn.execute(UPSERT_POLICIES, policies)
+                    if policies is not None:
+                        await conn.execute(UPSERT_POLICIES, policies)
+        self._policy_rows.committed(policies)
         elapsed = time.perf_counter() - started
         self._months.add(month)
         self.write_duration.observe(elapsed)
