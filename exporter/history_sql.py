@@ -89,7 +89,7 @@ ON CONFLICT (endpoint_id, psp_category) DO UPDATE
 
 
 async def copy_rows(
-    conn: AsyncConnection[Any], statement: sql.Composable, rows: list[tuple[Any, ...]]
+    conn: AsyncConnection[Any], statement: sql.Composed, rows: list[tuple[Any, ...]]
 ) -> None:
     """The state columns of ``rows`` through one binary COPY (``statement``: COPY_STATES or COPY_INCOMING)."""
     width = len(STATE_COLUMNS)
