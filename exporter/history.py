@@ -20,7 +20,7 @@ from datetime import UTC, date
 from typing import Any
 
 import psycopg
-from prometheus_client import Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -86,6 +86,9 @@ class HistoryWriter:
         self._queue: deque[DerivedSnapshot] = deque()
         self._queue_size = queue_size
         self._inflight = 0
+        # Bumped by every change of the writer's metrics, so a scrape re-renders them only after one.
+        self._version = 0
+        self._rendered: tuple[int, bytes] | None = None
         self._observe = observe
         self._thresholds = thresholds
         self._retry_max_delay = retry_max_delay
@@ -139,11 +142,25 @@ class HistoryWriter:
             registry=None,
         )
         self.collector: Collector = _HistoryCollector(self)
+        self._registry = CollectorRegistry()
+        self._registry.register(self.collector)
 
     @property
     def database_ok(self) -> bool:
         """True when the last write or ping succeeded (readiness)."""
         return self._ok
+
+    @property
+    def metrics_version(self) -> int:
+        """Changes whenever one of the writer's metrics (maintenance's included) may have changed."""
+        return self._version + self.maintenance.version
+
+    def render_metrics(self) -> bytes:
+        """The text exposition of :attr:`collector`, rendered again only after a change."""
+        version = self.metrics_version
+        if self._rendered is None or self._rendered[0] != version:
+            self._rendered = (version, generate_latest(self._registry))
+        return self._rendered[1]
 
     @property
     def queue_depth(self) -> int:
@@ -174,6 +191,7 @@ class HistoryWriter:
                     oldest.snapshot.response_time.isoformat(),
                 )
             self._queue.append(derived)
+            self._version += 1
             self._wake()
         except Exception:  # pragma: no cover - submit must never break the poller
             log.exception("history submit failed")
@@ -235,6 +253,7 @@ class HistoryWriter:
                 self._failed(exc)
             finally:
                 self._inflight = 0
+                self._version += 1  # whatever the attempt changed: counters, queue, set-aside
             if delay:
                 await asyncio.sleep(delay)
 
@@ -290,6 +309,7 @@ class HistoryWriter:
         if self._observe is not None:
             self._observe("history_write", elapsed)
         self.rows_written.inc(inserted)
+        self._version += 1
         if not self._ok:
             log.info("history writes succeed again (%d queued)", len(self._queue))
         self._ok = True
@@ -359,3 +379,10 @@ class _DisabledCollector(Collector):
 def disabled_collector() -> Collector:
     """``dict_rate_limit_history_enabled 0``: history is off because DATABASE_URL is unset."""
     return _DisabledCollector()
+
+
+def disabled_metrics() -> bytes:
+    """The exposition of :func:`disabled_collector` (it never changes)."""
+    registry = CollectorRegistry()
+    registry.register(disabled_collector())
+    return generate_latest(registry)

@@ -88,9 +88,7 @@ ON CONFLICT (endpoint_id, psp_category) DO UPDATE
         OR p.last_seen_at <= EXCLUDED.last_seen_at - %(refresh)s::interval)"""
 
 
-async def copy_rows(
-    conn: AsyncConnection[Any], statement: sql.Composed, rows: list[tuple[Any, ...]]
-) -> None:
+async def copy_rows(conn: AsyncConnection[Any], statement: sql.Composed, rows: list[tuple[Any, ...]]) -> None:
     """The state columns of ``rows`` through one binary COPY (``statement``: COPY_STATES or COPY_INCOMING)."""
     width = len(STATE_COLUMNS)
     async with conn.cursor().copy(statement) as copy:
