@@ -98,7 +98,7 @@ def test_disabled_history_metrics_are_those_of_the_disabled_collector() -> None:
 
 async def test_whole_exposition_with_history_on_equals_an_uncached_render(database_url: str) -> None:
     migrations.apply(database_url)
-    snapshots = iter([snapshot(0), snapshot(1), snapshot(2)])
+    snapshots = iter([snapshot(i) for i in range(4)])
 
     async def fetch(_deadline: float | None) -> BridgeResult:
         return BridgeResult(next(snapshots), ())
