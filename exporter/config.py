@@ -211,7 +211,7 @@ KEYS: tuple[Key, ...] = (
     Key("database_url", "DATABASE_URL", _opt_str,
         "PostgreSQL URL. Without it the exporter keeps no history (visibly).", HISTORY, secret=True),
     Key("database_max_connections", "DATABASE_MAX_CONNECTIONS", _number(int, 1),
-        "Connection pool size.", HISTORY),
+        "Connection pool size (receiver: concurrent notifications being committed).", HISTORY),
     Key("history_queue_size", "HISTORY_QUEUE_SIZE", _number(int, 1),
         "Snapshots kept in memory while PostgreSQL is unreachable (2880 = 24 h at 30 s).", EXPORTER),
     Key("rate_limit_retention_months", "RATE_LIMIT_RETENTION_MONTHS", _number(int, 1),
@@ -289,7 +289,7 @@ class Settings:
     critical_remaining_ratio: float = 0.10
     policy_thresholds: dict[str, PolicyThreshold] = field(default_factory=dict)
     database_url: str | None = None
-    database_max_connections: int = 4
+    database_max_connections: int = 10
     history_queue_size: int = 2880
     rate_limit_retention_months: int = 13
     maintenance_interval_seconds: float = 86400.0
