@@ -209,19 +209,39 @@ def _dumps(value: Any) -> str:
 
 
 async def record_alerts(conn: AsyncConnection[Any], alerts: tuple[AlertNotification, ...]) -> RecordResult:
-    """Records every alert of one notification in one transaction; returns what changed once committed."""
+    """Records every alert of one notification in one transaction; returns what changed once committed.
+
+    On an autocommit connection a notification without resolutions is one statement, hence its own
+    transaction: one round trip to PostgreSQL, no BEGIN and COMMIT.
+    """
     if not alerts:
         return RecordResult()
     instances = list(fold(alerts).items())
-    async with conn.transaction():
-        cursor = await conn.execute(RECORD, _params(alerts, instances))
-        row = await cursor.fetchone()
-        assert row is not None
-        inserted, resolved = set(row[0]), set(row[1])  # instances by the position of their first alert
-        late = [i for _, i in instances if i.resolving is not None and i.first not in inserted | resolved]
-        if late:
-            resolved |= await _resolve_late(conn, alerts, late)
+    params = _params(alerts, instances)
+    if conn.autocommit and all(i.resolving is None for _, i in instances):
+        inserted, resolved = await _record(conn, params, resolving=False)
+    else:
+        async with conn.transaction():
+            inserted, resolved = await _record(conn, params, resolving=True)
+            late = [i for _, i in instances if i.resolving is not None and i.first not in inserted | resolved]
+            if late:
+                resolved |= await _resolve_late(conn, alerts, late)
     return _result(alerts, [i for _, i in instances], inserted, resolved)
+
+
+async def _record(
+    conn: AsyncConnection[Any], params: dict[str, Any], *, resolving: bool
+) -> tuple[set[int], set[int]]:
+    """RECORD; the positions of the first alerts of the instances it inserted and resolved.
+
+    With resolutions the statement is planned for its arrays (not prepared): a generic plan may look the
+    rows up through the index of every firing alert, which grows with an incident. Without, the UPDATE
+    has nothing to join and the prepared plan is cheap.
+    """
+    cursor = await conn.execute(RECORD, params, prepare=False if resolving else None)
+    row = await cursor.fetchone()
+    assert row is not None
+    return set(row[0]), set(row[1])
 
 
 async def _resolve_late(

@@ -11,10 +11,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from exporter.history import migrations
-from exporter.service.derivation import DerivedSnapshot, derive
 from exporter.config import PolicyThreshold
-from exporter.history.writer import HistoryWriter
+from exporter.history import migrations
 from exporter.history.statements import (
     LAST_SEEN_REFRESH,
     STATE_COLUMNS,
@@ -23,6 +21,8 @@ from exporter.history.statements import (
     policy_params,
     rows_of,
 )
+from exporter.history.writer import HistoryWriter
+from exporter.service.derivation import DerivedSnapshot, derive
 from exporter.snapshot import PolicyReading, Snapshot
 
 T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)

@@ -13,10 +13,10 @@ import psycopg
 import pytest
 from psycopg import AsyncConnection, sql
 from psycopg.types.json import Jsonb
-from tests.support.receiver import alert, migrate, payload, rows
 
 from exporter.receiver.payload import AlertNotification, parse_payload, to_bigint
 from exporter.receiver.store import RecordResult, Transition, fold, record_alerts
+from tests.support.receiver import alert, migrate, payload, rows
 
 # --- the reference: the per-alert store as it was before batching (one INSERT or UPDATE per alert)
 
@@ -138,6 +138,7 @@ NOTIFICATIONS: list[list[dict[str, Any]]] = [
         alert(fingerprint="a", starts_at="2026-11-23T10:00:00Z"),  # a new instance of a resolved alert
     ],
     [],
+    [alert(fingerprint="h"), alert(fingerprint="h"), alert(fingerprint="i")],  # firing only: one statement
 ]
 NOTIFICATIONS.append(NOTIFICATIONS[1])  # a retried notification: all duplicates
 
@@ -190,7 +191,7 @@ async def test_one_statement_per_notification_records_what_the_per_alert_path_di
 ) -> None:
     mine, theirs = two_databases
     async with (
-        await AsyncConnection.connect(mine) as batched,
+        await AsyncConnection.connect(mine, autocommit=True) as batched,  # as the receiver's pool
         await AsyncConnection.connect(theirs) as one_by_one,
     ):
         for alerts in NOTIFICATIONS:
@@ -199,11 +200,11 @@ async def test_one_statement_per_notification_records_what_the_per_alert_path_di
             expected = await reference(one_by_one, notification)
             assert (got.transitions, got.duplicates) == (expected.transitions, expected.duplicates)
     assert rows(mine, ALERTS) == rows(theirs, ALERTS)
-    assert len(rows(mine, ALERTS)) == 8
+    assert len(rows(mine, ALERTS)) == 10
     events = rows(mine, EVENTS)
     assert sorted(events) == sorted(rows(theirs, EVENTS))
     assert per_instance(events) == per_instance(rows(theirs, EVENTS))  # each alert's events in order
-    assert len(events) == 13
+    assert len(events) == 15
 
 
 def test_fold_keeps_the_first_firing_and_the_first_resolution_of_each_instance() -> None:

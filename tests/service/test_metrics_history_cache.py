@@ -11,12 +11,12 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from exporter.history import migrations
-from exporter.service.app import ExporterService
 from exporter.bridge.client import BridgeResult
-from exporter.service.derivation import DerivedSnapshot, derive
 from exporter.config import Settings
+from exporter.history import migrations
 from exporter.history.writer import HistoryWriter, disabled_collector, disabled_metrics
+from exporter.service.app import ExporterService
+from exporter.service.derivation import DerivedSnapshot, derive
 from exporter.service.selfmetrics import SelfMetrics
 from exporter.snapshot import PolicyReading, Snapshot
 
