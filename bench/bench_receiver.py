@@ -28,7 +28,7 @@ import aiohttp
 import psycopg
 from aiohttp import web
 
-from bench.common import Ratio, Row, machine, percentile, print_figure, rotated
+from bench.common import Ratio, Row, latency_text, machine, print_figure, rotated
 from devstack.embedded import EmbeddedPostgres, EmbeddedPulsar, free_port, wait_for_port
 from exporter.config import Settings
 from exporter.history import migrations
@@ -181,8 +181,7 @@ def figure(servers: Servers, title: str, cases: list[tuple[int, int]], args: arg
                     f"{kind}, {senders} senders x {per_request} alerts",
                     f"{sorted(rates[kind])[len(rates[kind]) // 2]:,.0f}/s",
                     Ratio.of(rates["receiver"], rates["baseline"]) if kind == "receiver" else None,
-                    f"p50 {percentile(latencies, 0.5) * 1e3:.1f} ms, p99 {percentile(latencies, 0.99) * 1e3:.1f} ms"
-                    + (f", {failures} FAILED requests" if failures else ""),
+                    latency_text(latencies) + (f", {failures} FAILED requests" if failures else ""),
                     goal,
                 )
             )

@@ -32,7 +32,7 @@ import aiohttp
 import psycopg
 from psycopg import sql
 
-from bench.common import Ratio, Row, cpu_seconds, machine, percentile, print_figure, rotated
+from bench.common import Ratio, Row, cpu_seconds, latency_text, machine, print_figure, rotated
 from devstack.embedded import EmbeddedPostgres, free_port, wait_for_port
 
 #: 3x production's 30 s: the most DICT's POLICIES_LIST refill (6/min) allows, so the poll loop's cost is
@@ -229,9 +229,9 @@ async def run_case(label: str, policies: int, args: argparse.Namespace, admin_ur
         for key in ("exporter-on", "exporter-off", "per-scrape", "gauges"):
             await pool[key].launch(policies)
         await asyncio.sleep(1.0)  # the first polls and renders are done before anything is measured
-        async with aiohttp.ClientSession() as http:  # the floor serves the exporter's very bytes
-            async with http.get(f"http://127.0.0.1:{pool['exporter-on'].port}/metrics") as response:
-                floor_body[0] = await response.read()
+        exposition = f"http://127.0.0.1:{pool['exporter-on'].port}/metrics"
+        async with aiohttp.ClientSession() as http, http.get(exposition) as response:
+            floor_body[0] = await response.read()  # the floor serves the exporter's very bytes
         await pool["floor"].launch(policies)
         for target in chosen:  # warm-up
             await _load(target, pool[target.server], 0.3, args.clients)
@@ -267,8 +267,8 @@ def _print_case(
                 target.name,
                 f"{statistics.median(cpu) * 1e6:,.0f} us",
                 None if target is limit else Ratio.of(cpu, floor),
-                f"p50 {percentile(latencies, 0.5) * 1e3:.1f} ms, p99 {percentile(latencies, 0.99) * 1e3:.1f} ms, "
-                f"{scrapes / (args.seconds * len(samples)):,.0f} req/s, {samples[-1].size / 1000:,.0f} kB"
+                latency_text(latencies)
+                + f", {scrapes / (args.seconds * len(samples)):,.0f} req/s, {samples[-1].size / 1000:,.0f} kB"
                 + (
                     f", Bridge calls {calls} ({calls * 1000 / max(1, scrapes):,.1f} per 1,000 scrapes),"
                     f" data in {data}/{scrapes} scrapes"

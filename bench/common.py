@@ -61,10 +61,14 @@ class Row:
 def print_figure(title: str, unit: str, rows: Sequence[Row]) -> None:
     """One figure: every target's value, its ratio to the limit (median [min-max] over rounds), a goal."""
     print(f"\n{title}")
-    print(f"  {'role':<8}{'target':<46}{unit:>14}  {'ratio to limit [spread]':<25}{'':<12}details")
+    print(f"  {'role':<8}{'target':<46}{unit:>14}  {'ratio to limit [spread]':<25}{'goal':<14}details")
     for row in rows:
         ratio = str(row.ratio) if row.ratio is not None else "1 (the limit)" if row.role == "limit" else ""
-        print(f"  {row.role:<8}{row.name:<46}{row.value:>14}  {ratio:<25}{row.goal:<12}{row.extra}")
+        print(f"  {row.role:<8}{row.name:<46}{row.value:>14}  {ratio:<25}{row.goal:<14}{row.extra}")
+
+
+def latency_text(latencies: Sequence[float]) -> str:
+    return f"p50 {percentile(latencies, 0.5) * 1e3:.1f} ms, p99 {percentile(latencies, 0.99) * 1e3:.1f} ms"
 
 
 def machine() -> str:
