@@ -221,6 +221,19 @@ async def _load(target: Target, server: Server, seconds: float, clients: int) ->
 _IDENTITY = {"Accept-Encoding": "identity"}
 
 
+async def _full_exposition(port: int) -> bytes:
+    """The exporter's body once two polls are behind it (rates and projections present): the floor then
+    serves these very bytes. Waits up to a poll interval and a half."""
+    deadline = time.monotonic() + 1.5 * POLL_INTERVAL + 5
+    async with aiohttp.ClientSession() as http:
+        while True:
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
+                body = await response.read()
+            if b"dict_rate_limit_consumption_rate_per_minute{" in body or time.monotonic() > deadline:
+                return body
+            await asyncio.sleep(0.5)
+
+
 async def run_case(label: str, policies: int, args: argparse.Namespace, admin_url: str) -> dict[str, Any]:
     floor_body: list[bytes] = [b""]
     pool = servers(admin_url, floor_body)
@@ -228,27 +241,36 @@ async def run_case(label: str, policies: int, args: argparse.Namespace, admin_ur
     try:
         for key in ("exporter-on", "exporter-off", "per-scrape", "gauges"):
             await pool[key].launch(policies)
-        await asyncio.sleep(1.0)  # the first polls and renders are done before anything is measured
-        exposition = f"http://127.0.0.1:{pool['exporter-on'].port}/metrics"
-        async with aiohttp.ClientSession() as http, http.get(exposition) as response:
-            floor_body[0] = await response.read()  # the floor serves the exporter's very bytes
+        floor_body[0] = await _full_exposition(pool["exporter-on"].port)
         await pool["floor"].launch(policies)
         for target in chosen:  # warm-up
             await _load(target, pool[target.server], 0.3, args.clients)
         rounds: dict[str, list[Sample]] = {t.name: [] for t in chosen}
+        # Bridge calls are counted over the whole measured span, not only each target's own windows:
+        # a poll loop calls on its own clock, whoever is being scraped at that moment.
+        began, calls = time.perf_counter(), {key: server.bridge_calls for key, server in pool.items()}
         for index in range(args.rounds):
             for name in rotated([t.name for t in chosen], index):
                 target = next(t for t in chosen if t.name == name)
                 rounds[name].append(await _load(target, pool[target.server], args.seconds, args.clients))
+        span = time.perf_counter() - began
+        calls = {key: server.bridge_calls - calls[key] for key, server in pool.items()}
     finally:
         for server in pool.values():
             await server.stop()
-    _print_case(label, policies, chosen, rounds, args)
+    _print_case(label, policies, chosen, rounds, args, calls=calls, span=span)
     return {name: [s.cpu_per_scrape for s in samples] for name, samples in rounds.items()}
 
 
 def _print_case(
-    label: str, policies: int, chosen: list[Target], rounds: dict[str, list[Sample]], args: argparse.Namespace
+    label: str,
+    policies: int,
+    chosen: list[Target],
+    rounds: dict[str, list[Sample]],
+    args: argparse.Namespace,
+    *,
+    calls: dict[str, int],
+    span: float,
 ) -> None:
     limit = next(t for t in chosen if t.role == "limit")
     floor = [s.cpu_per_scrape for s in rounds[limit.name]]
@@ -258,7 +280,7 @@ def _print_case(
         cpu = [s.cpu_per_scrape for s in samples]
         latencies = [x for s in samples for x in s.latencies]
         scrapes = sum(s.scrapes for s in samples)
-        calls = sum(s.bridge_calls for s in samples)
+        server_scrapes = sum(s.scrapes for _, runs in _by_server(chosen, rounds, target) for s in runs)
         data = sum(s.with_data for s in samples)
         goal = GOALS.get((label, target.name.removesuffix(", gzip")))
         rows.append(
@@ -270,7 +292,8 @@ def _print_case(
                 latency_text(latencies)
                 + f", {scrapes / (args.seconds * len(samples)):,.0f} req/s, {samples[-1].size / 1000:,.0f} kB"
                 + (
-                    f", Bridge calls {calls} ({calls * 1000 / max(1, scrapes):,.1f} per 1,000 scrapes),"
+                    f", Bridge calls in {span:.0f} s: {calls[target.server]}"
+                    f" ({calls[target.server] * 1000 / max(1, server_scrapes):,.1f} per 1,000 scrapes),"
                     f" data in {data}/{scrapes} scrapes"
                     if target.server != "floor" and target.headers == _IDENTITY
                     else ""
@@ -284,6 +307,13 @@ def _print_case(
         "CPU/scrape",
         rows,
     )
+
+
+def _by_server(
+    chosen: list[Target], rounds: dict[str, list[Sample]], target: Target
+) -> list[tuple[Target, list[Sample]]]:
+    """Every target served by the same server as ``target`` (gzip and identity scrapes of one process)."""
+    return [(other, rounds[other.name]) for other in chosen if other.server == target.server]
 
 
 def main(argv: list[str] | None = None) -> int:
