@@ -46,7 +46,10 @@ GOALS = {("30 policies", "exporter, history on"): 4.0, ("715 policies", "exporte
 # --- servers (child processes; module-level functions so that spawn can start them)
 
 
-def _serve_exporter(port: int, bridge: str, database_url: str | None) -> None:
+def _serve_exporter(
+    port: int, bridge: str, database_url: str | None, overrides: dict[str, Any] | None = None
+) -> None:
+    """The exporter as deployed; ``overrides`` are Settings fields of a case (TLS files, basic auth...)."""
     from exporter.config import Settings
     from exporter.service.app import ExporterService
 
@@ -59,6 +62,7 @@ def _serve_exporter(port: int, bridge: str, database_url: str | None) -> None:
         poll_budget_override=True,
         database_url=database_url,
         log_level="warning",
+        **(overrides or {}),
     )
 
     async def main() -> None:
