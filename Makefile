@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install system-deps test lint typecheck unit demo bench proto clean
+.PHONY: install system-deps test lint typecheck unit demo bench bench-quick proto clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ demo: install system-deps
 
 bench: install
 	$(BIN)/python -m bench.run
+
+bench-quick: install
+	$(BIN)/python -m bench.run --quick
 
 proto: install
 	PATH=$(CURDIR)/$(BIN):$$PATH scripts/gen-proto.sh

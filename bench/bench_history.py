@@ -1,13 +1,13 @@
-"""History benchmark: snapshot writes (COPY vs executemany) and queries over a year of 30-second snapshots.
+"""History benchmark: the writer against a bare binary COPY of the same rows (30 / 300 / 3,000 policies),
+bulk COPY against executemany into equally-filled tables, both interleaved; optionally queries over months.
 
-    .venv/bin/python -m bench.bench_history             # full size: 12 months x 30 policies (~31.5 M rows)
-    .venv/bin/python -m bench.bench_history --months 1  # quick run (~2.6 M rows)
-    .venv/bin/python -m bench.bench_history --database-url postgresql://postgres@127.0.0.1:5432/postgres
+    python -m bench.bench_history [--quick]      # writer and bulk figures (~1 minute)
+    python -m bench.bench_history --months 12    # plus queries over a year of 30-second snapshots (~6 min)
+    python -m bench.bench_history --database-url postgresql://postgres@127.0.0.1:5432/postgres
 
 Runs in a dedicated database created for the run and dropped afterwards (on the embedded server unless
-``--database-url`` names an administrative database of another server). Targets: one 30-policy snapshot
-written in < 5 ms; ``SELECT * FROM v_dict_rate_limit_latest_states`` in < 20 ms at full size.
-"""
+``--database-url`` names an administrative database of another server). Goal (issue 18): the writer
+<= 1.3x a bare COPY at 3,000 policies; ``v_dict_rate_limit_latest_states`` < 20 ms at full size."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,8 +29,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from bench.common import Ratio, Row, machine, print_figure, rotated
 from devstack.embedded import EmbeddedPostgres
-from exporter.history import migrations
+from exporter.history import migrations, statements
 from exporter.history.statements import STATE_COLUMNS, rows_of
 from exporter.history.writer import HistoryWriter
 from exporter.service.derivation import DerivedSnapshot, derive
@@ -39,13 +40,6 @@ from exporter.snapshot import PolicyReading, Snapshot
 POLICIES = 30
 STEP_SECONDS = 30
 COLUMNS = sql.SQL(", ").join(map(sql.Identifier, STATE_COLUMNS))
-EXECUTEMANY_INSERT = sql.SQL(
-    "INSERT INTO dict_rate_limit_states ({}) VALUES ({}) ON CONFLICT (endpoint_id, response_time) DO NOTHING"
-).format(COLUMNS, sql.SQL(", ").join([sql.Placeholder()] * len(STATE_COLUMNS)))
-COPY_INCOMING = sql.SQL("COPY incoming ({}) FROM STDIN").format(COLUMNS)
-COPY_STATES = sql.SQL("COPY dict_rate_limit_states ({}) FROM STDIN").format(COLUMNS)
-CREATE_INCOMING = b"CREATE TEMP TABLE IF NOT EXISTS incoming (LIKE dict_rate_limit_states INCLUDING DEFAULTS)"
-INSERT_INCOMING = b"INSERT INTO dict_rate_limit_states SELECT * FROM incoming ON CONFLICT DO NOTHING"
 # One year of 30-second snapshots of 30 policies, one month per statement (progress, and bounded WAL).
 GENERATE_MONTH = """
 INSERT INTO dict_rate_limit_states (endpoint_id, psp_category, available_tokens, capacity, refill_tokens,
@@ -70,33 +64,6 @@ SEED_TROUBLESHOOTING = """SELECT endpoint_id, available_tokens, capacity,
 FROM dict_rate_limit_states
 ORDER BY created_at DESC
 LIMIT 20;"""
-
-
-async def copy_rows(conn: psycopg.AsyncConnection[Any], rows: list[tuple[Any, ...]]) -> None:
-    async with conn.transaction(), conn.cursor().copy(COPY_STATES) as copy:
-        for row in rows:
-            await copy.write_row(row)
-
-
-async def staged_rows(conn: psycopg.AsyncConnection[Any], rows: list[tuple[Any, ...]]) -> None:
-    async with conn.transaction():
-        await conn.execute(b"DELETE FROM incoming")
-        async with conn.cursor().copy(COPY_INCOMING) as copy:
-            for row in rows:
-                await copy.write_row(row)
-        await conn.execute(INSERT_INCOMING)
-
-
-async def executemany_rows(conn: psycopg.AsyncConnection[Any], rows: list[tuple[Any, ...]]) -> None:
-    async with conn.transaction(), conn.cursor() as cursor:
-        await cursor.executemany(EXECUTEMANY_INSERT, rows)
-
-
-WAYS: dict[str, Callable[[psycopg.AsyncConnection[Any], list[tuple[Any, ...]]], Awaitable[None]]] = {
-    "copy": copy_rows,
-    "staged": staged_rows,
-    "many": executemany_rows,
-}
 
 
 @contextmanager
@@ -142,62 +109,120 @@ def timed(samples: list[float]) -> str:
     return f"p50 {statistics.median(ordered) * 1000:.2f} ms, p95 {p95 * 1000:.2f} ms"
 
 
-async def bench_snapshot_writes(url: str, count: int) -> float:
-    """One snapshot at a time: the writer end to end, then COPY vs executemany on the same connection."""
-    start = datetime.now(UTC).replace(microsecond=0) - timedelta(days=2)
-    writer = HistoryWriter(url, queue_size=1)
+def wide(count: int, start: datetime, prefix: str, policies: int) -> list[DerivedSnapshot]:
+    """``count`` snapshots of ``policies`` policies named ``prefix_NNNNN``, 30 s apart."""
+    result, previous = [], None
+    for i in range(count):
+        readings = tuple(
+            PolicyReading(f"{prefix}_{p:05d}", 12000 - (37 * i + p) % 12500, 12000, 1200, 60)
+            for p in range(policies)
+        )
+        snapshot = Snapshot(start + timedelta(seconds=STEP_SECONDS * i), f"c{i}", "A", readings)
+        previous = derive(snapshot, previous)
+        result.append(previous)
+    return result
+
+
+async def bare_copy(conn: psycopg.AsyncConnection[Any], derived: DerivedSnapshot) -> None:
+    """The limit: the snapshot's rows, encoded as the writer encodes them, in one binary COPY + commit."""
+    async with conn.transaction():
+        await statements.copy_rows(conn, statements.COPY_STATES, rows_of(derived, None))
+
+
+async def bench_writer(url: str, policies: int, rounds: int) -> None:
+    """HistoryWriter.write() against a bare COPY of the same rows into the same table, interleaved.
+
+    A round is 10 snapshots 30 s apart: one LAST_SEEN_REFRESH cycle, so each round includes the one
+    snapshot that rewrites every policy row (the per-round sum is what a snapshot costs on average).
+    """
+    per_round = int(statements.LAST_SEEN_REFRESH.total_seconds() // STEP_SECONDS)
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(days=3)
+    mine = wide(per_round * rounds + 1, start, f"W{policies}", policies)
+    bare = wide(per_round * rounds + 1, start, f"B{policies}", policies)
+    writer = HistoryWriter(url, queue_size=1, maintenance_interval=86400)
     await writer.start()
-    writer_times = []
-    for derived in snapshots(count, start, "WRITER"):
-        began = time.perf_counter()
-        await writer.write(derived)
-        writer_times.append(time.perf_counter() - began)
-    await writer.stop()
-    print(f"HistoryWriter.write(), one 30-policy snapshot: {timed(writer_times)}")
-    print("  (pool checkout with liveness check, COPY into the table, policies upsert, commit)")
-    # The three ways interleaved snapshot by snapshot, so load from other processes hits them alike.
-    times: dict[str, list[float]] = {"copy": [], "staged": [], "many": []}
-    batches = {way: snapshots(count, start, way.upper()) for way in times}
+    times: dict[str, list[float]] = {"writer": [], "copy": []}
+    samples: dict[str, list[float]] = {"writer": [], "copy": []}
     async with await psycopg.AsyncConnection.connect(url) as conn:
-        await conn.execute(CREATE_INCOMING)
-        await conn.commit()
-        for i in range(count):
-            for way, spent in times.items():
-                rows = [row[:-2] for row in rows_of(batches[way][i], None)]
-                began = time.perf_counter()
-                await WAYS[way](conn, rows)
-                spent.append(time.perf_counter() - began)
-    rates = {way: POLICIES * count / sum(spent) for way, spent in times.items()}
-    labels = {
-        "copy": "COPY into the table (writer)",
-        "staged": "COPY staged + ON CONFLICT (dup.)",
-        "many": "executemany INSERT ON CONFLICT",
-    }
-    for way, label in labels.items():
-        print(f"per snapshot, {label:<33} {timed(times[way])} ({rates[way]:,.0f} rows/s)")
-    print(f"  ratio COPY / executemany at 30 rows: {rates['copy'] / rates['many']:.2f}x")
-    return statistics.median(writer_times) * 1000
+        await writer.write(mine[0])  # first snapshot: policies inserted, partition known (not measured)
+        await bare_copy(conn, bare[0])
+        for index in range(rounds):
+            spent = {"writer": 0.0, "copy": 0.0}
+            for i in range(1 + index * per_round, 1 + (index + 1) * per_round):
+                for way in rotated(["writer", "copy"], i):
+                    began = time.perf_counter()
+                    if way == "writer":
+                        await writer.write(mine[i])
+                    else:
+                        await bare_copy(conn, bare[i])
+                    elapsed = time.perf_counter() - began
+                    spent[way] += elapsed
+                    samples[way].append(elapsed)
+            for way, total in spent.items():
+                times[way].append(total / per_round)
+    await writer.stop()
+    goal = "goal <= 1.3x" if policies >= 3000 else ""
+    print_figure(
+        f"history: one snapshot of {policies:,} policies"
+        f" ({rounds} interleaved rounds of {per_round} snapshots)",
+        "per snapshot",
+        [
+            Row("limit", "bare binary COPY of the same rows + commit",
+                f"{statistics.median(times['copy']) * 1e3:.2f} ms", None, timed(samples["copy"])),
+            Row("project", "HistoryWriter.write() (COPY + due policy rows)",
+                f"{statistics.median(times['writer']) * 1e3:.2f} ms",
+                Ratio.of(times["writer"], times["copy"]),
+                timed(samples["writer"]) + " (incl. pool checkout)", goal),
+        ],
+    )  # fmt: skip
 
 
-def bench_bulk(url: str, total: int) -> None:
-    """Raw throughput: ``total`` rows in one transaction by COPY vs by executemany INSERT ON CONFLICT."""
+BULK_TABLE = """CREATE TABLE {name} (LIKE dict_rate_limit_states INCLUDING DEFAULTS);
+ALTER TABLE {name} ADD PRIMARY KEY (endpoint_id, response_time);
+CREATE INDEX ON {name} (created_at)"""
+
+
+def bench_bulk(url: str, total: int, chunk: int = 10_000) -> None:
+    """COPY vs executemany INSERT ON CONFLICT into two equally-filled tables, chunk by chunk, alternating."""
     start = datetime.now(UTC).replace(microsecond=0) - timedelta(days=20)
-    data = [row[:-2] for d in snapshots(total // POLICIES, start, "BULK") for row in rows_of(d, None)]
+    data = [
+        row[: len(STATE_COLUMNS)]
+        for d in snapshots(total // POLICIES, start, "BULK")
+        for row in rows_of(d, None)
+    ]
+    rates: dict[str, list[float]] = {"copy": [], "many": []}
     with psycopg.connect(url) as conn:
-        began = time.perf_counter()
-        with conn.transaction(), conn.cursor().copy(COPY_STATES) as copy:
-            for row in data:
-                copy.write_row(row)
-        copy_rate = len(data) / (time.perf_counter() - began)
-        moved = [(f"X{row[0]}", *row[1:]) for row in data]
-        began = time.perf_counter()
-        with conn.transaction(), conn.cursor() as cursor:
-            cursor.executemany(EXECUTEMANY_INSERT, moved)
-        many_rate = len(data) / (time.perf_counter() - began)
-        # The figures above are for the writes; the year of data below starts from empty tables.
-        conn.execute("TRUNCATE dict_rate_limit_states, dict_rate_limit_policies")
-    print(f"bulk {len(data):,} rows: COPY {copy_rate:,.0f} rows/s, executemany {many_rate:,.0f} rows/s, "
-          f"ratio {copy_rate / many_rate:.2f}x")  # fmt: skip
+        for name in ("bulk_copy", "bulk_many"):
+            for statement in BULK_TABLE.format(name=name).split(";"):
+                conn.execute(statement.encode())
+        conn.commit()
+        copy_sql = sql.SQL("COPY bulk_copy ({}) FROM STDIN (FORMAT BINARY)").format(COLUMNS)
+        many_sql = sql.SQL(
+            "INSERT INTO bulk_many ({}) VALUES ({}) ON CONFLICT (endpoint_id, response_time) DO NOTHING"
+        ).format(COLUMNS, sql.SQL(", ").join([sql.Placeholder()] * len(STATE_COLUMNS)))
+        for index, first in enumerate(range(0, len(data), chunk)):
+            rows = data[first : first + chunk]
+            for way in rotated(["copy", "many"], index):
+                began = time.perf_counter()
+                with conn.transaction():
+                    if way == "copy":
+                        with conn.cursor().copy(copy_sql) as copy:
+                            copy.set_types(statements.STATE_TYPES)
+                            for row in rows:
+                                copy.write_row(row)
+                    else:
+                        conn.cursor().executemany(many_sql, rows)
+                rates[way].append(len(rows) / (time.perf_counter() - began))
+    print_figure(
+        f"bulk write, {len(data):,} rows in chunks of {chunk:,} into two equally-filled tables (alternating)",
+        "rows/s",
+        [
+            Row("limit", "executemany INSERT ... ON CONFLICT",
+                f"{statistics.median(rates['many']):,.0f}", None),
+            Row("project", "binary COPY (the writer's way)", f"{statistics.median(rates['copy']):,.0f}",
+                Ratio.of(rates["copy"], rates["many"]), "ratio = COPY speed-up"),
+        ],
+    )  # fmt: skip
 
 
 def generate_year(url: str, months: int) -> int:
@@ -270,25 +295,33 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, fewer rows")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of 10 snapshots per size")
+    parser.add_argument("--rows", type=int, default=None, help="rows of the bulk COPY vs executemany run")
     parser.add_argument(
-        "--months", type=int, default=12, help="months of history to generate (12 = full size)"
+        "--months",
+        type=int,
+        default=0,
+        help="months of history for the query figures (12 = full size; 0: skip)",
     )
-    parser.add_argument("--snapshots", type=int, default=500, help="snapshots written one by one per method")
-    parser.add_argument("--rows", type=int, default=300_000, help="rows of the bulk COPY vs executemany run")
     parser.add_argument(
         "--database-url", help="administrative database of the server to use (default: embedded)"
     )
     args = parser.parse_args(argv)
+    rounds = args.rounds or (2 if args.quick else 4)
+    total = args.rows or (20_000 if args.quick else 60_000)
     with bench_database(args.database_url) as url:
         migrations.apply(url)
         with psycopg.connect(url) as conn:
-            print(f"PostgreSQL {conn.info.parameter_status('server_version')}")
-        snapshot_ms = asyncio.run(bench_snapshot_writes(url, args.snapshots))
-        bench_bulk(url, args.rows)
-        generate_year(url, args.months)
-        bench_queries(url, args.months >= 12)
-        verdict = "meets" if snapshot_ms < 5 else "MISSES"
-        print(f"snapshot write p50 {snapshot_ms:.2f} ms {verdict} the 5 ms target")
+            print(f"{machine()}; PostgreSQL {conn.info.parameter_status('server_version')}")
+        for policies in (30, 300, 3000):
+            asyncio.run(bench_writer(url, policies, rounds))
+        bench_bulk(url, total)
+        if args.months:
+            with psycopg.connect(url) as conn:
+                conn.execute("TRUNCATE dict_rate_limit_states, dict_rate_limit_policies")
+            generate_year(url, args.months)
+            bench_queries(url, args.months >= 12)
     return 0
 
 

@@ -1,363 +1,347 @@
-"""Scrape benchmark: /metrics of the exporter vs pre-rendered bytes (the limit) vs Gauges rendered per scrape.
+"""Scrape benchmark: server CPU per /metrics scrape of the exporter (history off and on), of the designs a
+user would write instead (bench/peers.py) and of the raw-socket floor, in interleaved rounds.
 
-Each server runs in its own process and the load generator in this one, so the server's CPU is its own.
-Then the same exporter open, behind basic auth (bcrypt checks cached), TLS, and both, side by side.
-Also measures the exporter's resident memory over 10,000 polls of the simulator and Bridge calls per 1,000
-scrapes. One command: ``python -m bench.bench_scrape`` (or ``make bench``).
+Every server runs in its own process against its own Bridge simulator (which enforces DICT's budget) and
+its real poll loop or per-scrape calls; the load generator and the simulators share this process, so a
+server's CPU (all its threads, from /proc) is its own. Each round runs every target once, in an order
+rotated each round; a ratio is taken within a round and reported as median [min-max] over the rounds.
+
+    python -m bench.bench_scrape [--quick] [--rounds 3] [--seconds 2] [--clients 10] [--database-url URL]
+
+To add a case (basic auth, TLS...): one more entry in ``targets()`` (a server with its settings, the
+client's headers or SSL context); everything else is shared.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-import base64
 import multiprocessing
-import os
 import ssl
 import statistics
+import sys
 import tempfile
 import time
-from dataclasses import dataclass
-from datetime import UTC, datetime
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
-from aiohttp import web
-from prometheus_client import CollectorRegistry, Gauge, generate_latest
+import psycopg
+from psycopg import sql
 
-from devstack.embedded import free_port, wait_for_port
-from exporter.bridge.client import BridgeResult
-from exporter.snapshot import PolicyReading, Snapshot
+from bench.common import Ratio, Row, cpu_seconds, latency_text, machine, print_figure, rotated
+from devstack.embedded import EmbeddedPostgres, free_port, wait_for_port
 
-SECONDS = float(os.environ.get("BENCH_SECONDS", "3"))
-CONNECTIONS = 8
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
-POLLS = int(os.environ.get("BENCH_POLLS", "10000"))
-SERIES_PER_POLICY = 14  # the per-policy bucket series of one snapshot with two polls behind it
-
-
-def fabricate(policies: int, at: float, drop: int = 0) -> Snapshot:
-    readings = tuple(
-        PolicyReading(f"POLICY_{i:05d}", 30_000 - drop * (i % 7), 36_000, 1200, 60, 0.01 * (i % 5))
-        for i in range(policies)
-    )
-    return Snapshot(datetime.fromtimestamp(at, UTC), f"{int(at):032x}", "A", readings)
+#: 3x production's 30 s: the most DICT's POLICIES_LIST refill (6/min) allows, so the poll loop's cost is
+#: in every round and the simulator never refuses a poll.
+POLL_INTERVAL = 10.0
+SERIES_PER_POLICY = 14
+CASES = (("30 policies", 30), ("715 policies", 715))
+GOALS = {("30 policies", "exporter, history on"): 4.0, ("715 policies", "exporter, history on"): 2.0}
 
 
-def _service(policies: int, port: int, serve_http: bool, web_config: str | None = None) -> Any:
-    """An exporter whose Bridge answers two snapshots 30 s apart (rates and projections present), then the
-    second one again."""
+# --- servers (child processes; module-level functions so that spawn can start them)
+
+
+def _serve_exporter(
+    port: int, bridge: str, database_url: str | None, overrides: dict[str, Any] | None = None
+) -> None:
+    """The exporter as deployed; ``overrides`` are Settings fields of a case (TLS files, basic auth...)."""
     from exporter.config import ExporterSettings
     from exporter.service.app import ExporterService
 
-    last = fabricate(policies, 1_700_000_030.0, drop=100)
-    snapshots = iter([fabricate(policies, 1_700_000_000.0), last])
-
-    async def fetch(_deadline: float | None) -> BridgeResult:
-        return BridgeResult(next(snapshots, last), ())
-
     settings = ExporterSettings(
+        bridge_address=bridge,
         listen_host="127.0.0.1",
         metrics_port=port,
         health_check_port=port,
+        poll_interval_seconds=POLL_INTERVAL,
+        poll_budget_override=True,
+        database_url=database_url,
         log_level="warning",
-        web_config_file=web_config,
+        **(overrides or {}),
     )
-    return ExporterService(settings, fetch=fetch, serve_http=serve_http)
+
+    async def main() -> None:
+        service = ExporterService(settings)
+        await service.start()
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
 
 
-async def _exporter(policies: int, port: int, web_config: str | None = None) -> None:
-    service = _service(policies, port, serve_http=True, web_config=web_config)
-    await service.start()  # the first poll runs at start-up
-    await service.poller.poll_once()
-    await asyncio.Event().wait()
+def _serve_peer(kind: str, port: int, bridge: str) -> None:
+    from bench import peers
+
+    if kind == "per-scrape":
+        peers.serve_per_scrape(port, bridge)
+    else:
+        peers.serve_gauges(port, bridge, POLL_INTERVAL)
 
 
-async def _static(policies: int, port: int) -> None:
-    service = _service(policies, 0, serve_http=False)
-    await service.poller.poll_once()
-    await service.poller.poll_once()
-    body = service.metrics_body(gzip=False)  # the same bytes, rendered once: the limit
+def _serve_floor(port: int, body: bytes) -> None:
+    from bench import peers
 
-    async def handler(_request: web.Request) -> web.Response:
-        return web.Response(body=body, content_type="text/plain", charset="utf-8")
-
-    await _serve_handler(handler, port)
+    peers.serve_floor(port, body)
 
 
-async def _gauges(policies: int, port: int) -> None:
-    """What a typical exporter does: ordinary Gauges set from the data, generate_latest per scrape."""
-    registry = CollectorRegistry()
-    labels = ["endpoint_id", "psp_category"]
-    gauges = [
-        Gauge(f"dict_rate_limit_series_{n}", f"Series {n}.", labels, registry=registry) for n in range(14)
-    ]
-    for i in range(policies):
-        for n, gauge in enumerate(gauges):
-            gauge.labels(f"POLICY_{i:05d}", "A").set(i * 1.5 + n)
+@dataclass
+class Server:
+    """A server process and, when it talks to a Bridge, its own simulator (its calls counted apart)."""
 
-    async def handler(_request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(registry), content_type="text/plain", charset="utf-8")
+    name: str
+    start: Callable[[int, str], tuple[Callable[..., None], tuple[Any, ...]]]
+    needs_bridge: bool = True
+    port: int = 0
+    process: Any = None
+    simulator: Any = None
 
-    await _serve_handler(handler, port)
+    async def launch(self, policies: int) -> None:
+        address = ""
+        if self.needs_bridge:
+            self.simulator = await _simulator(policies)
+            address = self.simulator.address
+        self.port = free_port()
+        target, args = self.start(self.port, address)
+        self.process = multiprocessing.get_context("spawn").Process(target=target, args=args, daemon=True)
+        self.process.start()
+        await asyncio.to_thread(wait_for_port, "127.0.0.1", self.port, 60, None)
 
+    @property
+    def bridge_calls(self) -> int:
+        return int(self.simulator.list_calls) if self.simulator is not None else 0
 
-async def _serve_handler(handler: Any, port: int) -> None:
-    app = web.Application()
-    app.router.add_get("/metrics", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    await asyncio.Event().wait()
-
-
-SERVERS = {"exporter": _exporter, "pre-rendered bytes (i)": _static, "Gauges + generate_latest (ii)": _gauges}
-
-
-def _server_main(kind: str, policies: int, port: int, web_config: str | None = None) -> None:
-    if web_config is None:
-        asyncio.run(SERVERS[kind](policies, port))
-        return
-    if kind == "uncached":
-        from exporter.webconfig import BasicAuth
-
-        BasicAuth.MAX_ENTRIES = 0  # every scrape pays bcrypt: what the cache saves
-    asyncio.run(_exporter(policies, port, web_config))
-
-
-async def _load(
-    url: str,
-    seconds: float,
-    gzip: bool = False,
-    auth: dict[str, str] | None = None,
-    tls: ssl.SSLContext | None = None,
-) -> tuple[list[float], int]:
-    latencies: list[float] = []
-    size = 0
-    stop_at = time.perf_counter() + seconds
-    # Keep-alive connections, as Prometheus keeps them: the TLS handshake is paid once per connection.
-    connector = aiohttp.TCPConnector(limit=CONNECTIONS, ssl=tls if tls is not None else True)
-    # Identity by default: every server then does the same work. With gzip the body stays compressed,
-    # so the load generator's CPU is not spent inflating it.
-    headers = {"Accept-Encoding": "gzip" if gzip else "identity", **(auth or {})}
-    async with aiohttp.ClientSession(connector=connector, headers=headers, auto_decompress=False) as http:
-
-        async def worker() -> None:
-            nonlocal size
-            while time.perf_counter() < stop_at:
-                started = time.perf_counter()
-                async with http.get(url) as response:
-                    size = len(await response.read())
-                latencies.append(time.perf_counter() - started)
-
-        await asyncio.gather(*(worker() for _ in range(CONNECTIONS)))
-    return latencies, size
-
-
-def scrape_case(
-    kind: str, policies: int, gzip: bool = False, secure: Secure | None = None
-) -> dict[str, float]:
-    port = free_port()
-    web_config = secure.web_config if secure else None
-    process = multiprocessing.get_context("spawn").Process(
-        target=_server_main, args=(kind, policies, port, web_config)
-    )
-    process.start()
-    auth, tls = (secure.auth, secure.tls) if secure else (None, None)
-    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}/metrics"
-    try:
-        wait_for_port("127.0.0.1", port, 30, None)
-        asyncio.run(_load(url, 0.5, auth=auth, tls=tls))  # warm-up (and the one bcrypt check when cached)
-        cpu_before = _cpu_seconds(process.pid)
-        latencies, size = asyncio.run(_load(url, SECONDS, gzip, auth=auth, tls=tls))
-        cpu = _cpu_seconds(process.pid) - cpu_before
-    finally:
-        process.terminate()
-        process.join(10)
-    latencies.sort()
-    return {
-        "p50_ms": statistics.median(latencies) * 1000,
-        "p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1000,
-        "rps": len(latencies) / SECONDS,
-        "bytes": size,
-        # Server CPU per scrape: robust to the noise of a shared machine, unlike wall-clock latency.
-        "cpu_us": cpu / len(latencies) * 1e6,
-    }
-
-
-def _cpu_seconds(pid: int | None) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
-def best_of(
-    kind: str, policies: int, rounds: int, gzip: bool = False, secure: Secure | None = None
-) -> dict[str, float]:
-    """The best round of each figure: other load on the machine only ever makes a round worse."""
-    runs = [scrape_case(kind, policies, gzip, secure) for _ in range(rounds)]
-    return {
-        "p50_ms": min(r["p50_ms"] for r in runs),
-        "p99_ms": min(r["p99_ms"] for r in runs),
-        "rps": max(r["rps"] for r in runs),
-        "bytes": runs[0]["bytes"],
-        "cpu_us": min(r["cpu_us"] for r in runs),
-    }
+    async def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            await asyncio.to_thread(self.process.join, 10)
+        if self.simulator is not None:
+            await self.simulator.stop()
 
 
 @dataclass(frozen=True)
-class Secure:
-    """A web configuration file and what the load generator presents to it."""
+class Target:
+    """What one row measures: a server, scraped with these headers (and SSL context)."""
 
-    web_config: str
-    auth: dict[str, str] | None = None
-    tls: ssl.SSLContext | None = None
+    name: str
+    role: str  # project, peer or limit
+    server: str
+    headers: dict[str, str] = field(default_factory=lambda: {"Accept-Encoding": "identity"})
+    ssl: ssl.SSLContext | None = None
+    scheme: str = "http"
 
 
-def _secure_cases(directory: Path) -> dict[str, tuple[str, Secure]]:
-    """open / basic auth (cached, and uncached for comparison) / TLS / TLS + basic auth, bcrypt cost 10."""
-    import bcrypt
-
-    from tests.support.certs import make_pki
-
-    pki = make_pki(directory)
-    hashed = bcrypt.hashpw(b"bench-password", bcrypt.gensalt(10)).decode()
-    auth = {"Authorization": "Basic " + base64.b64encode(b"prometheus:bench-password").decode()}
-    tls_section = {"cert_file": pki.server_cert, "key_file": pki.server_key}
-    files = {
-        "basic": {"basic_auth_users": {"prometheus": hashed}},
-        "tls": {"tls_server_config": tls_section},
-        "both": {"tls_server_config": tls_section, "basic_auth_users": {"prometheus": hashed}},
-    }
-    paths = {}
-    for name, content in files.items():
-        paths[name] = directory / f"{name}.yml"
-        paths[name].write_text(yaml.safe_dump(content), encoding="utf-8")
-    tls = ssl.create_default_context(cafile=pki.ca)
+def servers(database_url: str, floor_body: list[bytes]) -> dict[str, Server]:
     return {
-        "basic auth (bcrypt cached)": ("exporter", Secure(str(paths["basic"]), auth)),
-        "basic auth, no cache (for info)": ("uncached", Secure(str(paths["basic"]), auth)),
-        "TLS": ("exporter", Secure(str(paths["tls"]), tls=tls)),
-        "TLS + basic auth": ("exporter", Secure(str(paths["both"]), auth, tls)),
+        "floor": Server("floor", lambda port, _: (_serve_floor, (port, floor_body[0])), needs_bridge=False),
+        "exporter-off": Server("exporter-off", lambda port, bridge: (_serve_exporter, (port, bridge, None))),
+        "exporter-on": Server(
+            "exporter-on", lambda port, bridge: (_serve_exporter, (port, bridge, _fresh(database_url)))
+        ),
+        "per-scrape": Server("per-scrape", lambda port, bridge: (_serve_peer, ("per-scrape", port, bridge))),
+        "gauges": Server("gauges", lambda port, bridge: (_serve_peer, ("gauges", port, bridge))),
     }
 
 
-def security_case(policies: int) -> dict[str, dict[str, float]]:
-    """The same exporter open and behind each web configuration, side by side."""
-    rows = {"open": best_of("exporter", policies, ROUNDS)}
-    with tempfile.TemporaryDirectory() as directory:
-        for label, (kind, secure) in _secure_cases(Path(directory)).items():
-            rows[label] = best_of(kind, policies, ROUNDS, secure=secure)
-    return rows
+def targets() -> list[Target]:
+    gzip = {"Accept-Encoding": "gzip"}
+    return [
+        Target("raw asyncio socket, pre-rendered bytes", "limit", "floor"),
+        Target("exporter, history on", "project", "exporter-on"),
+        Target("exporter, history on, gzip", "project", "exporter-on", headers=gzip),
+        Target("exporter, history off", "project", "exporter-off"),
+        Target("per-scrape collector (calls the Bridge)", "peer", "per-scrape"),
+        Target("global Gauges + poll thread", "peer", "gauges"),
+    ]
 
 
-def _print_rows(rows: dict[str, dict[str, float]]) -> None:
-    for kind, row in rows.items():
-        print(
-            f"  {kind:<31} p50 {row['p50_ms']:7.2f} ms  p99 {row['p99_ms']:7.2f} ms  "
-            f"{row['rps']:8.0f} req/s  {row['cpu_us']:8.0f} us CPU/scrape  {row['bytes'] / 1000:7.1f} kB"
-        )
-
-
-def _rss_mb() -> float:
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
-
-
-async def _polls_and_calls() -> dict[str, float]:
-    """RSS over POLLS polls of the simulator over gRPC, then Bridge calls during 1,000 scrapes."""
-    from exporter.config import ExporterSettings
-    from exporter.service.app import ExporterService
+async def _simulator(policies: int) -> Any:
     from exporter.simulator.server import SimulatorServer
 
-    sim = SimulatorServer(category="A", seed=3)
-    await sim.start()
-    port = free_port()
-    settings = ExporterSettings(
-        bridge_address=sim.address,
-        listen_host="127.0.0.1",
-        metrics_port=port,
-        health_check_port=port,
-        poll_interval_seconds=1.0,
-        poll_budget_override=True,
-        log_level="warning",
-    )
-    service = ExporterService(settings)
-    await service.start()
-    result: dict[str, float] = {}
+    simulator = SimulatorServer(category="A", seed=3)
+    names = set(simulator.engine.policy_names())
+    for i in range(policies - len(names)):
+        simulator.engine.add_policy(f"POLICY_{i:05d}", 36_000, 1200, 60, available=30_000 - i % 700)
+    await simulator.start()
+    return simulator
+
+
+def _fresh(admin_url: str) -> str:
+    from exporter.history import migrations
+
+    name = f"drl_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = psycopg.conninfo.make_conninfo(admin_url, dbname=name)
+    migrations.apply(url)
+    return url
+
+
+# --- load
+
+
+@dataclass
+class Sample:
+    cpu: float = 0.0
+    scrapes: int = 0
+    with_data: int = 0
+    bridge_calls: int = 0
+    size: int = 0
+    latencies: list[float] = field(default_factory=list)
+
+    @property
+    def cpu_per_scrape(self) -> float:
+        return self.cpu / max(1, self.scrapes)
+
+
+async def _load(target: Target, server: Server, seconds: float, clients: int) -> Sample:
+    url = f"{target.scheme}://127.0.0.1:{server.port}/metrics"
+    sample = Sample()
+    connector = aiohttp.TCPConnector(limit=clients, ssl=target.ssl or False)
+    # auto_decompress off: the load generator's CPU is not spent inflating gzip bodies.
+    async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as http:
+        cpu_before, calls_before = cpu_seconds(server.process.pid), server.bridge_calls
+        stop_at = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            while time.perf_counter() < stop_at:
+                began = time.perf_counter()
+                async with http.get(url, headers=target.headers) as response:
+                    body = await response.read()
+                sample.latencies.append(time.perf_counter() - began)
+                sample.scrapes += 1
+                sample.size = len(body)
+                sample.with_data += b"available_tokens{" in body  # identity bodies only (see _print_case)
+
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        sample.cpu = cpu_seconds(server.process.pid) - cpu_before
+        sample.bridge_calls = server.bridge_calls - calls_before
+    return sample
+
+
+_IDENTITY = {"Accept-Encoding": "identity"}
+
+
+async def _full_exposition(port: int) -> bytes:
+    """The exporter's body once two polls are behind it (rates and projections present): the floor then
+    serves these very bytes. Waits up to a poll interval and a half."""
+    deadline = time.monotonic() + 1.5 * POLL_INTERVAL + 5
+    async with aiohttp.ClientSession() as http:
+        while True:
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
+                body = await response.read()
+            if b"dict_rate_limit_consumption_rate_per_minute{" in body or time.monotonic() > deadline:
+                return body
+            await asyncio.sleep(0.5)
+
+
+async def run_case(label: str, policies: int, args: argparse.Namespace, admin_url: str) -> dict[str, Any]:
+    floor_body: list[bytes] = [b""]
+    pool = servers(admin_url, floor_body)
+    chosen = targets()
     try:
-        await service.poller.stop(1.0)  # drive polls by hand, as fast as the Bridge answers
-        for done in range(1, POLLS + 1):
-            sim.engine.set_tokens("POLICIES_LIST", 20)  # the simulator enforces DICT's 6/min; refill it
-            await service.poller.poll_once()
-            if done in (1, 1000, POLLS):
-                result[f"rss_mb_after_{done}_polls"] = _rss_mb()
-        result["polls_ok"] = service.poller.consecutive_failures == 0
-        calls_before, polls_before = sim.list_calls, service.poller.attempted
-        async with aiohttp.ClientSession() as http:
-            for i in range(1000):
-                if i % 250 == 0:  # four polls during the scrapes, as if scrapes spanned four intervals
-                    sim.engine.set_tokens("POLICIES_LIST", 20)
-                    await service.poller.poll_once()
-                async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
-                    await response.read()
-        result["bridge_calls_per_1000_scrapes"] = sim.list_calls - calls_before
-        result["polls_during_scrapes"] = service.poller.attempted - polls_before
+        for key in ("exporter-on", "exporter-off", "per-scrape", "gauges"):
+            await pool[key].launch(policies)
+        floor_body[0] = await _full_exposition(pool["exporter-on"].port)
+        await pool["floor"].launch(policies)
+        for target in chosen:  # warm-up
+            await _load(target, pool[target.server], 0.3, args.clients)
+        rounds: dict[str, list[Sample]] = {t.name: [] for t in chosen}
+        # Bridge calls are counted over the whole measured span, not only each target's own windows:
+        # a poll loop calls on its own clock, whoever is being scraped at that moment.
+        began, calls = time.perf_counter(), {key: server.bridge_calls for key, server in pool.items()}
+        for index in range(args.rounds):
+            for name in rotated([t.name for t in chosen], index):
+                target = next(t for t in chosen if t.name == name)
+                rounds[name].append(await _load(target, pool[target.server], args.seconds, args.clients))
+        span = time.perf_counter() - began
+        calls = {key: server.bridge_calls - calls[key] for key, server in pool.items()}
     finally:
-        await service.stop()
-        await sim.stop()
-    return result
+        for server in pool.values():
+            await server.stop()
+    _print_case(label, policies, chosen, rounds, args, calls=calls, span=span)
+    return {name: [s.cpu_per_scrape for s in samples] for name, samples in rounds.items()}
 
 
-def _polls_main(queue: Any) -> None:
-    queue.put(asyncio.run(_polls_and_calls()))
-
-
-def memory_case() -> dict[str, float]:
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_polls_main, args=(queue,))
-    process.start()
-    result: dict[str, float] = queue.get(timeout=900)
-    process.join(30)
-    return result
-
-
-def main() -> dict[str, Any]:
-    report: dict[str, Any] = {}
-    for label, policies in (("(a) 30 policies", 30), ("(b) 10,010 bucket series", 715)):
-        print(f"\n/metrics, {label}: {CONNECTIONS} connections, {SECONDS:g} s per server")
-        rows = {kind: best_of(kind, policies, ROUNDS) for kind in SERVERS}
-        rows["exporter, gzip (for information)"] = best_of("exporter", policies, ROUNDS, gzip=True)
-        mine = rows["exporter"]
-        _print_rows(rows)
-        static, gauges = rows["pre-rendered bytes (i)"], rows["Gauges + generate_latest (ii)"]
-        print(
-            f"  exporter / (i): p50 {mine['p50_ms'] / static['p50_ms']:.2f}x, "
-            f"CPU/scrape {mine['cpu_us'] / static['cpu_us']:.2f}x, "
-            f"throughput {static['rps'] / mine['rps']:.2f}x (target <= 1.5x)\n"
-            f"  exporter / (ii): p50 {mine['p50_ms'] / gauges['p50_ms']:.3f}x, "
-            f"CPU/scrape {mine['cpu_us'] / gauges['cpu_us']:.3f}x (below 1: the exporter is faster)"
+def _print_case(
+    label: str,
+    policies: int,
+    chosen: list[Target],
+    rounds: dict[str, list[Sample]],
+    args: argparse.Namespace,
+    *,
+    calls: dict[str, int],
+    span: float,
+) -> None:
+    limit = next(t for t in chosen if t.role == "limit")
+    floor = [s.cpu_per_scrape for s in rounds[limit.name]]
+    rows = []
+    for target in chosen:
+        samples = rounds[target.name]
+        cpu = [s.cpu_per_scrape for s in samples]
+        latencies = [x for s in samples for x in s.latencies]
+        scrapes = sum(s.scrapes for s in samples)
+        server_scrapes = sum(s.scrapes for _, runs in _by_server(chosen, rounds, target) for s in runs)
+        data = sum(s.with_data for s in samples)
+        goal = GOALS.get((label, target.name.removesuffix(", gzip")))
+        rows.append(
+            Row(
+                target.role,
+                target.name,
+                f"{statistics.median(cpu) * 1e6:,.0f} us",
+                None if target is limit else Ratio.of(cpu, floor),
+                latency_text(latencies)
+                + f", {scrapes / (args.seconds * len(samples)):,.0f} req/s, {samples[-1].size / 1000:,.0f} kB"
+                + (
+                    f", Bridge calls in {span:.0f} s: {calls[target.server]}"
+                    f" ({calls[target.server] * 1000 / max(1, server_scrapes):,.1f} per 1,000 scrapes),"
+                    f" data in {data}/{scrapes} scrapes"
+                    if target.server != "floor" and target.headers == _IDENTITY
+                    else ""
+                ),
+                f"goal <= {goal:g}x" if goal else "",
+            )
         )
-        report[label] = rows
-    print("\n/metrics behind the web configuration file (30 policies, bcrypt cost 10, keep-alive):")
-    secured = security_case(30)
-    _print_rows(secured)
-    opened = secured["open"]
-    for label in ("basic auth (bcrypt cached)", "TLS", "TLS + basic auth", "basic auth, no cache (for info)"):
-        row = secured[label]
-        print(
-            f"  {label} / open: CPU/scrape {row['cpu_us'] / opened['cpu_us']:.2f}x, "
-            f"p50 {row['p50_ms'] / opened['p50_ms']:.2f}x"
-        )
-    report["security"] = secured
-    print(f"\nexporter against the simulator over gRPC: {POLLS} polls, then 1,000 scrapes")
-    memory = memory_case()
-    for key, value in memory.items():
-        print(f"  {key:<32} {value:.1f}")
-    report["polls"] = memory
-    return report
+    print_figure(
+        f"/metrics, {label} ({policies * SERIES_PER_POLICY:,} bucket series): server CPU per scrape, "
+        f"{args.clients} clients, {args.rounds} interleaved rounds x {args.seconds:g} s",
+        "CPU/scrape",
+        rows,
+    )
+
+
+def _by_server(
+    chosen: list[Target], rounds: dict[str, list[Sample]], target: Target
+) -> list[tuple[Target, list[Sample]]]:
+    """Every target served by the same server as ``target`` (gzip and identity scrapes of one process)."""
+    return [(other, rounds[other.name]) for other in chosen if other.server == target.server]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds (~1 minute)")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--seconds", type=float, default=None)
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--database-url", help="administrative database URL (default: embedded PostgreSQL)")
+    args = parser.parse_args(argv)
+    args.rounds = args.rounds or (3 if args.quick else 5)
+    args.seconds = args.seconds or (1.0 if args.quick else 2.0)
+    print(f"{machine()}; poll interval {POLL_INTERVAL:g} s against the simulator")
+    with tempfile.TemporaryDirectory(prefix="drl-bench-") as tmp:
+        embedded = None if args.database_url else EmbeddedPostgres(Path(tmp) / "pg")
+        admin = args.database_url or embedded.start()  # type: ignore[union-attr]
+        try:
+            for label, policies in CASES:
+                asyncio.run(run_case(label, policies, args, admin))
+        finally:
+            if embedded is not None:
+                embedded.stop()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

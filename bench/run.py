@@ -1,7 +1,9 @@
 """`make bench`: runs the main() of every bench/bench_*.py in turn (scrape, history, receiver, ...).
 
 ``python -m bench.run scrape history`` (from the repository root, so the dev stack imports) runs only the
-benchmarks whose names contain one of the words.
+benchmarks whose names contain one of the words; ``--quick`` (``make bench-quick``) runs each in its short
+form. Every figure is printed as the project, the peers where they apply and the limit, with the ratio to
+the limit as median [min-max] over interleaved rounds.
 """
 
 from __future__ import annotations
@@ -11,20 +13,24 @@ import sys
 import time
 from pathlib import Path
 
+from bench.common import machine
+
 HERE = Path(__file__).resolve().parent
 
 
 def main() -> int:
     failed = []
-    words = sys.argv[1:]
-    del sys.argv[1:]  # each benchmark's main() parses its own (empty) command line
+    words = [word for word in sys.argv[1:] if not word.startswith("-")]
+    options = [word for word in sys.argv[1:] if word.startswith("-")]  # --quick: passed to every benchmark
+    del sys.argv[1:]
+    print(f"{machine()}; benchmarks {' '.join(options) or '(full)'}", flush=True)
     for path in sorted(HERE.glob("bench_*.py")):
         if words and not any(word in path.stem for word in words):
             continue
         print(f"\n=== {path.stem} ===", flush=True)
         started = time.monotonic()
         try:
-            importlib.import_module(f"bench.{path.stem}").main()
+            importlib.import_module(f"bench.{path.stem}").main(options)
         except Exception as exc:  # one broken benchmark must not hide the others' figures
             print(f"{path.stem} failed: {type(exc).__name__}: {exc}", flush=True)
             failed.append(path.stem)

@@ -410,7 +410,9 @@ class DatabaseKeys(_Keys):
     database_url: str | None = key(
         None, _opt_str, "PostgreSQL URL. Without it the exporter keeps no history (visibly).", secret=True
     )
-    database_max_connections: int = key(4, _number(int, 1), "Connection pool size.")
+    database_max_connections: int = key(
+        10, _number(int, 1), "Connection pool size (receiver: concurrent notifications being committed)."
+    )
     rate_limit_retention_months: int = key(
         13, _number(int, 1), "Months of bucket history kept (whole monthly partitions are dropped)."
     )

@@ -46,6 +46,8 @@ class Maintenance:
             self.runs.labels(result)
         self.last_success_timestamp = 0.0
         self.last_summary: dict[str, Any] | None = None
+        #: Bumped after each run (its metrics changed): the writer's exposition cache is keyed by it.
+        self.version = 0
 
     async def run_once(self) -> dict[str, Any]:
         """One maintenance run; returns the function's JSON summary (created, dropped, auto_resolved)."""
@@ -58,6 +60,7 @@ class Maintenance:
                 row = await cursor.fetchone()
         except Exception:
             self.runs.labels("failure").inc()
+            self.version += 1
             raise
         finally:
             if self._observe is not None:
@@ -67,6 +70,7 @@ class Maintenance:
         self.runs.labels("success").inc()
         self.last_success_timestamp = time.time()
         self.last_summary = summary
+        self.version += 1
         if summary.get("created") or summary.get("dropped") or summary.get("auto_resolved"):
             log.info(
                 "history maintenance: created %s, dropped %s, auto-resolved %s alert(s)",

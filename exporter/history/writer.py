@@ -5,7 +5,7 @@ in-memory queue (the oldest snapshot is dropped, counted and logged when it is f
 task writes the queue head, retrying with backoff until it succeeds. Each snapshot is one transaction:
 COPY into a per-connection temporary table, then ``INSERT ... ON CONFLICT DO NOTHING`` into
 ``dict_rate_limit_states`` (so a retried write, a duplicate or a second replica never duplicates a row)
-and an upsert of ``dict_rate_limit_policies``.
+and an upsert of the ``dict_rate_limit_policies`` rows that change something (see history_sql.PolicyRows).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from datetime import UTC, date
 from typing import Any
 
 import psycopg
-from prometheus_client import Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -33,9 +33,9 @@ from exporter.history.statements import (
     COPY_STATES,
     CREATE_INCOMING,
     INSERT_INCOMING,
-    STATE_COLUMNS,
     UPSERT_POLICIES,
-    policy_params,
+    PolicyRows,
+    copy_rows,
     rows_of,
 )
 from exporter.service.derivation import DerivedSnapshot
@@ -86,11 +86,15 @@ class HistoryWriter:
         self._queue: deque[DerivedSnapshot] = deque()
         self._queue_size = queue_size
         self._inflight = 0
+        # Bumped by every change of the writer's metrics, so a scrape re-renders them only after one.
+        self._version = 0
+        self._rendered: tuple[int, bytes] | None = None
         self._observe = observe
         self._thresholds = thresholds
         self._retry_max_delay = retry_max_delay
         self._ping_interval = ping_interval
         self._months: set[date] = set()
+        self._policy_rows = PolicyRows()
         self._ok = False
         self._last_warning = 0.0
         self._wakeup = asyncio.Event()
@@ -138,11 +142,25 @@ class HistoryWriter:
             registry=None,
         )
         self.collector: Collector = _HistoryCollector(self)
+        self._registry = CollectorRegistry()
+        self._registry.register(self.collector)
 
     @property
     def database_ok(self) -> bool:
         """True when the last write or ping succeeded (readiness)."""
         return self._ok
+
+    @property
+    def metrics_version(self) -> int:
+        """Changes whenever one of the writer's metrics (maintenance's included) may have changed."""
+        return self._version + self.maintenance.version
+
+    def render_metrics(self) -> bytes:
+        """The text exposition of :attr:`collector`, rendered again only after a change."""
+        version = self.metrics_version
+        if self._rendered is None or self._rendered[0] != version:
+            self._rendered = (version, generate_latest(self._registry))
+        return self._rendered[1]
 
     @property
     def queue_depth(self) -> int:
@@ -173,6 +191,7 @@ class HistoryWriter:
                     oldest.snapshot.response_time.isoformat(),
                 )
             self._queue.append(derived)
+            self._version += 1
             self._wake()
         except Exception:  # pragma: no cover - submit must never break the poller
             log.exception("history submit failed")
@@ -234,6 +253,7 @@ class HistoryWriter:
                 self._failed(exc)
             finally:
                 self._inflight = 0
+                self._version += 1  # whatever the attempt changed: counters, queue, set-aside
             if delay:
                 await asyncio.sleep(delay)
 
@@ -263,33 +283,33 @@ class HistoryWriter:
         ON CONFLICT DO NOTHING, so the result is the same either way: each row exactly once.
         """
         rows = rows_of(derived, self._thresholds)
-        policies = policy_params(derived, rows)
+        policies = self._policy_rows.due(derived, rows)  # None: no policy row changes
         month = derived.snapshot.response_time.astimezone(UTC).date().replace(day=1)
         started = time.perf_counter()
         async with self._pool.connection() as conn:
             try:
                 async with conn.transaction():
                     await self._ensure_partition(conn, month)
-                    async with conn.cursor().copy(COPY_STATES) as copy:
-                        for row in rows:
-                            await copy.write_row(row[: len(STATE_COLUMNS)])
-                    await conn.execute(UPSERT_POLICIES, policies)
+                    await copy_rows(conn, COPY_STATES, rows)
+                    if policies is not None:
+                        await conn.execute(UPSERT_POLICIES, policies)
                 inserted = len(rows)
             except psycopg.errors.UniqueViolation:
                 async with conn.transaction():
                     await conn.execute(CLEAR_INCOMING)
-                    async with conn.cursor().copy(COPY_INCOMING) as copy:
-                        for row in rows:
-                            await copy.write_row(row[: len(STATE_COLUMNS)])
+                    await copy_rows(conn, COPY_INCOMING, rows)
                     cursor = await conn.execute(INSERT_INCOMING)
                     inserted = max(0, cursor.rowcount)
-                    await conn.execute(UPSERT_POLICIES, policies)
+                    if policies is not None:
+                        await conn.execute(UPSERT_POLICIES, policies)
+        self._policy_rows.committed(policies)
         elapsed = time.perf_counter() - started
         self._months.add(month)
         self.write_duration.observe(elapsed)
         if self._observe is not None:
             self._observe("history_write", elapsed)
         self.rows_written.inc(inserted)
+        self._version += 1
         if not self._ok:
             log.info("history writes succeed again (%d queued)", len(self._queue))
         self._ok = True
@@ -359,3 +379,10 @@ class _DisabledCollector(Collector):
 def disabled_collector() -> Collector:
     """``dict_rate_limit_history_enabled 0``: history is off because DATABASE_URL is unset."""
     return _DisabledCollector()
+
+
+def disabled_metrics() -> bytes:
+    """The exposition of :func:`disabled_collector` (it never changes)."""
+    registry = CollectorRegistry()
+    registry.register(disabled_collector())
+    return generate_latest(registry)

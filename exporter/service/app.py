@@ -10,11 +10,11 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Callable
 from datetime import UTC
 from typing import Any, Protocol
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.registry import Collector
 
 from exporter import __version__, runtime
@@ -52,6 +52,8 @@ class History(Protocol):
 
     @property
     def database_ok(self) -> bool: ...
+
+    def render_metrics(self) -> bytes: ...
 
     async def start(self) -> None: ...
     def submit(self, derived: DerivedSnapshot) -> None: ...
@@ -119,7 +121,7 @@ class ExporterService:
         self._withdrawn = self._rendered
         self.history: History | None = None
         self._history_open = False
-        self._history_registry = CollectorRegistry()
+        self._history_metrics: Callable[[], bytes] = _nothing
         self._serve_http = serve_http
         self._runners: list[web.AppRunner] = []
         self.ports: dict[str, int] = {}
@@ -178,13 +180,14 @@ class ExporterService:
                 observe=self.metrics.observe,
                 thresholds=self.settings.threshold_for,
             )
-            self._history_registry.register(writer.collector)
+            self._history_metrics = writer.render_metrics
             self.history = writer
         else:
-            from exporter.history.writer import disabled_collector
+            from exporter.history.writer import disabled_metrics
 
             log.info("history is disabled: DATABASE_URL is not set, no snapshot will be stored")
-            self._history_registry.register(disabled_collector())
+            disabled = disabled_metrics()
+            self._history_metrics = lambda: disabled
 
     async def _stop_history(self) -> None:
         if self.history is not None and self._history_open:
@@ -235,7 +238,8 @@ class ExporterService:
         rest so the cached compressed bucket part is reused."""
         stale = self.poller.is_stale()
         buckets = self._withdrawn if stale else self._rendered
-        tail = self.metrics.render(stale=stale) + generate_latest(self._history_registry) + extra
+        # Both parts are cached until their metrics change: most scrapes only join two byte strings.
+        tail = self.metrics.render(stale=stale) + self._history_metrics() + extra
         return buckets.body(tail, gzip=gzip)
 
     def policies_payload(self) -> dict[str, Any] | None:
@@ -285,6 +289,10 @@ class ExporterService:
         """Started once the first poll was attempted, whatever its outcome (a Bridge outage is no crash)."""
         attempted = self.poller.attempted > 0
         return attempted, {"first_poll": "done" if attempted else "pending"}
+
+
+def _nothing() -> bytes:
+    return b""
 
 
 def _policy_json(state: Any, settings: ExporterSettings) -> dict[str, Any]:

@@ -155,7 +155,8 @@ async def test_policies_are_upserted_with_their_thresholds_and_the_view_uses_the
 
     writer = HistoryWriter(migrated, queue_size=10, thresholds=thresholds)
     await writer.start()
-    for derived in snapshots(3, balances=[1000, 700, 400]):
+    # 0, 200 and 400 s: the unchanged rows are rewritten only once LAST_SEEN_REFRESH (300 s) has passed.
+    for derived in snapshots(3, step=200.0, balances=[1000, 700, 400]):
         writer.submit(derived)
     await writer.stop()
     policies = rows(
@@ -163,7 +164,7 @@ async def test_policies_are_upserted_with_their_thresholds_and_the_view_uses_the
         "SELECT endpoint_id, psp_category, capacity, warning_threshold_percent, critical_threshold_percent,"
         " first_seen_at, last_seen_at FROM dict_rate_limit_policies ORDER BY 1",
     )
-    last = T0 + timedelta(seconds=60)
+    last = T0 + timedelta(seconds=400)
     assert policies == [
         ("CLAIMS_READ", "A", 1000, 20.0, 10.0, T0, last),
         ("ENTRIES_READ_PARTICIPANT_ANTISCAN", "A", 1000, 20.0, 10.0, T0, last),
