@@ -17,7 +17,7 @@ import psycopg
 from aiohttp import web
 from prometheus_client import generate_latest
 
-from exporter import runtime
+from exporter import http_limits, runtime
 from exporter.config import AllInOneSettings
 from exporter.receiver import webhook as receiver
 from exporter.receiver.metrics import ReceiverMetrics
@@ -96,9 +96,10 @@ async def serve(settings: AllInOneSettings, stop: asyncio.Event) -> None:
     )
     apps = build_apps(service, webhook, settings, guard)
     runners: list[web.AppRunner] = []
+    limits = http_limits.limits_of(settings)
     try:
         for port, app in apps.items():  # the webhook app first: its start-up opens the database and relay
-            runner = web.AppRunner(app, access_log=None)
+            runner = http_limits.runner(app, limits)
             await runner.setup()
             runners.append(runner)
             if app is webhook:
@@ -106,7 +107,7 @@ async def serve(settings: AllInOneSettings, stop: asyncio.Event) -> None:
             else:
                 tls = web_config.tls if port == settings.metrics_listen[1] else None
             host = settings.metrics_listen[0] if port == settings.metrics_listen[1] else settings.listen_host
-            await web.TCPSite(runner, host, port, ssl_context=tls).start()
+            await http_limits.LimitedSite(runner, host, port, limits, ssl_context=tls).start()
         await service.start()
     except BaseException:
         for runner in reversed(runners):

@@ -25,6 +25,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from exporter import dsn
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PULSAR_TOPIC = "persistent://lb-conn/dict/rate-limit-alerts"
@@ -304,6 +306,21 @@ class HttpKeys(_Keys):
         flags=("--web.config.file",),
     )
 
+    http_header_timeout_seconds: float = key(
+        10.0,
+        _number(float, 0.1),
+        "A connection without a complete request head this long after connecting is closed.",
+    )
+    http_idle_timeout_seconds: float = key(
+        30.0, _number(float, 0.1), "An idle keep-alive connection is closed after this long."
+    )
+    http_max_connections: int = key(
+        0,
+        _number(int, 0),
+        "Open connections per HTTP port; beyond it new ones are closed at once. 0: the file-descriptor"
+        " limit minus 128 (at most 4096).",
+    )
+
     @property
     def metrics_listen(self) -> tuple[str, int]:
         """(host, port) the metrics server binds: WEB_LISTEN_ADDRESS, else LISTEN_HOST and METRICS_PORT."""
@@ -417,6 +434,11 @@ class DatabaseKeys(_Keys):
         13, _number(int, 1), "Months of bucket history kept (whole monthly partitions are dropped)."
     )
 
+    def _check(self) -> None:
+        # A connection string libpq refuses would otherwise fail later, on every retry, quoting the password.
+        if self.database_url and (reason := dsn.problem(self.database_url)):
+            raise ConfigError("DATABASE_URL", f"not a valid connection string: {reason}")
+
 
 @dataclass(frozen=True)
 class HistoryKeys(_Keys):
@@ -467,6 +489,9 @@ class ReceiverKeys(_Keys):
         180.0,
         _number(float, 0.0),
         "How long Alertmanager must have forgotten a firing alert before the receiver resolves it.",
+    )
+    http_body_timeout_seconds: float = key(
+        30.0, _number(float, 0.1), "Longest time to receive a request body (a slower one gets 408)."
     )
     receiver_tls_key_file: str | None = key(None, _opt_str, "PEM private key to serve the webhook over TLS.")
 
@@ -578,6 +603,15 @@ class MigrateSettings(DatabaseKeys, LogKeys):
 
 
 @dataclass(frozen=True)
+class OutboxSettings(PulsarKeys, DatabaseKeys, LogKeys):
+    """``dict-rate-limit outbox list|replay``: the set-aside events, republished to Pulsar."""
+
+    def _check(self) -> None:
+        if not self.database_url:
+            raise ConfigError("DATABASE_URL", "the outbox is in PostgreSQL; set DATABASE_URL")
+
+
+@dataclass(frozen=True)
 class SimulatorSettings(SimulatorKeys, LogKeys):
     """``dict-rate-limit simulator``."""
 
@@ -587,6 +621,7 @@ COMMAND_SETTINGS: dict[str, type[_Keys]] = {
     "receiver": ReceiverSettings,
     "all-in-one": AllInOneSettings,
     "migrate": MigrateSettings,
+    "outbox": OutboxSettings,
     "simulator": SimulatorSettings,
 }
 
@@ -761,8 +796,5 @@ def effective(settings: Any, command: str | None = None) -> dict[str, Any]:
 
 
 def _mask(name: str, value: str) -> str:
-    """Hides passwords in URLs and conninfo strings and every other secret entirely."""
-    if name != "database_url":
-        return "***"
-    masked = re.sub(r"(password=)[^&\s]+", r"\1***", value)
-    return re.sub(r"^([a-z]+://[^:/@]+:)[^@]*@", r"\1***@", masked)
+    """Hides passwords in connection strings (parsed as libpq does) and every other secret entirely."""
+    return dsn.mask_dsn(value) if name == "database_url" else "***"

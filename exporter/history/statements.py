@@ -29,9 +29,10 @@ STATE_COLUMNS = (
     "response_time",
     "correlation_id",
 )
-#: The binary COPY types of STATE_COLUMNS. char(1) takes the text encoding: their binary forms are equal.
+#: The binary COPY types of STATE_COLUMNS (refill_period_sec is bigint since 0005). char(1) takes the text
+#: encoding: their binary forms are equal.
 STATE_TYPES = (
-    "text", "text", "int8", "int8", "int8", "int4", "float8", "float8", "float8", "float8", "float8",
+    "text", "text", "int8", "int8", "int8", "int8", "float8", "float8", "float8", "float8", "float8",
     "float8", "float8", "timestamptz", "text",
 )  # fmt: skip
 _COLUMNS = sql.SQL(", ").join(map(sql.Identifier, STATE_COLUMNS))
@@ -45,7 +46,7 @@ COPY_STATES = sql.SQL("COPY dict_rate_limit_states ({}) FROM STDIN (FORMAT BINAR
 CREATE_INCOMING = b"""
 CREATE TEMP TABLE IF NOT EXISTS dict_rate_limit_states_incoming (
     endpoint_id text, psp_category char(1), available_tokens bigint, capacity bigint, refill_tokens bigint,
-    refill_period_sec integer, utilization_percent double precision, remaining_ratio double precision,
+    refill_period_sec bigint, utilization_percent double precision, remaining_ratio double precision,
     consumption_rate_per_minute double precision, consumed_tokens double precision,
     recovery_eta_seconds double precision, exhaustion_projection_seconds double precision,
     error_404_rate double precision, response_time timestamptz, correlation_id text
@@ -62,7 +63,8 @@ INSERT_INCOMING = sql.SQL(
 #: every snapshot (rewriting 3,000 unchanged rows cost more server time than the snapshot's COPY).
 LAST_SEEN_REFRESH = timedelta(minutes=5)
 # Only rows that change something are rewritten: new parameters or thresholds, or a last_seen_at older
-# than LAST_SEEN_REFRESH; a replayed older snapshot never rolls a policy's values back (p.last_seen_at).
+# than LAST_SEEN_REFRESH; a replayed older snapshot never rolls a policy's values back (p.last_seen_at),
+# but a row stamped in the far future (a bad clock, a forged answer already stored) does not freeze it.
 # Arrays are sent in binary (%b). The writer normally sends only the rows that are due (PolicyRows);
 # the WHERE keeps a second replica, or the first snapshot after a start, from rewriting the others.
 UPSERT_POLICIES = b"""
@@ -70,7 +72,7 @@ INSERT INTO dict_rate_limit_policies AS p (endpoint_id, psp_category, capacity, 
     refill_period_sec, warning_threshold_percent, critical_threshold_percent, first_seen_at, last_seen_at)
 SELECT endpoint_id, %(category)s, capacity, refill_tokens, refill_period_sec, warning, critical,
        %(seen)s, %(seen)s
-  FROM unnest(%(names)b::text[], %(capacity)b::bigint[], %(refill)b::bigint[], %(period)b::integer[],
+  FROM unnest(%(names)b::text[], %(capacity)b::bigint[], %(refill)b::bigint[], %(period)b::bigint[],
               %(warning)b::float8[], %(critical)b::float8[])
        AS t (endpoint_id, capacity, refill_tokens, refill_period_sec, warning, critical)
 ON CONFLICT (endpoint_id, psp_category) DO UPDATE
@@ -80,12 +82,22 @@ ON CONFLICT (endpoint_id, psp_category) DO UPDATE
        critical_threshold_percent = EXCLUDED.critical_threshold_percent,
        first_seen_at = least(p.first_seen_at, EXCLUDED.first_seen_at),
        last_seen_at = EXCLUDED.last_seen_at, updated_at = now()
- WHERE p.last_seen_at <= EXCLUDED.last_seen_at
-   AND ((p.capacity, p.refill_tokens, p.refill_period_sec, p.warning_threshold_percent,
-         p.critical_threshold_percent)
-        IS DISTINCT FROM (EXCLUDED.capacity, EXCLUDED.refill_tokens, EXCLUDED.refill_period_sec,
-                          EXCLUDED.warning_threshold_percent, EXCLUDED.critical_threshold_percent)
-        OR p.last_seen_at <= EXCLUDED.last_seen_at - %(refresh)s::interval)"""
+ WHERE p.last_seen_at > now() + interval '1 day'
+    OR (p.last_seen_at <= EXCLUDED.last_seen_at
+        AND ((p.capacity, p.refill_tokens, p.refill_period_sec, p.warning_threshold_percent,
+              p.critical_threshold_percent)
+             IS DISTINCT FROM (EXCLUDED.capacity, EXCLUDED.refill_tokens, EXCLUDED.refill_period_sec,
+                               EXCLUDED.warning_threshold_percent, EXCLUDED.critical_threshold_percent)
+             OR p.last_seen_at <= EXCLUDED.last_seen_at - %(refresh)s::interval))"""
+SET_ASIDE = b"""
+INSERT INTO dict_rate_limit_rejected_snapshots
+    (response_time, correlation_id, psp_category, reason, error, snapshot)
+VALUES (%s, %s, %s, %s, %s, %s)"""
+#: Set-aside snapshots are evidence for an operator, not history: a month of them is plenty, and a Bridge
+#: answering poison at every poll must not grow the table without bound.
+PRUNE_SET_ASIDE = (
+    b"DELETE FROM dict_rate_limit_rejected_snapshots WHERE rejected_at < now() - interval '30 days'"
+)
 
 
 async def copy_rows(conn: AsyncConnection[Any], statement: sql.Composed, rows: list[tuple[Any, ...]]) -> None:

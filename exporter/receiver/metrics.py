@@ -16,13 +16,59 @@ from prometheus_client.registry import Collector
 
 from exporter import __version__
 from exporter.receiver.store import RecordResult
+from exporter.snapshot import CATEGORIES
 from exporter.telemetry import DURATION_BUCKETS, new_registry
 
 #: Reasons a payload is rejected with 4xx (the field itself is in the response body and the log).
-INVALID_REASONS = ("too_large", "not_json", "unsupported_version", "invalid_field")
+INVALID_REASONS = (
+    "too_large",
+    "too_slow",
+    "not_json",
+    "unsupported_version",
+    "invalid_field",
+    "implausible_time",
+)
 #: Codes the webhook answers; created at start-up so a dashboard sees zeros, not gaps.
-WEBHOOK_STATUSES = ("200", "400", "401", "413", "500", "503")
+WEBHOOK_STATUSES = ("200", "400", "401", "408", "413", "500", "503")
 SEED_LABELS = ("endpoint_id", "severity", "psp_category")
+SEVERITIES = frozenset({"critical", "warning", "info"})
+#: The broker's permanent refusals (exporter.outbox.PERMANENT_RESULTS), the only set-aside reasons.
+SET_ASIDE_REASONS = ("MessageTooBig", "InvalidMessage")
+
+
+#: The label value standing for every policy or category outside the bounded sets.
+OVERFLOW = "other"
+#: Policies not (yet) in dict_rate_limit_policies admitted as label values, first come first served: a
+#: receiver without history, or a policy DICT just added, still gets its own series; thousands of
+#: distinct (mistaken or hostile) endpoint_id values never make more than this many.
+MAX_UNKNOWN_POLICIES = 50
+#: Cap on the policies taken from the database (DICT has a few dozen).
+MAX_KNOWN_POLICIES = 1000
+
+
+class PolicyLabels:
+    """Maps an alert's endpoint_id and psp_category to a label value from a bounded set."""
+
+    def __init__(self, max_unknown: int = MAX_UNKNOWN_POLICIES) -> None:
+        self._known: frozenset[str] = frozenset()
+        self._admitted: set[str] = set()
+        self._max_unknown = max_unknown
+
+    def set_known(self, names: Iterable[str]) -> None:
+        """The policies of dict_rate_limit_policies (refreshed by the receiver every minute)."""
+        self._known = frozenset(list(names)[:MAX_KNOWN_POLICIES])
+
+    def policy(self, endpoint_id: str) -> str:
+        if not endpoint_id or endpoint_id in self._known or endpoint_id in self._admitted:
+            return endpoint_id
+        if len(self._admitted) < self._max_unknown:
+            self._admitted.add(endpoint_id)
+            return endpoint_id
+        return OVERFLOW
+
+    @staticmethod
+    def category(psp_category: str) -> str:
+        return psp_category if not psp_category or psp_category in CATEGORIES else OVERFLOW
 
 
 class BacklogStats:
@@ -31,6 +77,7 @@ class BacklogStats:
     def __init__(self) -> None:
         self.count = 0
         self.oldest_created: float | None = None
+        self.set_aside = 0  # events the broker refused for good, waiting for `outbox replay`
 
     def update(self, count: int, oldest_created: float | None) -> None:
         self.count, self.oldest_created = count, oldest_created
@@ -42,16 +89,22 @@ class _BacklogCollector(Collector):
         self._clock = clock
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
-        return self._families(0, 0.0)
+        return self._families(0, 0.0, 0)
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         oldest = self._stats.oldest_created
         age = max(0.0, self._clock() - oldest) if oldest is not None and self._stats.count else 0.0
-        return self._families(self._stats.count, age)
+        return self._families(self._stats.count, age, self._stats.set_aside)
 
     @staticmethod
-    def _families(count: int, age: float) -> list[GaugeMetricFamily]:
+    def _families(count: int, age: float, set_aside: int) -> list[GaugeMetricFamily]:
         return [
+            GaugeMetricFamily(
+                "dict_rate_limit_outbox_set_aside",
+                "Alert events the broker refused for good (MessageTooBig...), kept unsent until"
+                " `dict-rate-limit outbox replay` (as of the relay's last check).",
+                value=set_aside,
+            ),
             GaugeMetricFamily(
                 "dict_rate_limit_outbox_backlog",
                 "Alert events committed but not yet acknowledged by Pulsar (as of the relay's last check).",
@@ -77,6 +130,7 @@ class ReceiverMetrics:
         # A registry handed in belongs to a process that already exports process_* (all-in-one).
         self.registry = registry or new_registry(process=True)
         reg = self.registry
+        self.labels = PolicyLabels()
         self.backlog = BacklogStats()
         self.alerts_created = Counter(
             "dict_rate_limit_alerts_created",
@@ -122,6 +176,14 @@ class ReceiverMetrics:
             "Failed attempts to publish an alert event (retried).",
             registry=reg,
         )
+        self.set_aside = Counter(
+            "dict_rate_limit_outbox_set_aside_events",
+            "Alert events set aside because the broker refused them for good, by the broker's reason.",
+            ["reason"],
+            registry=reg,
+        )
+        for reason in SET_ASIDE_REASONS:
+            self.set_aside.labels(reason)
         self.publish_duration = Histogram(
             "dict_rate_limit_pulsar_publish_duration_seconds",
             "Time from send to broker acknowledgement of one alert event.",
@@ -169,6 +231,10 @@ class ReceiverMetrics:
         """Counts a committed notification (never before commit: a rollback changed nothing)."""
         for transition in result.transitions:
             counter = self.alerts_created if transition.kind == "created" else self.alerts_resolved
-            counter.labels(transition.endpoint_id, transition.severity, transition.psp_category).inc()
+            counter.labels(
+                self.labels.policy(transition.endpoint_id),
+                transition.severity if transition.severity in SEVERITIES else OVERFLOW,
+                self.labels.category(transition.psp_category),
+            ).inc()
         if result.duplicates:
             self.duplicates.inc(result.duplicates)

@@ -58,6 +58,7 @@ SELECT %(fingerprint)s, %(alert_name)s, %(severity)s, %(endpoint_id)s::text, %(p
                st.exhaustion_projection_seconds
           FROM dict_rate_limit_states st
          WHERE st.endpoint_id = %(endpoint_id)s::text
+           AND st.response_time <= now() + interval '1 day'  -- a row dated 9999 is never "latest"
          ORDER BY st.response_time DESC
          LIMIT 1) s ON true
 ON CONFLICT (fingerprint, starts_at) DO NOTHING
@@ -157,7 +158,6 @@ def resolved_by(alert: AlertNotification) -> str:
 async def _find(
     conn: AsyncConnection[Any], alert: AlertNotification, tolerance: timedelta
 ) -> tuple[int, str] | None:
-    await conn.execute(LOCK, [alert.fingerprint])
     cursor = await conn.execute(
         FIND, {"fingerprint": alert.fingerprint, "starts_at": alert.starts_at, "tolerance": tolerance}
     )
@@ -204,6 +204,10 @@ async def record_alerts(
     """
     result = RecordResult()
     async with conn.transaction():
+        # Every fingerprint's lock first, in one order: two notifications sharing alerts (an Alertmanager
+        # cluster, retries) taking them alert by alert in their own orders deadlock each other.
+        for fingerprint in sorted({alert.fingerprint for alert in alerts}):
+            await conn.execute(LOCK, [fingerprint])
         for alert in alerts:
             await _record_one(conn, alert, result, start_tolerance, source)
     return result

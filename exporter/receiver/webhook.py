@@ -15,7 +15,7 @@ import hmac
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -25,9 +25,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import AsyncConnectionPool
 
-from exporter import runtime, webconfig
+from exporter import http_limits, runtime, webconfig
 from exporter.config import ReceiverSettings
-from exporter.receiver.metrics import ReceiverMetrics
+from exporter.receiver.metrics import MAX_KNOWN_POLICIES, ReceiverMetrics
 from exporter.receiver.outbox import OutboxRelay, RelayTuning
 from exporter.receiver.payload import PayloadError, WebhookPayload, parse_payload
 from exporter.receiver.publisher import PulsarPublisher
@@ -38,6 +38,8 @@ from exporter.webconfig import WebConfig
 log = logging.getLogger(__name__)
 
 OUTBOX_TABLE = "dict_rate_limit_alert_outbox"
+KNOWN_POLICIES = "SELECT DISTINCT endpoint_id FROM dict_rate_limit_policies ORDER BY 1 LIMIT %s"
+KNOWN_POLICIES_REFRESH_SECONDS = 60.0
 #: How long a request waits for a pooled connection before answering 503 (Alertmanager then retries).
 POOL_TIMEOUT_SECONDS = 5.0
 
@@ -53,6 +55,7 @@ class ReceiverState:
     settings: ReceiverSettings
     metrics: ReceiverMetrics
     relay_tuning: RelayTuning | None
+    limits: http_limits.HttpLimits
     pool: AsyncConnectionPool | None = None
     relay: OutboxRelay | None = None
     publisher: PulsarPublisher | None = None
@@ -88,7 +91,7 @@ def create_app(
     """
     check_settings(settings)
     app = web.Application(client_max_size=settings.webhook_max_body_bytes, middlewares=middlewares)
-    app[STATE] = ReceiverState(settings, metrics or ReceiverMetrics(), relay)
+    app[STATE] = ReceiverState(settings, metrics or ReceiverMetrics(), relay, http_limits.limits_of(settings))
     app.cleanup_ctx.append(_resources)
     app.router.add_post("/alerts", handle_alerts)
     if include_ops:
@@ -167,6 +170,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             state.tasks.append(
                 asyncio.create_task(state.reconciler.run(lambda r: _recorded(state, r)), name="reconcile")
             )
+        state.tasks.append(asyncio.create_task(_refresh_policies(state), name="known-policies"))
         yield
     finally:
         if state.reconciler is not None:
@@ -174,11 +178,27 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         if state.relay is not None:
             await state.relay.stop()
         for task in state.tasks:
+            if task.get_name() == "known-policies":
+                task.cancel()
+        for task in state.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if state.publisher is not None:
             await state.publisher.close()
         await pool.close()
+
+
+async def _refresh_policies(state: ReceiverState) -> None:
+    """Keeps the metrics' known policies in step with dict_rate_limit_policies (bounded label values)."""
+    while True:
+        if state.pool is not None:
+            try:
+                async with state.pool.connection() as conn:
+                    cursor = await conn.execute(KNOWN_POLICIES, [MAX_KNOWN_POLICIES])
+                    state.metrics.labels.set_known(row[0] for row in await cursor.fetchall())
+            except psycopg.Error as exc:  # the webhook says so itself; this only refreshes labels
+                log.info("known policies not refreshed", extra={"ctx": {"error": str(exc)}})
+        await asyncio.sleep(KNOWN_POLICIES_REFRESH_SECONDS)
 
 
 async def _require_schema(pool: AsyncConnectionPool) -> None:
@@ -197,13 +217,20 @@ def _authorized(request: web.Request, token: str | None) -> bool:
     if token is None:  # WEBHOOK_ALLOW_UNAUTHENTICATED
         return True
     scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), token.encode())
+    # aiohttp keeps undecodable header bytes as surrogates: encode them back, so a non-UTF-8 byte is a
+    # wrong token (401), not a UnicodeEncodeError (500).
+    presented = credentials.strip().encode("utf-8", "surrogateescape")
+    return scheme.lower() == "bearer" and hmac.compare_digest(presented, token.encode())
 
 
 async def handle_alerts(request: web.Request) -> web.Response:
     state = request.app[STATE]
     started = time.perf_counter()
-    response = await _receive(request, state)
+    try:
+        response = await _receive(request, state)
+    except Exception:  # a bug: answered (and counted) as a 500, never an uncounted traceback from aiohttp
+        log.exception("webhook request failed")
+        response = _error(500, "internal error")
     state.metrics.webhook_requests.labels(str(response.status)).inc()
     state.metrics.observe("webhook", time.perf_counter() - started)
     return response
@@ -263,7 +290,12 @@ async def _payload(request: web.Request, state: ReceiverState) -> WebhookPayload
     try:
         if request.content_length is not None and request.content_length > limit:
             raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
-        body = await request.read()
+        body = await http_limits.read_body(request, state.limits)
+    except TimeoutError:
+        state.metrics.invalid_payloads.labels("too_slow").inc()
+        return _error(
+            408, f"body not received within HTTP_BODY_TIMEOUT_SECONDS ({state.limits.body_timeout:g} s)"
+        )
     except web.HTTPRequestEntityTooLarge:
         state.metrics.invalid_payloads.labels("too_large").inc()
         return _error(413, f"body larger than WEBHOOK_MAX_BODY_BYTES ({limit} bytes)")
@@ -291,7 +323,8 @@ def _log_result(payload: WebhookPayload, result: RecordResult) -> None:
 
 
 async def handle_metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[STATE].metrics.registry)
+    # Rendered in a worker thread: a scrape never holds the event loop the webhook runs on.
+    body = await asyncio.to_thread(generate_latest, request.app[STATE].metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -356,10 +389,29 @@ def web_guard(settings: ReceiverSettings) -> tuple[WebConfig, list[Any]]:
     return web_config, guard
 
 
+async def _unless_stopped(work: Awaitable[None], stop: asyncio.Event) -> bool:
+    """Runs ``work`` unless ``stop`` is set first (then cancels it): False when stopped.
+
+    Start-up waits up to 30 s for the database; a caller's stop must end that wait at once (the process
+    runtime also cancels start-up on SIGTERM/SIGINT).
+    """
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if task.done():
+        task.result()
+        return True
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return False
+
+
 async def serve(
     settings: ReceiverSettings, stop: asyncio.Event, *, metrics: ReceiverMetrics | None = None
 ) -> None:
-    """Serves the webhook and the ops ports until ``stop`` is set.
+    """Serves the webhook and the ops ports until ``stop`` is set (also while still starting).
 
     The web configuration file (TLS, basic auth) applies to METRICS_PORT; a distinct HEALTH_CHECK_PORT
     is plain HTTP without authentication, so the kubelet's probes work whatever the file says.
@@ -372,11 +424,16 @@ async def serve(
     )
     shares = webhook_port in {metrics_port, health_port}
     app = create_app(settings, metrics=metrics, include_ops=shares, middlewares=guard)
-    runners = [web.AppRunner(app, access_log=None)]
-    await runners[0].setup()
+    limits = app[STATE].limits
+    runners = [http_limits.runner(app, limits)]
+    if not await _unless_stopped(runners[0].setup(), stop):
+        log.info("receiver stopped while starting")
+        return
     try:
         host = settings.listen_host
-        await web.TCPSite(runners[0], host, webhook_port, ssl_context=tls_context(settings)).start()
+        await http_limits.LimitedSite(
+            runners[0], host, webhook_port, limits, ssl_context=tls_context(settings)
+        ).start()
         ops: list[tuple[int, web.Application, ssl.SSLContext | None]] = []
         if metrics_port != webhook_port:
             both = health_port == metrics_port
@@ -384,12 +441,11 @@ async def serve(
         if health_port not in {webhook_port, metrics_port}:
             ops.append((health_port, create_ops_app(app, metrics=False), None))
         for port, ops_app, tls in ops:
-            runner = web.AppRunner(ops_app, access_log=None)
+            runner = http_limits.runner(ops_app, limits)
             await runner.setup()
             runners.append(runner)
-            await web.TCPSite(
-                runner, metrics_host if port == metrics_port else host, port, ssl_context=tls
-            ).start()
+            bind = metrics_host if port == metrics_port else host
+            await http_limits.LimitedSite(runner, bind, port, limits, ssl_context=tls).start()
         log.info(
             "receiver listening",
             extra={"ctx": {"webhook_port": webhook_port, "ops_ports": sorted(port for port, *_ in ops)}},

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from aiohttp import web
 from prometheus_client.registry import Collector
 
-from exporter import __version__, runtime
+from exporter import __version__, http_limits, runtime
 from exporter.bridge.budget import CallBudget
 from exporter.bridge.client import BridgeClient
 from exporter.config import ExporterSettings, call_ceiling, check_budget, warn_about_budget
@@ -54,6 +54,9 @@ class History(Protocol):
     def database_ok(self) -> bool: ...
 
     def render_metrics(self) -> bytes: ...
+
+    @property
+    def database_status(self) -> str: ...
 
     async def start(self) -> None: ...
     def submit(self, derived: DerivedSnapshot) -> None: ...
@@ -197,16 +200,17 @@ class ExporterService:
     async def _start_http(self) -> None:
         metrics_host, metrics_port = self.settings.metrics_listen
         health_port = self.settings.health_check_port
+        limits = http_limits.limits_of(self.settings)
         apps = build_apps(
             self, metrics_port, health_port, self.web_config, telemetry_path=self.settings.web_telemetry_path
         )
         for port, app in apps.items():
-            runner = web.AppRunner(app, access_log=None)
+            runner = http_limits.runner(app, limits)
             await runner.setup()
             self._runners.append(runner)
             host = metrics_host if port == metrics_port else self.settings.listen_host
             tls = self.web_config.tls if port == metrics_port else None
-            site = web.TCPSite(runner, host, port, ssl_context=tls)
+            site = http_limits.LimitedSite(runner, host, port, limits, ssl_context=tls)
             await site.start()
             bound = _bound_port(runner, port)
             if port == metrics_port:
@@ -282,7 +286,8 @@ class ExporterService:
                 f"no successful poll for {poller.stale_after} intervals (data withdrawn): {poller.last_error}"
             )
         if self.history is not None:
-            checks["database"] = "ok" if self.history.database_ok else "unreachable"
+            # The cause in words (unreachable, schema not migrated...), never "unreachable" while it answers.
+            checks["database"] = self.history.database_status
         return all(value == "ok" for value in checks.values()), {**checks, **notes}
 
     def startup_state(self) -> tuple[bool, dict[str, str]]:

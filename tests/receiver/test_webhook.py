@@ -111,6 +111,19 @@ async def test_concurrent_deliveries_of_an_alertmanager_cluster_record_each_tran
     ]
 
 
+async def test_notifications_sharing_alerts_in_opposite_orders_never_deadlock(
+    client: Client, database_url: str
+) -> None:
+    # Two Alertmanager peers group the same alerts differently: each transaction locks every fingerprint
+    # it touches; taken in arrival order, [A, B] against [B, A] deadlocked and one of them got a 503.
+    a, b = alert(endpoint_id="ENTRIES_WRITE"), alert(endpoint_id="CLAIMS_READ")
+    forward, backward = payload(a, b), payload(b, a)
+    for _ in range(5):
+        results = await asyncio.gather(*(post(client, forward if i % 2 else backward) for i in range(20)))
+        assert {status for status, _ in results} == {200}
+    assert sum(1 for _ in rows(database_url, "SELECT id FROM dict_rate_limit_alerts")) == 2
+
+
 async def test_a_resolved_row_is_final_a_late_firing_of_the_same_instance_is_ignored(
     client: Client, database_url: str
 ) -> None:

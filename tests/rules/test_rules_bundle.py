@@ -67,6 +67,7 @@ ALERTS_V2: dict[str, tuple[str, bool]] = {
     "DICTRateLimitAlertDeliveryFailing": ("warning", False),
     "DICTRateLimitPulsarPublishFailing": ("warning", False),
     "DICTRateLimitOutboxBacklog": ("warning", False),
+    "DICTRateLimitOutboxEventSetAside": ("warning", False),
 }
 BUCKET_ALERTS = sorted(
     name for name, (_, per_policy) in ALERTS_V2.items() if per_policy and name != "DICTRateLimitPolicyMissing"

@@ -14,6 +14,14 @@ from tests.support.env import ROOT, require_binary
 
 RUNBOOKS = (ROOT / "docs" / "runbooks.md").read_text(encoding="utf-8")
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+#: One runbook section (and one SQL block) per alert of the bundle.
+ALERT_COUNT = sum(
+    1
+    for path in sorted((ROOT / "rules").glob("*.rules.yml"))
+    for group in yaml.safe_load(path.read_text(encoding="utf-8"))["groups"]
+    for rule in group["rules"]
+    if "alert" in rule
+)
 
 
 def _blocks(language: str) -> list[str]:
