@@ -25,6 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "migrate": ("exporter.migrations:run", "Apply (or roll back) the sql/ migrations."),
     "simulator": ("exporter.simulator:run", "Serve a Bridge simulator with real token-bucket dynamics."),
     "demo": ("exporter.demo:run", "Start the whole stack on embedded defaults and show it working."),
+    "report": (
+        "exporter.report.cli:run",
+        "Write the capacity-planning report (HTML or JSON) from the PostgreSQL history.",
+    ),
 }
 
 
@@ -50,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                 default=None,
                 help="With down: the version to roll back to (default: one step).",
             )
+        if name == "report":
+            _add_report_flags(command_parser)
     check = sub.add_parser(
         "check-config",
         help="Validate the configuration of a command and print it.",
@@ -59,6 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("target", choices=sorted(COMMANDS), nargs="?", default="exporter")
     config.add_flags(check, "check-config")
     return parser
+
+
+def _add_report_flags(parser: argparse.ArgumentParser) -> None:
+    # Values are checked by the command itself, so a bad date is one line and exit 2 like a bad key.
+    parser.add_argument("--since", help="Start (UTC date or ISO timestamp); default: 13 months back.")
+    parser.add_argument("--until", help="End, exclusive (UTC date or ISO timestamp); default: now.")
+    parser.add_argument(
+        "--participant",
+        help="Participant (ISPB) to report on; needs a participant column in the history (see docs/report.md).",
+    )
+    parser.add_argument("--output", help="File to write, - for stdout; default report.html / report.json.")
+    parser.add_argument("--format", dest="report_format", choices=["html", "json"], default="html")
 
 
 def _resolve(target: str) -> Callable[..., int]:
@@ -90,6 +108,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "migrate":
             return entry(settings, direction=args.direction, to=args.migrate_to)
+        if args.command == "report":
+            from exporter.report.cli import Options
+
+            options = Options(args.since, args.until, args.participant, args.output, args.report_format)
+            return entry(settings, options)
         return entry(settings)
     except config.ConfigError as exc:  # checks that need the command's own context (e.g. poll budget)
         print(f"dict-rate-limit {args.command}: invalid configuration: {exc}", file=sys.stderr)

@@ -162,7 +162,8 @@ HISTORY = frozenset({"exporter", "migrate", "receiver", "all-in-one"})
 RECEIVER = frozenset({"receiver", "all-in-one"})
 SIMULATOR = frozenset({"simulator"})
 DEMO = frozenset({"demo"})
-EVERY = frozenset({"exporter", "migrate", "receiver", "simulator", "all-in-one", "demo"})
+REPORT = frozenset({"report"})
+EVERY = frozenset({"exporter", "migrate", "receiver", "simulator", "all-in-one", "demo", "report"})
 
 # A table reads better one key per entry than one argument per line.
 # fmt: off
@@ -188,7 +189,7 @@ KEYS: tuple[Key, ...] = (
         "Deadline of one Bridge call; retries of a poll never overrun the poll interval.", EXPORTER),
     # --- polling and metrics
     Key("poll_interval_seconds", "POLL_INTERVAL_SECONDS", _number(float, 0.05),
-        "Seconds between Bridge list calls; match Prometheus' scrape_interval.", EXPORTER),
+        "Seconds between Bridge list calls; match Prometheus' scrape_interval.", EXPORTER | REPORT),
     Key("poll_lead_seconds", "POLL_LEAD_SECONDS", _number(float, 0.0),
         "Poll this many seconds before each wall-clock multiple of the interval (the scrape boundary).",
         EXPORTER),
@@ -209,13 +210,13 @@ KEYS: tuple[Key, ...] = (
         "Per-policy overrides, NAME=WARNING/CRITICAL,... (YAML: NAME: {warning:, critical:}).", EXPORTER),
     # --- PostgreSQL history
     Key("database_url", "DATABASE_URL", _opt_str,
-        "PostgreSQL URL. Without it the exporter keeps no history (visibly).", HISTORY, secret=True),
+        "PostgreSQL URL. Without it the exporter keeps no history (visibly).", HISTORY | REPORT, secret=True),
     Key("database_max_connections", "DATABASE_MAX_CONNECTIONS", _number(int, 1),
         "Connection pool size.", HISTORY),
     Key("history_queue_size", "HISTORY_QUEUE_SIZE", _number(int, 1),
         "Snapshots kept in memory while PostgreSQL is unreachable (2880 = 24 h at 30 s).", EXPORTER),
     Key("rate_limit_retention_months", "RATE_LIMIT_RETENTION_MONTHS", _number(int, 1),
-        "Months of bucket history kept (whole monthly partitions are dropped).", HISTORY),
+        "Months of bucket history kept (whole monthly partitions are dropped).", HISTORY | REPORT),
     Key("maintenance_interval_seconds", "MAINTENANCE_INTERVAL_SECONDS", _number(float, 1.0),
         "Seconds between partition maintenance runs.", EXPORTER),
     # --- receiver and Pulsar
