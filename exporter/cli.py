@@ -73,7 +73,8 @@ def _add_report_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--until", help="End, exclusive (UTC date or ISO timestamp); default: now.")
     parser.add_argument(
         "--participant",
-        help="Participant (ISPB) to report on; needs a participant column in the history (see docs/report.md).",
+        help="Participant (ISPB) to report on; needs a participant column in the history "
+        "(see docs/report.md).",
     )
     parser.add_argument("--output", help="File to write, - for stdout; default report.html / report.json.")
     parser.add_argument("--format", dest="report_format", choices=["html", "json"], default="html")
@@ -84,6 +85,19 @@ def _resolve(target: str) -> Callable[..., int]:
     module = importlib.import_module(module_name)
     entry: Callable[..., int] = getattr(module, function)
     return entry
+
+
+def _call(entry: Callable[..., int], settings: config.Settings, args: argparse.Namespace) -> int:
+    """Runs a subcommand with its own arguments besides the settings."""
+    if args.command == "migrate":
+        return entry(settings, direction=args.direction, to=args.migrate_to)
+    if args.command == "report":
+        from exporter.report.cli import Options
+
+        return entry(
+            settings, Options(args.since, args.until, args.participant, args.output, args.report_format)
+        )
+    return entry(settings)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -106,14 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logsetup.setup(settings.log_level, settings.log_format)
     entry = _resolve(COMMANDS[args.command][0])
     try:
-        if args.command == "migrate":
-            return entry(settings, direction=args.direction, to=args.migrate_to)
-        if args.command == "report":
-            from exporter.report.cli import Options
-
-            options = Options(args.since, args.until, args.participant, args.output, args.report_format)
-            return entry(settings, options)
-        return entry(settings)
+        return _call(entry, settings, args)
     except config.ConfigError as exc:  # checks that need the command's own context (e.g. poll budget)
         print(f"dict-rate-limit {args.command}: invalid configuration: {exc}", file=sys.stderr)
         return 2

@@ -130,13 +130,14 @@ def notes(policy: PolicyReport, period: Period) -> list[str]:
     if policy.gaps:
         found.append(
             f"{len(policy.gaps)} gap(s) in the history (no snapshot for more than "
-            f"{duration(period.max_sample_seconds)}): {duration(policy.gaps_uncounted_seconds)} counted in no "
-            "state; days with gaps are shaded in the chart."
+            f"{duration(period.max_sample_seconds)}): {duration(policy.gaps_uncounted_seconds)} counted "
+            "in no state; days with gaps are shaded in the chart."
         )
     for change in policy.category_changes:
         found.append(
-            f"Category changed {change.from_category} → {change.to_category} at {change.at}: capacity, refill "
-            "and thresholds follow the category from then on; the trend uses the current category's allowance."
+            f"Category changed {change.from_category} → {change.to_category} at {change.at}: capacity, "
+            "refill and thresholds follow the category from then on; the trend uses the current "
+            "category's allowance."
         )
     if all(d.consumed_tokens is None for d in policy.days):
         found.append("No consumption figures (consumed_tokens is empty): no heat map and no trend.")
@@ -152,10 +153,9 @@ def _assess(policy: PolicyReport) -> tuple[str, str]:
         )
     growth = trend_.monthly_growth_percent
     growing = f"its peak grows {growth:.1f} % a month" if growth is not None and growth > 0 else None
+    month = trend_.projected_exceed_month
     exceed = (
-        f"at this growth its peak day exceeds the daily allowance in {month_name(trend_.projected_exceed_month)}"
-        if trend_.projected_exceed_month
-        else None
+        f"at this growth its peak day exceeds the daily allowance in {month_name(month)}" if month else None
     )
     caveat = (
         f" (the history covers only {policy.coverage.coverage_percent:.0f} % of the period)"
@@ -200,8 +200,8 @@ def _sentence(policy: PolicyReport, growing: str | None, exceed: str | None) -> 
 
 
 def rank(policies: list[PolicyReport]) -> list[Ranked]:
-    """Policies ordered by risk (level, then time empty, below CRITICAL, below WARNING, time to the allowance);
-    sets each policy's ``risk`` and returns the first page's table."""
+    """Policies ordered by risk: level, then time empty, below CRITICAL, below WARNING, time to the
+    allowance. Sets each policy's ``risk`` and returns the first page's table."""
     from exporter.report.figures import Ranked, Risk
 
     assessed = [(p, *_assess(p)) for p in policies]

@@ -11,6 +11,7 @@ import itertools
 import math
 import re
 from datetime import date, datetime
+from typing import Any
 
 import matplotlib
 from matplotlib.colors import LinearSegmentedColormap
@@ -20,7 +21,7 @@ from exporter.report.figures import PolicyReport
 
 matplotlib.use("svg")
 
-RC = {
+RC: dict[Any, Any] = {
     "svg.fonttype": "none",
     "svg.hashsalt": "dict-rate-limit-report",
     "font.family": "sans-serif",

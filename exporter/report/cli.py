@@ -16,6 +16,7 @@ from exporter.config import Settings
 
 if TYPE_CHECKING:
     from exporter.report.figures import Report
+    from exporter.report.queries import Aggregates, Period
 
 log = logging.getLogger(__name__)
 PROG = "dict-rate-limit report"
@@ -61,58 +62,76 @@ def period_of(options: Options, settings: Settings, now: datetime) -> tuple[date
     return since, until
 
 
+class Failure(Exception):
+    """Ends the command with one line on stderr and ``code``."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 def run(settings: Settings, options: Options) -> int:
     """Exit 0 with the report written (also for an empty period: the page says so), 2 for bad usage or a
-    missing extra, 1 when the database cannot be read."""
+    missing extra, 1 when the database cannot be read or the file written."""
+    try:
+        return _run(settings, options)
+    except Failure as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return exc.code
+
+
+def _run(settings: Settings, options: Options) -> int:
     from exporter.report import figures, queries
 
     if options.format == "html":
         try:
             from exporter.report import html  # noqa: F401  (matplotlib and jinja2: the `report` extra)
         except ImportError as exc:
-            print(f"{PROG}: {exc.name} is missing; install 'dict-rate-limit-exporter[report]'", file=sys.stderr)
-            return 2
+            raise Failure(2, f"{exc.name} is missing; install 'dict-rate-limit-exporter[report]'") from None
     if not settings.database_url:
-        print(f"{PROG}: DATABASE_URL is not set", file=sys.stderr)
-        return 2
+        raise Failure(2, "DATABASE_URL is not set")
     now = datetime.now(UTC)
     try:
         since, until = period_of(options, settings, now)
     except UsageError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 2
+        raise Failure(2, str(exc)) from None
     period = queries.Period(since, until, settings.poll_interval_seconds, options.participant)
     started = time.monotonic()
-    try:
-        with psycopg.connect(settings.database_url, connect_timeout=10) as conn:
-            aggregates = queries.collect(conn, period)
-    except queries.ParticipantUnsupported as exc:
-        print(f"{PROG}: --participant: {exc}", file=sys.stderr)
-        return 2
-    except psycopg.errors.UndefinedTable:
-        print(f"{PROG}: the database has no history tables; run `dict-rate-limit migrate` first", file=sys.stderr)
-        return 1
-    except psycopg.Error as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"{PROG}: cannot read the history: {message}", file=sys.stderr)
-        return 1
+    aggregates = _collect(settings.database_url, period)
     queried = time.monotonic() - started
     report = figures.build(aggregates, period, now)
+    target = options.output or ("report.json" if options.format == "json" else "report.html")
     try:
-        text = report.to_json() if options.format == "json" else _html(report)
-        target = options.output or ("report.json" if options.format == "json" else "report.html")
-        _write(target, text)
+        _write(target, report.to_json() if options.format == "json" else _html(report))
     except OSError as exc:
-        print(f"{PROG}: cannot write {options.output}: {exc.strerror}", file=sys.stderr)
-        return 1
+        raise Failure(1, f"cannot write {target}: {exc.strerror}") from None
     log.info(
         "report written",
-        extra={"output": target, "policies": len(report.policies), "query_seconds": round(queried, 3),
-               "total_seconds": round(time.monotonic() - started, 3)},
+        extra={
+            "output": target,
+            "policies": len(report.policies),
+            "query_seconds": round(queried, 3),
+            "total_seconds": round(time.monotonic() - started, 3),
+        },
     )
     for note in report.notes:
         print(f"{PROG}: {note}", file=sys.stderr)
     return 0
+
+
+def _collect(database_url: str, period: Period) -> Aggregates:
+    from exporter.report import queries
+
+    try:
+        with psycopg.connect(database_url, connect_timeout=10) as conn:
+            return queries.collect(conn, period)
+    except queries.ParticipantUnsupported as exc:
+        raise Failure(2, f"--participant: {exc}") from None
+    except psycopg.errors.UndefinedTable:
+        raise Failure(1, "the database has no history tables; run `dict-rate-limit migrate` first") from None
+    except psycopg.Error as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise Failure(1, f"cannot read the history: {message}") from None
 
 
 def _html(report: Report) -> str:
@@ -129,4 +148,3 @@ def _write(target: str, text: str) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_text(text, encoding="utf-8")
     partial.replace(path)  # a reader (a mail job) never picks up half a report
-

@@ -110,7 +110,8 @@ SELECT endpoint_id, date_trunc('day', hour)::date AS day,
 
 # isodow 1 = Monday. The cell is the mean consumption of the hours that have data (NULL: none).
 WEEK_HOURS = b"""
-SELECT endpoint_id, extract(isodow FROM hour)::int - 1 AS weekday, extract(hour FROM hour)::int AS hour_of_day,
+SELECT endpoint_id, extract(isodow FROM hour)::int - 1 AS weekday,
+       extract(hour FROM hour)::int AS hour_of_day,
        sum(consumed) / count(DISTINCT hour) AS mean_consumed
   FROM report_hours
  WHERE consumed IS NOT NULL
@@ -251,7 +252,7 @@ def aggregate_hours(conn: psycopg.Connection[Any], period: Period) -> Rows:
     """Fills report_hours with one pass per policy; returns the policies considered."""
     conn.execute("SET LOCAL TimeZone = 'UTC'")
     conn.execute(CREATE_HOURS)
-    statement = sql.SQL(HOURS_OF_POLICY).format(participant=_participant_clause(conn, period))  # type: ignore[arg-type]
+    statement = sql.SQL(HOURS_OF_POLICY).format(participant=_participant_clause(conn, period))
     policies = _fetch(conn, POLICIES, params(period))
     for policy in policies:
         conn.execute(statement, params(period, endpoint=policy["endpoint_id"]))

@@ -108,9 +108,10 @@ def write_history(
         while month < until:
             conn.execute("SELECT create_dict_rate_limit_state_partition(%s::date)", [month.date()])
             month = (month + timedelta(days=32)).replace(day=1)
-        with conn.cursor() as cur, cur.copy(
-            f"COPY dict_rate_limit_states ({', '.join(STATE_COLUMNS)}) FROM STDIN"  # noqa: S608 - constants
-        ) as copy:
+        with (
+            conn.cursor() as cur,
+            cur.copy(f"COPY dict_rate_limit_states ({', '.join(STATE_COLUMNS)}) FROM STDIN") as copy,
+        ):
             for name, state in scenario.items():
                 for row in state_rows(name, state, since, until, step):
                     copy.write_row(row)
@@ -126,7 +127,7 @@ def write_history(
 
 
 def insert_alert(
-    url: str, name: str, severity: str, endpoint: str | None, starts: datetime, ends: datetime | None
+    url: str, name: str, severity: str, endpoint: str | None, *, starts: datetime, ends: datetime | None
 ) -> None:
     with psycopg.connect(url) as conn:
         conn.execute(
@@ -145,17 +146,17 @@ def insert_alert(
 
 def load_exact_scenario(url: str) -> None:
     write_history(url, SCENARIO, SINCE, UNTIL)
-    insert_alert(url, "DICTRateLimitCritical", "critical", ANTISCAN,
-                 datetime(2026, 3, 10, 12, 0, 30, tzinfo=UTC), datetime(2026, 3, 10, 15, 1, tzinfo=UTC))
-    insert_alert(url, "DICTRateLimitExporterDown", "critical", None,
-                 datetime(2026, 2, 3, 10, 1, tzinfo=UTC), datetime(2026, 2, 3, 12, 0, tzinfo=UTC))
+    critical = (datetime(2026, 3, 10, 12, 0, 30, tzinfo=UTC), datetime(2026, 3, 10, 15, 1, tzinfo=UTC))
+    insert_alert(url, "DICTRateLimitCritical", "critical", ANTISCAN, starts=critical[0], ends=critical[1])
+    down = (datetime(2026, 2, 3, 10, 1, tzinfo=UTC), datetime(2026, 2, 3, 12, tzinfo=UTC))
+    insert_alert(url, "DICTRateLimitExporterDown", "critical", None, starts=down[0], ends=down[1])
     # Before the period: must not be listed.
-    insert_alert(url, "DICTRateLimitWarning", "warning", ANTISCAN,
-                 datetime(2025, 12, 1, tzinfo=UTC), datetime(2025, 12, 1, 1, tzinfo=UTC))  # fmt: skip
+    before = (datetime(2025, 12, 1, tzinfo=UTC), datetime(2025, 12, 1, 1, tzinfo=UTC))
+    insert_alert(url, "DICTRateLimitWarning", "warning", ANTISCAN, starts=before[0], ends=before[1])
 
 
 def demo_state(name: str, capacity: int, base: float, growth: float, dip: float) -> State:
-    """A year of a realistic-looking bucket: daily and weekly rhythm, monthly growth, the odd bad afternoon."""
+    """A year of a realistic-looking bucket: daily and weekly rhythm, growth, the odd bad afternoon."""
     start = datetime(2025, 11, 1, tzinfo=UTC)
 
     def state(t: datetime) -> tuple[str, int, float] | None:
