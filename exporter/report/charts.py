@@ -19,8 +19,6 @@ from matplotlib.figure import Figure
 
 from exporter.report.figures import PolicyReport
 
-matplotlib.use("svg")
-
 RC: dict[Any, Any] = {
     "svg.fonttype": "none",
     "svg.hashsalt": "dict-rate-limit-report",

@@ -12,9 +12,10 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import sql
-from report_scenario import load_exact_scenario
 
-from exporter import cli, migrations
+from exporter import cli
+from exporter.history import migrations
+from tests.report.report_scenario import load_exact_scenario
 
 
 def _create(pg_server: str) -> str:

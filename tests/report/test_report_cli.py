@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from report_scenario import SCENARIO, WRITE, write_history
 
-from exporter.embedded import free_port
+from devstack.embedded import free_port
+from tests.report.report_scenario import SCENARIO, WRITE, write_history
 
 RunReport = Callable[..., tuple[int, str]]
 

@@ -7,7 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from report_scenario import ANTISCAN, CLAIMS, WRITE
+
+from tests.report.report_scenario import ANTISCAN, CLAIMS, WRITE
 
 PERIOD = ("--since", "2026-01-01", "--until", "2026-04-01")
 Report = dict[str, Any]
