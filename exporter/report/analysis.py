@@ -97,9 +97,11 @@ def month_name(month: str) -> str:
 
 
 def duration(seconds: float) -> str:
-    """3 h, 2 h 30 min, 45 min, 30 s."""
+    """5 d 4 h, 3 h, 2 h 30 min, 45 min, 30 s."""
     total = round(seconds)
     hours, rest = divmod(total, 3600)
+    if hours >= 48:
+        return f"{hours // 24} d {hours % 24} h" if hours % 24 else f"{hours // 24} d"
     minutes, secs = divmod(rest, 60)
     if hours and minutes:
         return f"{hours} h {minutes} min"

@@ -123,8 +123,7 @@ def _collect(database_url: str, period: Period) -> Aggregates:
     from exporter.report import queries
 
     try:
-        with psycopg.connect(database_url, connect_timeout=10) as conn:
-            return queries.collect(conn, period)
+        return queries.collect(database_url, period)
     except queries.ParticipantUnsupported as exc:
         raise Failure(2, f"--participant: {exc}") from None
     except psycopg.errors.UndefinedTable:

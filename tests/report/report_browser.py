@@ -62,7 +62,8 @@ def render(binary: str, page: Path, workdir: Path) -> Rendered:
 
 def blank_boxes(rendered: Rendered, min_stddev: float = 12.0) -> list[tuple[float, float, float, float]]:
     """Chart boxes (inside the screenshot) whose pixels hardly vary: an empty or failed chart."""
-    image = Image.open(rendered.screenshot).convert("L")
+    with Image.open(rendered.screenshot) as opened:
+        image = opened.convert("L")
     blank = []
     for left, top, width, height in rendered.chart_boxes:
         if top + height > image.height or width < 10 or height < 10:
@@ -74,5 +75,6 @@ def blank_boxes(rendered: Rendered, min_stddev: float = 12.0) -> list[tuple[floa
 
 
 def visible_boxes(rendered: Rendered) -> list[tuple[float, float, float, float]]:
-    height = Image.open(rendered.screenshot).height
+    with Image.open(rendered.screenshot) as image:
+        height = image.height
     return [b for b in rendered.chart_boxes if b[1] + b[3] <= height]

@@ -165,9 +165,39 @@ def demo_state(name: str, capacity: int, base: float, growth: float, dip: float)
         daily = 0.35 + 0.65 * max(0.0, math.sin(math.pi * (hour - 7) / 13)) if 7 <= hour < 20 else 0.25
         weekly = 1.0 if t.weekday() < 5 else 0.45
         seed = (t.toordinal() * 7919 + len(name) * 104729) % 1000 / 1000
-        burst = 1.0 + (dip * 2.5 if seed > 0.97 and 13 <= t.hour < 16 else 0.0)
+        burst = 1.35 if seed > 0.985 and 13 <= t.hour < 16 else 1.0
         pressure = min(1.0, daily * weekly * burst * (1 + growth) ** months * dip)
         available = round(capacity * max(-0.02, 1 - pressure))
         return "A", available, base * daily * weekly * burst * (1 + growth) ** months
 
     return state
+
+
+DEMO_SINCE, DEMO_UNTIL = datetime(2025, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)
+DEMO_STEP = timedelta(minutes=5)
+
+
+def _with_outage(state: State, start: datetime, end: datetime) -> State:
+    def wrapped(t: datetime) -> tuple[str, int, float] | None:
+        return None if start <= t < end else state(t)
+
+    return wrapped
+
+
+def load_demo(url: str) -> None:
+    """Thirteen months of four policies at one snapshot every 5 minutes (run the report with
+    --poll-interval-seconds 300): one growing towards trouble, one with a history outage, two calm."""
+    demo = {
+        "ENTRIES_READ_PARTICIPANT_ANTISCAN": demo_state("antiscan", 1000, 9.0, 0.035, 0.5),
+        "ENTRIES_WRITE": _with_outage(
+            demo_state("write", 1000, 4.0, 0.02, 0.5),
+            datetime(2026, 6, 12, 3, tzinfo=UTC),
+            datetime(2026, 6, 14, 9, tzinfo=UTC),
+        ),
+        "CLAIMS_READ": demo_state("claims", 1000, 2.0, 0.01, 0.35),
+        "KEYS_CHECK": demo_state("keys", 1000, 1.0, 0.0, 0.2),
+    }
+    write_history(url, demo, DEMO_SINCE, DEMO_UNTIL, DEMO_STEP)
+    alert = (datetime(2026, 9, 14, 13, 5, tzinfo=UTC), datetime(2026, 9, 14, 15, 40, tzinfo=UTC))
+    insert_alert(url, "DICTRateLimitWarning", "warning", "ENTRIES_READ_PARTICIPANT_ANTISCAN",
+                 starts=alert[0], ends=alert[1])  # fmt: skip
