@@ -16,6 +16,7 @@ from typing import Any
 import matplotlib
 from matplotlib.colors import LinearSegmentedColormap
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from exporter.report.figures import PolicyReport
 
@@ -59,10 +60,10 @@ def timeline(policy: PolicyReport) -> str:
     with matplotlib.rc_context(RC):
         fig = Figure(figsize=(9.0, 4.2))
         top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
-        days = [date.fromisoformat(d.day) for d in policy.days]
+        days, minimum, consumed, allowance = _daily_series(policy)
         top.step(
             days,
-            [d.min_remaining_percent for d in policy.days],
+            minimum,
             where="mid",
             color=LINE_COLOR,
             linewidth=1.2,
@@ -86,11 +87,12 @@ def timeline(policy: PolicyReport) -> str:
         low = min([0.0, *(d.min_remaining_percent for d in policy.days)])
         top.set_ylim(low - 5, 105)
         top.set_ylabel("remaining (% of capacity)")
-        consumed = [d.consumed_tokens if d.consumed_tokens is not None else math.nan for d in policy.days]
-        bottom.bar(days, consumed, width=1.0, color=BAR_COLOR, label="tokens consumed per day")
+        # One stairs path, not a bar per day: 365 rectangles cost more than the rest of the chart.
+        edges = [*days, date.fromordinal(days[-1].toordinal() + 1)]
+        bottom.stairs(consumed, edges, fill=True, color=BAR_COLOR, label="tokens consumed per day")
         bottom.step(
             days,
-            [d.daily_allowance for d in policy.days],
+            allowance,
             where="mid",
             color=CRITICAL_COLOR,
             linewidth=1,
@@ -113,12 +115,35 @@ def timeline(policy: PolicyReport) -> str:
                 color="#6a1b9a",
                 va="top",
             )
+        handles, _ = top.get_legend_handles_labels()
         if policy.gaps:
-            top.axvspan(days[0], days[0], color=GAP_COLOR, alpha=0.6, label="days with a history gap")
-        top.legend(loc="lower left", bbox_to_anchor=(0, 1.0), fontsize=7, frameon=False, ncol=4)
+            handles.append(Patch(color=GAP_COLOR, alpha=0.6, label="days with a history gap"))
+        top.legend(
+            handles=handles, loc="lower left", bbox_to_anchor=(0, 1.0), fontsize=7, frameon=False, ncol=4
+        )
         bottom.legend(loc="lower left", bbox_to_anchor=(0, 1.0), fontsize=7, frameon=False, ncol=2)
         fig.autofmt_xdate()
         return _svg(fig)
+
+
+def _daily_series(policy: PolicyReport) -> tuple[list[date], list[float], list[float], list[float]]:
+    """Every day from the first to the last with data; days without any snapshot are NaN, so lines and
+    areas break there instead of bridging a missing day."""
+    known = {date.fromisoformat(d.day): d for d in policy.days}
+    first, last = min(known), max(known)
+    days = [date.fromordinal(o) for o in range(first.toordinal(), last.toordinal() + 1)]
+
+    def value(day: date, attr: str) -> float:
+        found = known.get(day)
+        got = None if found is None else getattr(found, attr)
+        return math.nan if got is None else float(got)
+
+    return (
+        days,
+        [value(d, "min_remaining_percent") for d in days],
+        [value(d, "consumed_tokens") for d in days],
+        [value(d, "daily_allowance") for d in days],
+    )
 
 
 def _gap_days(policy: PolicyReport) -> list[tuple[date, date]]:

@@ -4,6 +4,9 @@ the project's exit codes (2: usage or configuration, 1: the database), never a t
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -145,3 +148,15 @@ def test_an_unwritable_output_is_one_line_and_exit_1(
     code, err = run_report("--database-url", migrated_url, "--format", "json", "--output", str(target))
     assert code == 1
     assert one_line(err).startswith(f"dict-rate-limit report: cannot write {target}")
+
+
+def test_the_console_script_says_one_line_without_a_traceback(tmp_path: Path) -> None:
+    """The real process (logging set up, lazy imports), not only main() in this interpreter."""
+    script = Path(sys.executable).parent / "dict-rate-limit"
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    result = subprocess.run(
+        [str(script), "report", "--output", str(tmp_path / "r.html")],
+        capture_output=True, text=True, timeout=60, check=False, env=env,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert one_line(result.stderr) == "dict-rate-limit report: DATABASE_URL is not set"
