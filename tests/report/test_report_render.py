@@ -113,3 +113,27 @@ def test_the_page_is_self_contained(demo_page: Path) -> None:
     # Every chart's ids are its own: identical layouts would otherwise share clip-path ids.
     ids = re.findall(r'\bid="([^"]+)"', html)
     assert len(ids) == len(set(ids))
+
+
+def test_the_exact_scenario_page_draws_thresholds_category_change_gap_and_alerts(
+    scenario_url: str, run_report: RunReport, tmp_path: Path
+) -> None:
+    page = tmp_path / "exact.html"
+    code, err = run_report(
+        "--database-url", scenario_url, "--since", "2026-01-01", "--until", "2026-04-01",
+        "--output", str(page),
+    )  # fmt: skip
+    assert code == 0, err
+    html = page.read_text(encoding="utf-8")
+    first = html[html.index('id="policy-1"') : html.index('id="policy-2"')]
+    assert "1. ENTRIES_READ_PARTICIPANT_ANTISCAN" in first
+    # The chart's legend names both thresholds; the change is labelled on the timeline.
+    assert "WARNING 20 %" in first
+    assert "CRITICAL 10 %" in first
+    assert "A→B" in first
+    assert "days with a history gap" in first
+    assert "<td>2026-02-03T09:59:30Z</td><td>2026-02-03T12:00:00Z</td>" in first
+    assert "DICTRateLimitCritical" in first
+    assert first.count("<svg") == 2
+    # The policy that vanished mid-period says so on its page.
+    assert "Last snapshot 2026-01-15T23:59:30Z: no history after it" in html
