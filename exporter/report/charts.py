@@ -54,7 +54,7 @@ def _unique_ids(svg: str, prefix: str) -> str:
     return svg
 
 
-def timeline(policy: PolicyReport) -> str:
+def timeline(policy: PolicyReport, since: date, until: date) -> str:
     """Daily minimum remaining share with the thresholds, and daily consumption against the allowance;
     category changes as vertical lines, days with gaps shaded."""
     with matplotlib.rc_context(RC):
@@ -100,9 +100,13 @@ def timeline(policy: PolicyReport) -> str:
         )
         bottom.set_ylabel("tokens / day")
         bottom.set_ylim(0, None)
-        for start, end in _gap_days(policy):
+        # The whole period on the x axis: a policy that appeared or vanished mid-period shows it as a
+        # grey stretch with no line, like a gap, not as a chart that merely starts later.
+        missing = [*_gap_days(policy), (since, days[0]), (date.fromordinal(days[-1].toordinal() + 1), until)]
+        for start, end in (span for span in missing if span[0] < span[1]):
             for ax in (top, bottom):
                 ax.axvspan(start, end, color=GAP_COLOR, alpha=0.6, linewidth=0)
+        top.set_xlim(since, until)
         for change in policy.category_changes:
             at = datetime.fromisoformat(change.at.replace("Z", "+00:00"))
             for ax in (top, bottom):
@@ -116,8 +120,8 @@ def timeline(policy: PolicyReport) -> str:
                 va="top",
             )
         handles, _ = top.get_legend_handles_labels()
-        if policy.gaps:
-            handles.append(Patch(color=GAP_COLOR, alpha=0.6, label="days with a history gap"))
+        if any(span[0] < span[1] for span in missing):
+            handles.append(Patch(color=GAP_COLOR, alpha=0.6, label="no history (gap, or policy absent)"))
         top.legend(
             handles=handles, loc="lower left", bbox_to_anchor=(0, 1.0), fontsize=7, frameon=False, ncol=4
         )

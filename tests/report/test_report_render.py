@@ -131,7 +131,7 @@ def test_the_exact_scenario_page_draws_thresholds_category_change_gap_and_alerts
     assert "WARNING 20 %" in first
     assert "CRITICAL 10 %" in first
     assert "A→B" in first
-    assert "days with a history gap" in first
+    assert "no history (gap, or policy absent)" in first
     assert "<td>2026-02-03T09:59:30Z</td><td>2026-02-03T12:00:00Z</td>" in first
     assert "DICTRateLimitCritical" in first
     assert first.count("<svg") == 2
