@@ -17,13 +17,14 @@ import psycopg
 from aiohttp import web
 from prometheus_client import generate_latest
 
-from exporter import http_limits, runtime
+from exporter import runtime
 from exporter.config import AllInOneSettings
 from exporter.receiver import webhook as receiver
 from exporter.receiver.metrics import ReceiverMetrics
 from exporter.service import http as exporter_web
 from exporter.service.app import ExporterService
 from exporter.telemetry import new_registry
+from exporter.web import limits as http_limits
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ import importlib
 import json
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from exporter import __version__, config, logsetup
 
@@ -36,6 +37,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     # Takes its own arguments, not Settings: `rules render` only writes files.
     "rules": ("exporter.rules.render:run_render", "Render the alerting rules for your selectors."),
+    "report": (
+        "exporter.report.cli:run",
+        "Write the capacity-planning report (HTML or JSON) from the PostgreSQL history.",
+    ),
 }
 
 
@@ -91,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                 action="append",
                 help="With replay: the outbox id to replay (repeatable; default: every set-aside event).",
             )
+        if name == "report":
+            _add_report_flags(command_parser)
     check = sub.add_parser(
         "check-config",
         help="Validate the configuration of a command and print it.",
@@ -102,11 +109,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_report_flags(parser: argparse.ArgumentParser) -> None:
+    # Values are checked by the command itself, so a bad date is one line and exit 2 like a bad key.
+    parser.add_argument("--since", help="Start (UTC date or ISO timestamp); default: 13 months back.")
+    parser.add_argument("--until", help="End, exclusive (UTC date or ISO timestamp); default: now.")
+    parser.add_argument(
+        "--participant",
+        help="Participant (ISPB) to report on; needs a participant column in the history "
+        "(see docs/report.md).",
+    )
+    parser.add_argument("--output", help="File to write, - for stdout; default report.html / report.json.")
+    parser.add_argument("--format", dest="report_format", choices=["html", "json"], default="html")
+
+
 def _resolve(target: str) -> Callable[..., int]:
     module_name, _, function = target.partition(":")
     module = importlib.import_module(module_name)
     entry: Callable[..., int] = getattr(module, function)
     return entry
+
+
+def _report_options(args: argparse.Namespace) -> Any:
+    from exporter.report.cli import Options
+
+    return Options(args.since, args.until, args.participant, args.output, args.report_format)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -132,6 +158,7 @@ def _run(args: argparse.Namespace) -> int:
     arguments = {
         "migrate": lambda: {"direction": args.direction, "to": args.migrate_to},
         "outbox": lambda: {"action": args.action, "ids": args.outbox_ids},
+        "report": lambda: {"options": _report_options(args)},
     }
     try:
         return entry(settings, **arguments.get(args.command, dict)())

@@ -332,7 +332,7 @@ class HttpKeys(_Keys):
     def _check(self) -> None:
         if not self.web_config_file:
             return
-        from exporter import webconfig  # imports this module: loaded only when a file is given
+        from exporter.web import webconfig  # imports this module: loaded only when a file is given
 
         web = webconfig.load(self.web_config_file)
         receiver_port = getattr(self, "receiver_port", None)  # the receiver's and all-in-one's webhook
@@ -612,6 +612,22 @@ class OutboxSettings(PulsarKeys, DatabaseKeys, LogKeys):
 
 
 @dataclass(frozen=True)
+class ReportSettings(DatabaseKeys, LogKeys):
+    """``dict-rate-limit report``: reads the history; the poll interval says how long a snapshot counts."""
+
+    poll_interval_seconds: float = key(
+        30.0,
+        _number(float, 0.05),
+        "The exporter's poll interval: a snapshot counts until the next one, "
+        "for at most twice this (longer silences are history gaps).",
+    )
+
+    def _check(self) -> None:
+        if not self.database_url:
+            raise ConfigError("DATABASE_URL", "the report reads the history in PostgreSQL; set DATABASE_URL")
+
+
+@dataclass(frozen=True)
 class SimulatorSettings(SimulatorKeys, LogKeys):
     """``dict-rate-limit simulator``."""
 
@@ -622,6 +638,7 @@ COMMAND_SETTINGS: dict[str, type[_Keys]] = {
     "all-in-one": AllInOneSettings,
     "migrate": MigrateSettings,
     "outbox": OutboxSettings,
+    "report": ReportSettings,
     "simulator": SimulatorSettings,
 }
 

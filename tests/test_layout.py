@@ -16,7 +16,7 @@ import pytest
 import exporter
 from tests.support.env import ROOT
 
-PRODUCT_PACKAGES = ("bridge", "service", "history", "receiver", "simulator", "rules")
+PRODUCT_PACKAGES = ("bridge", "service", "history", "receiver", "simulator", "rules", "report", "web")
 
 
 def _modules(package: str) -> list[str]:

@@ -25,7 +25,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import AsyncConnectionPool
 
-from exporter import http_limits, runtime, webconfig
+from exporter import runtime
 from exporter.config import ReceiverSettings
 from exporter.receiver.metrics import MAX_KNOWN_POLICIES, ReceiverMetrics
 from exporter.receiver.outbox import OutboxRelay, RelayTuning
@@ -33,7 +33,9 @@ from exporter.receiver.payload import PayloadError, WebhookPayload, parse_payloa
 from exporter.receiver.publisher import PulsarPublisher
 from exporter.receiver.reconcile import Reconciler
 from exporter.receiver.store import RecordResult, record_alerts
-from exporter.webconfig import WebConfig
+from exporter.web import limits as http_limits
+from exporter.web import webconfig
+from exporter.web.webconfig import WebConfig
 
 log = logging.getLogger(__name__)
 

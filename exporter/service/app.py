@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from aiohttp import web
 from prometheus_client.registry import Collector
 
-from exporter import __version__, http_limits, runtime
+from exporter import __version__, runtime
 from exporter.bridge.budget import CallBudget
 from exporter.bridge.client import BridgeClient
 from exporter.config import ExporterSettings, call_ceiling, check_budget, warn_about_budget
@@ -27,8 +27,9 @@ from exporter.service.http import build_apps
 from exporter.service.poller import Fetch, PollClock, Poller
 from exporter.service.selfmetrics import SelfMetrics
 from exporter.snapshot import DICT_POLICY_NAMES, RENAMED_POLICIES
-from exporter.webconfig import WebConfig, check_ports
-from exporter.webconfig import load as load_web_config
+from exporter.web import limits as http_limits
+from exporter.web.webconfig import WebConfig, check_ports
+from exporter.web.webconfig import load as load_web_config
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from exporter.webconfig import WebConfig, middleware
+from exporter.web.webconfig import WebConfig, middleware
 
 
 class ExporterState(Protocol):

@@ -22,11 +22,11 @@ import pytest
 import yaml
 
 from devstack.embedded import EmbeddedPulsar, free_port
-from exporter import webconfig
 from exporter.config import AllInOneSettings, ConfigError, ExporterSettings, ReceiverSettings
 from exporter.receiver import webhook as receiver
 from exporter.service.app import ExporterService
 from exporter.simulator.server import SimulatorServer
+from exporter.web import webconfig
 from tests.support.certs import Pki, make_pki
 from tests.support.receiver import AUTH, TOKEN, alert, migrate, payload, unique_topic
 

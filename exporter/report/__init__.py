@@ -1,0 +1,1 @@
+"""``dict-rate-limit report``: the capacity-planning report (HTML or JSON) from the PostgreSQL history."""

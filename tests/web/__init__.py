@@ -1,0 +1,1 @@
+"""Tests of the web package (web configuration file, HTTP limits)."""
