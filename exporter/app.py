@@ -24,6 +24,7 @@ from exporter.collector import RenderedBuckets
 from exporter.config import Settings
 from exporter.poller import Clock, Fetch, Poller, check_budget
 from exporter.selfmetrics import SelfMetrics
+from exporter.service.leader import LeaseTiming, PollerLease, single_poller_collector
 from exporter.web import build_apps
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ class ExporterService:
             on_snapshot=self._publish,
             clock=clock,
         )
+        #: With DATABASE_URL, replicas share one poller through PostgreSQL (exporter.service.leader).
+        self.lease: PollerLease | None = None
         self._rendered = RenderedBuckets(None, settings.threshold_for)
         self._withdrawn = self._rendered
         self.history: History | None = None
@@ -106,6 +109,8 @@ class ExporterService:
         try:
             if self._serve_http:
                 await self._start_http()
+            if self.lease is not None:
+                await self.lease.start()  # elected (or not) before the first poll
         except BaseException:
             await self._stop_history()
             raise
@@ -126,6 +131,8 @@ class ExporterService:
     async def stop(self) -> None:
         """Stops polling (in-flight poll bounded), flushes history (bounded), closes Bridge and servers."""
         await self.poller.stop(min(STOP_POLL_SECONDS, self.settings.poll_interval_seconds))
+        if self.lease is not None:
+            await self.lease.stop()  # released at once: a follower takes over within a third of a lease
         await self._stop_history()
         if self._bridge is not None:
             await self._bridge.close()
@@ -149,11 +156,24 @@ class ExporterService:
             )
             self._history_registry.register(writer.collector)
             self.history = writer
+            self._open_lease(self.settings.database_url)
         else:
             from exporter.history import disabled_collector
 
             log.info("history is disabled: DATABASE_URL is not set, no snapshot will be stored")
             self._history_registry.register(disabled_collector())
+            self._history_registry.register(single_poller_collector())
+            log.warning(
+                "DATABASE_URL is not set: this replica polls the Bridge on its own; run one replica only, "
+                "or set DATABASE_URL so replicas elect one poller (each replica would spend list calls)"
+            )
+
+    def _open_lease(self, database_url: str) -> None:
+        s = self.settings
+        timing = LeaseTiming(s.poll_interval_seconds, s.poller_lease_seconds, s.poll_lead_seconds)
+        self.lease = PollerLease(database_url, group=s.poller_group, timing=timing, adopt=self.poller.adopt)
+        self.poller.gate = self.lease
+        self._history_registry.register(self.lease.collector)
 
     async def _stop_history(self) -> None:
         if self.history is not None and self._history_open:
@@ -236,6 +256,8 @@ class ExporterService:
 
     def startup_state(self) -> tuple[bool, dict[str, str]]:
         """Started once the first poll was attempted, whatever its outcome (a Bridge outage is no crash)."""
+        if self.poller.attempted == 0 and self.lease is not None and self.lease.decided:
+            return True, {"first_poll": "another replica polls (follower)"}
         attempted = self.poller.attempted > 0
         return attempted, {"first_poll": "done" if attempted else "pending"}
 

@@ -218,6 +218,10 @@ KEYS: tuple[Key, ...] = (
         "Months of bucket history kept (whole monthly partitions are dropped).", HISTORY),
     Key("maintenance_interval_seconds", "MAINTENANCE_INTERVAL_SECONDS", _number(float, 1.0),
         "Seconds between partition maintenance runs.", EXPORTER),
+    Key("poller_group", "POLLER_GROUP", _str,
+        "Replicas with the same DATABASE_URL and POLLER_GROUP elect one poller of the Bridge.", EXPORTER),
+    Key("poller_lease_seconds", "POLLER_LEASE_SECONDS", _number(float, 0.3),
+        "Poller lease length: a dead or frozen leader is replaced within 4/3 of it.", EXPORTER),
     # --- receiver and Pulsar
     Key("receiver_port", "RECEIVER_PORT", _number(int, 0, 65535),
         "Port of the Alertmanager webhook (POST /alerts).", RECEIVER),
@@ -293,6 +297,8 @@ class Settings:
     history_queue_size: int = 2880
     rate_limit_retention_months: int = 13
     maintenance_interval_seconds: float = 86400.0
+    poller_group: str = "default"
+    poller_lease_seconds: float = 10.0
     receiver_port: int = 9097
     webhook_bearer_token: str | None = None
     webhook_allow_unauthenticated: bool = False

@@ -29,6 +29,18 @@ SAFE_LIST_CALLS_PER_MINUTE = 2.0
 Fetch = Callable[[float | None], Awaitable[BridgeResult]]
 
 
+class PollGate(Protocol):
+    """Who may poll, when replicas share one poller (exporter.service.leader.PollerLease)."""
+
+    async def permit(self) -> bool:
+        """Asked before each Bridge call; False: another replica polls (or this one cannot tell)."""
+        ...
+
+    async def publish(self, derived: DerivedSnapshot) -> None:
+        """Receives each snapshot this replica derived, for the other replicas."""
+        ...
+
+
 class Clock(Protocol):
     """Wall clock (alignment), monotonic clock (durations, staleness) and sleep; injectable for tests."""
 
@@ -95,6 +107,7 @@ class Poller:
         stale_after: int,
         on_snapshot: Callable[[DerivedSnapshot], Awaitable[None]] | None = None,
         clock: Clock | None = None,
+        gate: PollGate | None = None,
     ) -> None:
         self._fetch = fetch
         self._metrics = metrics
@@ -102,6 +115,7 @@ class Poller:
         self.lead = lead
         self.stale_after = stale_after
         self._on_snapshot = on_snapshot
+        self.gate = gate
         self.clock: Clock = clock or SystemClock()
         self.latest: DerivedSnapshot | None = None
         #: Monotonic start of the last successful poll: the age of the data served is measured from it.
@@ -162,6 +176,8 @@ class Poller:
         self.attempted += 1
         if derived is not None:
             self._succeeded(derived, started)
+            if self.gate is not None:
+                await self.gate.publish(derived)
             if self._on_snapshot is not None:
                 await self._on_snapshot(derived)  # rendering and history: part of the poll's duration
         self._metrics.record_poll(
@@ -171,6 +187,14 @@ class Poller:
             category_changed=derived is not None and derived.category_changed,
         )
         return derived is not None
+
+    async def adopt(self, derived: DerivedSnapshot, age: float) -> None:
+        """Serves a snapshot another replica polled ``age`` seconds ago (a follower of the poller gate)."""
+        self.latest = derived
+        self.last_success = self.clock.monotonic() - max(0.0, age)
+        self.last_error = None
+        if self._on_snapshot is not None:
+            await self._on_snapshot(derived)
 
     def _succeeded(self, derived: DerivedSnapshot, started: float) -> None:
         snapshot = derived.snapshot
@@ -224,13 +248,14 @@ class Poller:
         """Polls now, then at every aligned boundary until :meth:`stop`."""
         clock = self.clock
         while not self._stopping:
-            self._inflight = asyncio.ensure_future(self.poll_once())
-            try:
-                await asyncio.shield(self._inflight)
-            except Exception:
-                # Bridge trouble never gets here: this is a bug (e.g. in rendering). /health/live says so.
-                log.exception("the poll loop stopped")
-                raise
+            if self.gate is None or await self.gate.permit():
+                self._inflight = asyncio.ensure_future(self.poll_once())
+                try:
+                    await asyncio.shield(self._inflight)
+                except Exception:
+                    # Bridge trouble never gets here: this is a bug (e.g. in rendering). /health/live says so.
+                    log.exception("the poll loop stopped")
+                    raise
             # Computed after the poll: a poll that overran a boundary skips it instead of bunching up.
             now = clock.time()
             await clock.sleep(next_poll_at(now, self.interval, self.lead) - now)
