@@ -8,7 +8,7 @@ Every replica of a poller group (``POLLER_GROUP``) runs a :class:`PollerLease` o
   UPDATE that records the call (``last_poll_at``) only if the lease still names this replica with its term
   and the group's previous call is at least half an interval old: a replaced leader (frozen, cut from the
   database) cannot poll, and a new leader never spends a second call in an interval the previous one used;
-* the leader publishes each derived snapshot (:mod:`exporter.service.shared_snapshot`), fenced by its
+* the leader publishes each derived snapshot (:mod:`exporter.history.shared_snapshot`), fenced by its
   term; followers read it every ``follow_period`` and serve it (``adopt``), so all replicas show the same
   values, and a new leader derives its first snapshot against the previous leader's last one.
 
@@ -38,8 +38,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from psycopg.types.json import Jsonb
 
-from exporter.bucket import DerivedSnapshot
-from exporter.service import shared_snapshot
+from exporter.history import shared_snapshot
+from exporter.service.derivation import DerivedSnapshot
 
 log = logging.getLogger(__name__)
 

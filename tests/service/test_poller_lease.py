@@ -1,0 +1,117 @@
+"""Replicas sharing one poller through PostgreSQL, in-process: the shared snapshot codec, one leader and a
+follower serving its snapshot, a clean handover that carries the counters on, and fencing of a replaced
+leader (it can neither poll nor publish). Real processes and failures: tests/service/test_exporter_replicas.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+
+from exporter.history import migrations, shared_snapshot
+from exporter.service.derivation import derive
+from exporter.service.leader import LeaseTiming, PollerLease
+from exporter.simulator.server import SimulatorServer
+from exporter.snapshot import PolicyReading, Snapshot
+from tests.service.test_exporter_service import Running, http, settings_for, sim, start  # noqa: F401 - fixtures
+
+
+def _snapshot(seconds: float, tokens: int) -> Snapshot:
+    policies = (
+        PolicyReading("ENTRIES_WRITE", tokens, 36000, 1200, 60, 0.25),
+        PolicyReading("NEVER_REFILLS", -3, 10, 0, 60),  # infinite recovery ETA, negative balance
+    )
+    at = datetime(2026, 12, 1, 12, 0, tzinfo=UTC) + timedelta(seconds=seconds)
+    return Snapshot(at, "c0ffee" * 5 + "00", "B", policies)
+
+
+def test_the_shared_snapshot_round_trips_every_derived_value_through_json() -> None:
+    first = derive(_snapshot(0, 30000), None)
+    second = derive(_snapshot(30, 20000), first)
+    document = json.loads(json.dumps(shared_snapshot.encode(second), allow_nan=False))
+    restored = shared_snapshot.decode(document)
+    assert restored == second
+    assert math.isinf(restored.states[1].recovery_eta_seconds)
+    assert restored.states[0].consumed_tokens_total == second.states[0].consumed_tokens_total > 0
+
+
+def _timing() -> LeaseTiming:
+    return LeaseTiming(interval=1.0, lease=1.5, lead=0.25)
+
+
+async def _wait(check: Any, within: float) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_replaced_leader_can_neither_poll_nor_publish(database_url: str) -> None:
+    await asyncio.to_thread(migrations.apply, database_url)
+    lease = PollerLease(database_url, group="g", timing=_timing())
+    await lease.start()
+    try:
+        assert lease.is_leader
+        assert lease.term == 1
+        assert await lease.permit()
+        assert not await lease.permit(), "a second call within half an interval is refused"
+        # Another replica took over (what happens while this one is frozen past its lease).
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+            await conn.execute(
+                "UPDATE dict_rate_limit_poller_lease SET holder = 'other', term = term + 1,"
+                " last_poll_at = now() - interval '1 hour'"
+            )
+            assert not await lease.permit()
+            assert not lease.is_leader
+            await lease.publish(derive(_snapshot(0, 1), None))
+            cursor = await conn.execute("SELECT count(*) FROM dict_rate_limit_shared_snapshot")
+            assert await cursor.fetchone() == (0,)
+    finally:
+        await lease.stop()
+
+
+async def test_one_replica_polls_the_other_serves_its_snapshot_and_takes_over_when_it_stops(
+    sim: SimulatorServer,  # noqa: F811 - the fixture imported above
+    start: Any,  # noqa: F811
+    database_url: str,
+) -> None:
+    await asyncio.to_thread(migrations.apply, database_url)
+    common = {"database_url": database_url, "poller_lease_seconds": 1.5}
+    first: Running = await start(settings_for(sim.address, **common))
+    second: Running = await start(settings_for(sim.address, **common))
+    assert await first.value("dict_rate_limit_poller_leader") == 1.0
+    assert await second.value("dict_rate_limit_poller_leader") == 0.0
+    await first.until(lambda: asyncio.sleep(0, first.service.poller.attempted >= 3), within=10)
+
+    async def same_snapshot() -> bool:
+        a, b = await first.status("/api/v1/policies"), await second.status("/api/v1/policies")
+        return bool(a[0] == b[0] == 200 and a[1]["response_time"] == b[1]["response_time"]) and (
+            a[1]["policies"] == b[1]["policies"]
+        )
+
+    await first.until(same_snapshot, within=5)
+    assert second.service.poller.attempted == 0
+    status, body = await second.status("/health/ready")
+    assert (status, body["checks"]["bridge"]) == (200, "ok")
+    totals = {
+        p["name"]: p["consumed_tokens_total"]
+        for p in (await second.status("/api/v1/policies"))[1]["policies"]
+    }
+
+    await first.service.stop()
+    await second.until(
+        lambda: asyncio.sleep(0, second.service.poller.attempted >= 2), within=_timing().failover_bound + 3
+    )
+    assert await second.value("dict_rate_limit_poller_leader") == 1.0
+    assert sim.list_calls == first.service.poller.attempted + second.service.poller.attempted
+    after = {
+        p["name"]: p["consumed_tokens_total"]
+        for p in (await second.status("/api/v1/policies"))[1]["policies"]
+    }
+    assert all(after[name] >= total for name, total in totals.items()), (
+        "the new leader carries the counters on"
+    )
