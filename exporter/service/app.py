@@ -23,9 +23,9 @@ from exporter.config import Settings
 from exporter.service.collector import RenderedBuckets
 from exporter.service.derivation import DerivedSnapshot
 from exporter.service.http import build_apps
+from exporter.service.leader import LeaseTiming, PollerLease, single_poller_collector
 from exporter.service.poller import Clock, Fetch, Poller, check_budget
 from exporter.service.selfmetrics import SelfMetrics
-from exporter.service.leader import LeaseTiming, PollerLease, single_poller_collector
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from exporter.receiver.outbox import OutboxRelay, RelayTuning
 from exporter.receiver.payload import parse_payload
 from exporter.receiver.publisher import PulsarPublisher
 from exporter.receiver.store import record_alerts
-from tests.support.env import ROOT
 from tests.receiver.test_receiver_process import post, receiver_env, receiver_process
+from tests.support.env import ROOT
 from tests.support.receiver import TOKEN, EventConsumer, alert, migrate, payload, rows, unique_topic
 
 SCHEMA = json.loads((ROOT / "schemas" / "rate-limit-alert-event.schema.json").read_text())

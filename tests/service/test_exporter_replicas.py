@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+
 from exporter.history import migrations
 from exporter.service.leader import LeaseTiming
 from tests.support.replicas import (

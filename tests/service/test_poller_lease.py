@@ -1,6 +1,6 @@
 """Replicas sharing one poller through PostgreSQL, in-process: the shared snapshot codec, one leader and a
 follower serving its snapshot, a clean handover that carries the counters on, and fencing of a replaced
-leader (it can neither poll nor publish). Real processes and failures: tests/service/test_exporter_replicas.py."""
+leader (it can neither poll nor publish). With real processes: tests/service/test_exporter_replicas.py."""
 
 from __future__ import annotations
 
