@@ -164,8 +164,9 @@ class ExporterService:
             self._history_registry.register(disabled_collector())
             self._history_registry.register(single_poller_collector())
             log.warning(
-                "DATABASE_URL is not set: this replica polls the Bridge on its own; run one replica only, "
-                "or set DATABASE_URL so replicas elect one poller (each replica would spend list calls)"
+                "DATABASE_URL is not set: this replica polls the Bridge on its own, and replicas would each "
+                "poll (each spending POLICIES_LIST tokens); run one replica, or set DATABASE_URL so replicas "
+                "elect one poller"
             )
 
     def _open_lease(self, database_url: str) -> None:

@@ -115,3 +115,43 @@ async def test_one_replica_polls_the_other_serves_its_snapshot_and_takes_over_wh
     assert all(after[name] >= total for name, total in totals.items()), (
         "the new leader carries the counters on"
     )
+
+
+async def test_a_follower_is_ready_only_while_the_shared_snapshot_is_fresh(
+    sim: SimulatorServer,  # noqa: F811 - the fixture imported above
+    start: Any,  # noqa: F811
+    database_url: str,
+) -> None:
+    await asyncio.to_thread(migrations.apply, database_url)
+    common = {"database_url": database_url, "poller_lease_seconds": 1.5, "stale_after_intervals": 2}
+    leader: Running = await start(settings_for(sim.address, **common))
+    follower: Running = await start(settings_for(sim.address, **common))
+    await follower.until(lambda: _ready(follower), within=10)
+    await sim.stop()  # the leader keeps its lease but gets no snapshot: the shared one ages
+    await follower.until(lambda: _not_ready(follower), within=2 * 1.0 * 2 + 3)
+    status, body = await follower.status("/health/ready")
+    assert status == 503
+    assert "no successful poll for 2 intervals" in body["checks"]["bridge"]
+    assert follower.service.poller.attempted == 0
+    assert await leader.value("dict_rate_limit_poller_leader") == 1.0
+    assert await follower.value("dict_rate_limit_stale") == 1.0
+
+
+async def _ready(running: Running) -> bool:
+    return (await running.status("/health/ready"))[0] == 200
+
+
+async def _not_ready(running: Running) -> bool:
+    return (await running.status("/health/ready"))[0] == 503
+
+
+async def test_without_a_database_the_replica_polls_alone_and_warns_that_replicas_would_each_poll(
+    sim: SimulatorServer,  # noqa: F811 - the fixture imported above
+    start: Any,  # noqa: F811
+    caplog: Any,
+) -> None:
+    running: Running = await start(settings_for(sim.address))
+    assert await running.value("dict_rate_limit_poller_leader") == 1.0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("replicas would each poll" in message for message in warnings), warnings
+    await running.until(lambda: asyncio.sleep(0, running.service.poller.attempted >= 1))
