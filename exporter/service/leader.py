@@ -44,6 +44,7 @@ from exporter.service.derivation import DerivedSnapshot
 log = logging.getLogger(__name__)
 
 Adopt = Callable[[DerivedSnapshot, float], Awaitable[None]]
+FAILURE_LOG_INTERVAL = 60.0
 
 ACQUIRE = """
 INSERT INTO dict_rate_limit_poller_lease AS l (poller_group, holder, term, acquired_at, expires_at)
@@ -139,6 +140,7 @@ class PollerLease:
         #: True once the first election attempt finished, whatever its outcome (start-up probe).
         self.decided = False
         self.last_error: str | None = None
+        self._warned_at = -float("inf")
         self.collector: Collector = _LeaderCollector(self)
 
     @property
@@ -177,6 +179,10 @@ class PollerLease:
                 await self._follow()
         except Exception as exc:
             self._failed(exc)
+            return
+        if self.last_error is not None:
+            log.info("poller lease: database reachable again", extra={"ctx": self._ctx()})
+            self.last_error, self._warned_at = None, -float("inf")
 
     # --- election
 
@@ -211,7 +217,11 @@ class PollerLease:
         self.last_error = f"{type(exc).__name__}: {exc}"
         if self.term is not None and time.monotonic() >= self._valid_until:
             self._lost(f"database unreachable: {self.last_error}")
-        log.warning("poller lease: database error: %s", self.last_error, extra={"ctx": self._ctx()})
+        # The loop retries several times a second while the database is away: one line a minute says so.
+        now = time.monotonic()
+        if now - self._warned_at >= FAILURE_LOG_INTERVAL:
+            self._warned_at = now
+            log.warning("poller lease: database error: %s", self.last_error, extra={"ctx": self._ctx()})
 
     # --- the poller's hooks
 
