@@ -18,6 +18,9 @@ leader it lost the lock when it loses the database. A lease expires whatever its
 fences the holder. Failover bound: the lease expires at most ``lease`` after the leader's last renewal, a
 follower takes it within ``lease/3``, then polls at the next interval boundary, so the group polls again
 within ``2 x POLL_INTERVAL_SECONDS + 4/3 x POLLER_LEASE_SECONDS`` of the last poll before the failure.
+The Bridge itself cannot check a fencing token, so one window remains: a leader frozen in the instant
+between its permit and sending the call would send it when thawed. The permit is the last thing before
+the call, so that window is the few microseconds of one function return.
 """
 
 from __future__ import annotations
