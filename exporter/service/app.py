@@ -172,7 +172,13 @@ class ExporterService:
     def _open_lease(self, database_url: str) -> None:
         s = self.settings
         timing = LeaseTiming(s.poll_interval_seconds, s.poller_lease_seconds, s.poll_lead_seconds)
-        self.lease = PollerLease(database_url, group=s.poller_group, timing=timing, adopt=self.poller.adopt)
+        self.lease = PollerLease(
+            database_url,
+            group=s.poller_group,
+            timing=timing,
+            adopt=self.poller.adopt,
+            max_age=s.stale_after_intervals * s.poll_interval_seconds,
+        )
         self.poller.gate = self.lease
         self._history_registry.register(self.lease.collector)
 

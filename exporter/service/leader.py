@@ -126,12 +126,16 @@ class PollerLease:
         timing: LeaseTiming,
         adopt: Adopt | None = None,
         holder: str | None = None,
+        max_age: float = float("inf"),
     ) -> None:
+        """``max_age``: a shared snapshot older than this is not adopted (STALE_AFTER_INTERVALS intervals:
+        it would be withdrawn anyway, and deriving the next poll against it would average hours)."""
         self._database_url = database_url
         self.group = group
         self.timing = timing
         self.holder = holder or replica_id()
         self._adopt = adopt
+        self._max_age = max_age
         self.term: int | None = None
         #: Local monotonic time until which the lease is certainly ours (taken before the renewal was sent).
         self._valid_until = 0.0
@@ -283,6 +287,11 @@ class PollerLease:
             self._seen_response_time = response_time
             return
         self._seen_response_time = response_time
+        if float(age) > self._max_age:
+            log.info(
+                "shared snapshot too old to serve (%.0f s): not adopted", age, extra={"ctx": self._ctx()}
+            )
+            return
         await self._adopt(derived, float(age))
 
     # --- the connection (one, dedicated: the lease must not wait behind history writes)

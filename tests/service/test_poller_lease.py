@@ -155,3 +155,33 @@ async def test_without_a_database_the_replica_polls_alone_and_warns_that_replica
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("replicas would each poll" in message for message in warnings), warnings
     await running.until(lambda: asyncio.sleep(0, running.service.poller.attempted >= 1))
+
+
+async def test_followers_adopt_the_shared_snapshot_unless_it_is_older_than_stale(database_url: str) -> None:
+    await asyncio.to_thread(migrations.apply, database_url)
+    leader = PollerLease(database_url, group="g", timing=_timing())
+    adopted: list[tuple[Any, float]] = []
+
+    async def adopt(derived: Any, age: float) -> None:
+        adopted.append((derived, age))
+
+    await leader.start()
+    shared = derive(_snapshot(0, 30000), None)
+    await leader.publish(shared)
+    follower = PollerLease(database_url, group="g", timing=_timing(), adopt=adopt, max_age=60)
+    await follower.start()
+    try:
+        assert not follower.is_leader
+        assert [derived for derived, _ in adopted] == [shared]
+        assert 0 <= adopted[0][1] < 5
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+            await conn.execute(
+                "UPDATE dict_rate_limit_shared_snapshot SET published_at = now() - interval '1 hour'"
+            )
+        late = PollerLease(database_url, group="g", timing=_timing(), adopt=adopt, max_age=60)
+        await late.start()
+        await late.stop()
+        assert len(adopted) == 1, "a snapshot an hour old is not served (nor derived against)"
+    finally:
+        await follower.stop()
+        await leader.stop()
