@@ -35,10 +35,12 @@ ON CONFLICT (poller_group) DO UPDATE
  WHERE s.response_time <= EXCLUDED.response_time
 RETURNING 1
 """
-# The age is computed on the database's clock, the one published_at was taken with.
+# The age is computed on the database's clock, the one published_at was taken with. Only a snapshot newer
+# than the one the follower has comes back: followers ask every second or so, the document is sent once.
 READ = """
 SELECT term, response_time, extract(epoch FROM clock_timestamp() - published_at)::float8, snapshot
-  FROM dict_rate_limit_shared_snapshot WHERE poller_group = %s
+  FROM dict_rate_limit_shared_snapshot
+ WHERE poller_group = %(group)s AND (%(seen)s::timestamptz IS NULL OR response_time > %(seen)s)
 """
 
 

@@ -274,7 +274,8 @@ class PollerLease:
             self._seen_response_time = derived.snapshot.response_time
 
     async def _follow(self) -> None:
-        row = await self._fetchone(shared_snapshot.READ, [self.group])
+        params = {"group": self.group, "seen": self._seen_response_time}
+        row = await self._fetchone(shared_snapshot.READ, params)
         if row is None or self._adopt is None:
             return
         _term, response_time, age, document = row
