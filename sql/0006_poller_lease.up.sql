@@ -35,3 +35,16 @@ CREATE TABLE dict_rate_limit_shared_snapshot (
 
 COMMENT ON TABLE dict_rate_limit_shared_snapshot IS
     'Latest derived snapshot of each exporter poller group, served by every replica of the group.';
+
+-- Replicas of each group seen recently (every replica refreshes its row a few times per lease). A leader
+-- that loses the database keeps polling only if it saw no other replica: then nobody else can take over,
+-- and stopping would only blind a single-replica deployment (docs/exporter.md, "Database outage").
+CREATE TABLE dict_rate_limit_poller_members (
+    poller_group text        NOT NULL,
+    holder       text        NOT NULL,
+    seen_at      timestamptz NOT NULL,
+    PRIMARY KEY (poller_group, holder)
+);
+
+COMMENT ON TABLE dict_rate_limit_poller_members IS
+    'Exporter replicas of each poller group and when each was last seen (its lease loop).';

@@ -72,6 +72,21 @@ UPDATE dict_rate_limit_poller_lease SET last_poll_at = clock_timestamp(), last_p
 RETURNING 1
 """
 HOLDER = "SELECT holder, term FROM dict_rate_limit_poller_lease WHERE poller_group = %s"
+# Every replica says it is alive and counts the others seen within ``recent`` seconds; rows of replicas gone
+# for a day are removed on the way. (The SELECT does not see this statement's own insert: it counts others.)
+HEARTBEAT = """
+WITH seen AS (
+    INSERT INTO dict_rate_limit_poller_members (poller_group, holder, seen_at)
+    VALUES (%(group)s, %(holder)s, clock_timestamp())
+    ON CONFLICT (poller_group, holder) DO UPDATE SET seen_at = EXCLUDED.seen_at),
+gone AS (
+    DELETE FROM dict_rate_limit_poller_members
+     WHERE poller_group = %(group)s AND seen_at < clock_timestamp() - interval '1 day')
+SELECT count(*) FROM dict_rate_limit_poller_members
+ WHERE poller_group = %(group)s AND holder <> %(holder)s
+   AND seen_at > clock_timestamp() - make_interval(secs => %(recent)s)
+"""
+LEAVE = "DELETE FROM dict_rate_limit_poller_members WHERE poller_group = %(group)s AND holder = %(holder)s"
 # On a clean stop the lease ends now, so a follower takes over within lease/3 instead of a whole lease.
 RELEASE = """
 UPDATE dict_rate_limit_poller_lease SET expires_at = clock_timestamp()
@@ -137,6 +152,10 @@ class PollerLease:
         self._adopt = adopt
         self._max_age = max_age
         self.term: int | None = None
+        #: Other replicas of the group seen at the last heartbeat (None before the first).
+        self.others: int | None = None
+        #: Polling alone without the database: this replica led, and no other replica was seen to take over.
+        self.solo = False
         #: Local monotonic time until which the lease is certainly ours (taken before the renewal was sent).
         self._valid_until = 0.0
         self._conn: psycopg.AsyncConnection[Any] | None = None
@@ -152,7 +171,7 @@ class PollerLease:
 
     @property
     def is_leader(self) -> bool:
-        return self.term is not None and time.monotonic() < self._valid_until
+        return self.solo or (self.term is not None and time.monotonic() < self._valid_until)
 
     # --- lifecycle
 
@@ -171,6 +190,8 @@ class PollerLease:
                 await self._execute(RELEASE, self._params())
                 log.info("poller lease released", extra={"ctx": {"group": self.group, "term": self.term}})
             self.term = None
+        with contextlib.suppress(Exception):
+            await self._execute(LEAVE, self._params())
         await self._disconnect()
 
     async def _loop(self) -> None:
@@ -181,6 +202,7 @@ class PollerLease:
     async def _tick(self) -> None:
         try:
             if time.monotonic() - self._renewed_at >= self.timing.renew_period:
+                await self._heartbeat()
                 await (self._renew() if self.term is not None else self._acquire())
             if self.term is None:
                 await self._follow()
@@ -190,8 +212,13 @@ class PollerLease:
         if self.last_error is not None:
             log.info("poller lease: database reachable again", extra={"ctx": self._ctx()})
             self.last_error, self._warned_at = None, -float("inf")
+        self.solo = False  # the database answers again: the lease decides
 
     # --- election
+
+    async def _heartbeat(self) -> None:
+        row = await self._fetchone(HEARTBEAT, {**self._params(), "recent": 2 * self.timing.lease})
+        self.others = int(row[0]) if row is not None else None
 
     async def _acquire(self) -> None:
         started = time.monotonic()
@@ -215,13 +242,20 @@ class PollerLease:
             self._valid_until = started + self.timing.lease
 
     def _lost(self, why: str) -> None:
-        if self.term is not None:
+        if self.term is not None and not self.solo:
             log.warning("poller lease lost (%s): this replica stops polling", why, extra={"ctx": self._ctx()})
         self.term = None
         self._valid_until = 0.0
 
     def _failed(self, exc: Exception) -> None:
         self.last_error = f"{type(exc).__name__}: {exc}"
+        if self.term is not None and not self.solo and self.others == 0:
+            # Nobody else to take over: stopping would only blind a single-replica deployment.
+            self.solo = True
+            log.warning(
+                "poller lease: database unreachable, no other replica seen: polling alone until it returns",
+                extra={"ctx": self._ctx()},
+            )
         if self.term is not None and time.monotonic() >= self._valid_until:
             self._lost(f"database unreachable: {self.last_error}")
         # The loop retries several times a second while the database is away: one line a minute says so.
@@ -236,6 +270,8 @@ class PollerLease:
         """May this replica call the Bridge now? Records the call in the lease row when it may."""
         if not self.is_leader:
             return False
+        if self.solo:
+            return True  # no database to record the call in; one replica, one call per interval
         try:
             row = await self._fetchone(PERMIT, {**self._params(), "gap": self.timing.interval / 2})
             if row is not None:
@@ -248,13 +284,15 @@ class PollerLease:
                     "poll skipped: the group polled under half an interval ago", extra={"ctx": self._ctx()}
                 )
         except Exception as exc:
-            # No database, no permit: a leader cut from it cannot know whether it was replaced.
+            # No database, no permit: a leader cut from it cannot know whether it was replaced, unless it
+            # saw no other replica that could replace it (then it goes on alone: ``solo``).
             self._failed(exc)
+            return self.solo
         return False
 
     async def publish(self, derived: DerivedSnapshot) -> None:
         """Shares a snapshot this replica polled; dropped (and leadership given up) if it was replaced."""
-        if self.term is None:
+        if self.term is None or self.solo:
             return
         params = {
             **self._params(),

@@ -18,6 +18,7 @@ from exporter.service.leader import LeaseTiming, PollerLease
 from exporter.simulator.server import SimulatorServer
 from exporter.snapshot import PolicyReading, Snapshot
 from tests.service.test_exporter_service import Running, http, settings_for, sim, start  # noqa: F401 - fixtures
+from tests.support.tcp_proxy import TcpProxy
 
 
 def _snapshot(seconds: float, tokens: int) -> Snapshot:
@@ -185,3 +186,37 @@ async def test_followers_adopt_the_shared_snapshot_unless_it_is_older_than_stale
     finally:
         await follower.stop()
         await leader.stop()
+
+
+async def test_a_lone_leader_keeps_polling_through_a_database_outage_and_stores_the_backlog(
+    sim: SimulatorServer,  # noqa: F811 - the fixture imported above
+    start: Any,  # noqa: F811
+    database_url: str,
+) -> None:
+    """No other replica was seen, so nobody could take over: stopping would only blind the deployment."""
+    await asyncio.to_thread(migrations.apply, database_url)
+    with TcpProxy.for_postgres(database_url) as proxy:
+        settings = settings_for(
+            sim.address,
+            database_url=proxy.url_for(database_url),
+            poller_lease_seconds=1.0,
+            stale_after_intervals=2,
+        )
+        running: Running = await start(settings)
+        poller, lease = running.service.poller, running.service.lease
+        assert lease is not None
+        await running.until(lambda: asyncio.sleep(0, poller.attempted >= 2))
+        assert lease.others == 0
+        await asyncio.to_thread(proxy.stop)
+        before = poller.attempted
+        await asyncio.sleep(4.5)  # longer than the lease and than STALE_AFTER_INTERVALS intervals
+        assert poller.attempted >= before + 3, "the lone leader stopped polling without its database"
+        assert lease.solo
+        assert not poller.is_stale()
+        assert await running.value("dict_rate_limit_poller_leader") == 1.0
+        await asyncio.to_thread(proxy.start)
+        await running.until(lambda: asyncio.sleep(0, lease.term is not None and not lease.solo), within=10)
+        await running.service.stop()  # flushes the history queue
+    with psycopg.connect(database_url) as conn:
+        stored = conn.execute("SELECT count(DISTINCT response_time) FROM dict_rate_limit_states").fetchone()
+    assert stored == (sim.list_calls,), "every snapshot polled during the outage is stored once"
