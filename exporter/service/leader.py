@@ -392,16 +392,29 @@ class _LeaderCollector(Collector):
         self._lease = lease
 
     def describe(self) -> Iterable[Metric]:
-        return [GaugeMetricFamily("dict_rate_limit_poller_leader", _LEADER_HELP)]
+        return [
+            GaugeMetricFamily("dict_rate_limit_poller_leader", _LEADER_HELP),
+            GaugeMetricFamily("dict_rate_limit_poller_replicas", _REPLICAS_HELP),
+        ]
 
     def collect(self) -> Iterable[Metric]:
-        leading = self._lease is None or self._lease.is_leader
-        return [GaugeMetricFamily("dict_rate_limit_poller_leader", _LEADER_HELP, value=1 if leading else 0)]
+        lease = self._lease
+        leading = lease is None or lease.is_leader
+        # Before the first heartbeat (or without a database) this replica knows only itself.
+        replicas = 1 + (lease.others or 0) if lease is not None else 1
+        return [
+            GaugeMetricFamily("dict_rate_limit_poller_leader", _LEADER_HELP, value=1 if leading else 0),
+            GaugeMetricFamily("dict_rate_limit_poller_replicas", _REPLICAS_HELP, value=replicas),
+        ]
 
 
 _LEADER_HELP = (
     "1 on the replica that polls the Bridge for its poller group (always 1 without DATABASE_URL), 0 on the "
     "replicas that serve the leader's shared snapshot."
+)
+_REPLICAS_HELP = (
+    "Replicas of this poller group seen in the last two leases, this one included (1 without DATABASE_URL); "
+    "a leader that saw only itself keeps polling alone when it loses the database."
 )
 
 

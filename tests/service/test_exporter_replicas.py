@@ -172,6 +172,8 @@ def test_a_leader_cut_from_the_database_stops_polling_and_another_replica_takes_
         wait_for(lambda: cut.leader() == 1.0, 30, "the proxied replica leads")
         others = [launch(replicas, f"direct-{i}", tmp_path, bridge, database_url) for i in range(2)]
         wait_for(lambda: same_buckets_everywhere([cut, *others]), 30, "the same bucket series everywhere")
+        replicas_seen = ("dict_rate_limit_poller_replicas", frozenset())
+        wait_for(lambda: cut.samples().get(replicas_seen) == 3.0, 10, "the leader has seen the other two")
         assert the_leader([cut, *others]) is cut
 
         cut_at = time.time()

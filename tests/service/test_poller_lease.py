@@ -96,6 +96,7 @@ async def test_one_replica_polls_the_other_serves_its_snapshot_and_takes_over_wh
 
     await first.until(same_snapshot, within=5)
     assert second.service.poller.attempted == 0
+    await first.until(lambda: _replicas_seen(first, 2.0), within=5)
     status, body = await second.status("/health/ready")
     assert (status, body["checks"]["bridge"]) == (200, "ok")
     totals = {
@@ -220,3 +221,7 @@ async def test_a_lone_leader_keeps_polling_through_a_database_outage_and_stores_
     with psycopg.connect(database_url) as conn:
         stored = conn.execute("SELECT count(DISTINCT response_time) FROM dict_rate_limit_states").fetchone()
     assert stored == (sim.list_calls,), "every snapshot polled during the outage is stored once"
+
+
+async def _replicas_seen(running: Running, count: float) -> bool:
+    return await running.value("dict_rate_limit_poller_replicas") == count
