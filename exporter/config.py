@@ -390,6 +390,16 @@ class PollKeys(_Keys):
     poll_budget_override: bool = key(
         False, _bool, "Allow polling faster than 2 list calls/min (simulators and benchmarks)."
     )
+    poller_group: str = key(
+        "default",
+        _str,
+        "Replicas with the same DATABASE_URL and POLLER_GROUP elect one poller of the Bridge.",
+    )
+    poller_lease_seconds: float = key(
+        10.0,
+        _number(float, 0.3),
+        "Poller lease length: a dead or frozen leader is replaced within 4/3 of it.",
+    )
     stale_after_intervals: int = key(
         3, _number(int, 1), "Withdraw bucket series after this many intervals without a successful poll."
     )

@@ -15,6 +15,7 @@ from datetime import UTC
 from typing import Any, Protocol
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.registry import Collector
 
 from exporter import __version__, runtime
@@ -24,6 +25,7 @@ from exporter.config import ExporterSettings, call_ceiling, check_budget, warn_a
 from exporter.service.collector import RenderedBuckets
 from exporter.service.derivation import DerivedSnapshot
 from exporter.service.http import build_apps
+from exporter.service.leader import LeaseTiming, PollerLease, single_poller_collector
 from exporter.service.poller import Fetch, PollClock, Poller
 from exporter.service.selfmetrics import SelfMetrics
 from exporter.snapshot import DICT_POLICY_NAMES, RENAMED_POLICIES
@@ -121,11 +123,16 @@ class ExporterService:
             thresholds=settings.policy_thresholds,
         )
         _warn_unknown_thresholds(settings)
+        #: With DATABASE_URL, replicas share one poller through PostgreSQL (exporter.service.leader).
+        self.lease: PollerLease | None = None
         self._rendered = RenderedBuckets(None, settings.threshold_for)
         self._withdrawn = self._rendered
         self.history: History | None = None
         self._history_open = False
         self._history_metrics: Callable[[], bytes] = _nothing
+        #: dict_rate_limit_poller_leader and _replicas: a handful of series that change with the lease,
+        #: rendered at each scrape (the history part is cached, see _history_metrics).
+        self._poller_registry = CollectorRegistry(auto_describe=True)
         self._serve_http = serve_http
         self._runners: list[web.AppRunner] = []
         self.ports: dict[str, int] = {}
@@ -143,6 +150,8 @@ class ExporterService:
         try:
             if self._serve_http:
                 await self._start_http()
+            if self.lease is not None:
+                await self.lease.start()  # elected (or not) before the first poll
         except BaseException:
             await self._stop_history()
             raise
@@ -163,6 +172,8 @@ class ExporterService:
     async def stop(self) -> None:
         """Stops polling (in-flight poll bounded), flushes history (bounded), closes Bridge and servers."""
         await self.poller.stop(min(STOP_POLL_SECONDS, self.settings.poll_interval_seconds))
+        if self.lease is not None:
+            await self.lease.stop()  # released at once: a follower takes over within a third of a lease
         await self._stop_history()
         if self._bridge is not None:
             await self._bridge.close()
@@ -186,12 +197,32 @@ class ExporterService:
             )
             self._history_metrics = writer.render_metrics
             self.history = writer
+            self._open_lease(self.settings.database_url)
         else:
             from exporter.history.writer import disabled_metrics
 
             log.info("history is disabled: DATABASE_URL is not set, no snapshot will be stored")
             disabled = disabled_metrics()
             self._history_metrics = lambda: disabled
+            self._poller_registry.register(single_poller_collector())
+            log.warning(
+                "DATABASE_URL is not set: this replica polls the Bridge on its own, and replicas would each "
+                "poll (each spending POLICIES_LIST tokens); run one replica, or set DATABASE_URL so replicas "
+                "elect one poller"
+            )
+
+    def _open_lease(self, database_url: str) -> None:
+        s = self.settings
+        timing = LeaseTiming(s.poll_interval_seconds, s.poller_lease_seconds, s.poll_lead_seconds)
+        self.lease = PollerLease(
+            database_url,
+            group=s.poller_group,
+            timing=timing,
+            adopt=self.poller.adopt,
+            max_age=s.stale_after_intervals * s.poll_interval_seconds,
+        )
+        self.poller.gate = self.lease
+        self._poller_registry.register(self.lease.collector)
 
     async def _stop_history(self) -> None:
         if self.history is not None and self._history_open:
@@ -244,7 +275,12 @@ class ExporterService:
         stale = self.poller.is_stale()
         buckets = self._withdrawn if stale else self._rendered
         # Both parts are cached until their metrics change: most scrapes only join two byte strings.
-        tail = self.metrics.render(stale=stale) + self._history_metrics() + extra
+        tail = (
+            self.metrics.render(stale=stale)
+            + self._history_metrics()
+            + generate_latest(self._poller_registry)
+            + extra
+        )
         return buckets.body(tail, gzip=gzip)
 
     def policies_payload(self) -> dict[str, Any] | None:
@@ -293,6 +329,8 @@ class ExporterService:
 
     def startup_state(self) -> tuple[bool, dict[str, str]]:
         """Started once the first poll was attempted, whatever its outcome (a Bridge outage is no crash)."""
+        if self.poller.attempted == 0 and self.lease is not None and self.lease.decided:
+            return True, {"first_poll": "another replica polls (follower)"}
         attempted = self.poller.attempted > 0
         return attempted, {"first_poll": "done" if attempted else "pending"}
 

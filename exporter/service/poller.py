@@ -33,6 +33,18 @@ DEFAULT_MAX_SKEW_SECONDS = 300.0
 Fetch = Callable[[float | None], Awaitable[BridgeResult]]
 
 
+class PollGate(Protocol):
+    """Who may poll, when replicas share one poller (exporter.service.leader.PollerLease)."""
+
+    async def permit(self) -> bool:
+        """Asked before each Bridge call; False: another replica polls (or this one cannot tell)."""
+        ...
+
+    async def publish(self, derived: DerivedSnapshot) -> None:
+        """Receives each snapshot this replica derived, for the other replicas."""
+        ...
+
+
 class PollClock(Protocol):
     """Wall clock (alignment), monotonic clock (durations, staleness) and sleep; injectable for tests."""
 
@@ -75,6 +87,7 @@ class Poller:
         max_skew: float = DEFAULT_MAX_SKEW_SECONDS,
         thresholds: Iterable[str] = (),
         known_policies: Iterable[str] = (),
+        gate: PollGate | None = None,
     ) -> None:
         self._fetch = fetch
         self._metrics = metrics
@@ -82,6 +95,7 @@ class Poller:
         self.lead = lead
         self.stale_after = stale_after
         self._on_snapshot = on_snapshot
+        self.gate = gate
         self.clock: PollClock = clock or SystemPollClock()
         self.latest: DerivedSnapshot | None = None
         #: Monotonic start of the last successful poll: the age of the data served is measured from it.
@@ -168,6 +182,8 @@ class Poller:
         self.attempted += 1
         if derived is not None:
             self._succeeded(derived, started)
+            if self.gate is not None:
+                await self.gate.publish(derived)
             if self._on_snapshot is not None:
                 await self._on_snapshot(derived)  # rendering and history: part of the poll's duration
         self._metrics.record_poll(
@@ -212,6 +228,14 @@ class Poller:
                 f"the answer holds no usable policy{detail}", reason="no_usable_policy"
             )
         return snapshot
+
+    async def adopt(self, derived: DerivedSnapshot, age: float) -> None:
+        """Serves a snapshot another replica polled ``age`` seconds ago (a follower of the poller gate)."""
+        self.latest = derived
+        self.last_success = self.clock.monotonic() - max(0.0, age)
+        self.last_error = None
+        if self._on_snapshot is not None:
+            await self._on_snapshot(derived)
 
     def _succeeded(self, derived: DerivedSnapshot, started: float) -> None:
         snapshot = derived.snapshot
@@ -289,9 +313,11 @@ class Poller:
         """Polls now, then at every aligned boundary until :meth:`stop`."""
         clock = self.clock
         while not self._stopping:
-            await self._wait_for_budget()
-            reason = self.skip_reason()
-            if reason is not None:
+            # With replicas, the lease says whether this one polls now (exporter.service.leader); then
+            # this process's own ceiling of list calls applies.
+            if self.gate is not None and not await self.gate.permit():
+                pass  # another replica polls this interval; its snapshot is adopted (adopt())
+            elif (reason := await self._budget_skip_reason()) is not None:
                 # Not a failure (nothing was called): the data served keeps its age, which is visible.
                 self.skipped += 1
                 self._metrics.record_skip()
@@ -307,6 +333,10 @@ class Poller:
             # Computed after the poll: a poll that overran a boundary skips it instead of bunching up.
             now = clock.time()
             await clock.sleep(next_poll_at(now, self.interval, self.lead) - now)
+
+    async def _budget_skip_reason(self) -> str | None:
+        await self._wait_for_budget()
+        return self.skip_reason()
 
     async def _wait_for_budget(self) -> None:
         """Waits a moment for a call the ceiling frees just after the boundary, instead of skipping the poll.

@@ -146,3 +146,23 @@ def test_migration_job_runs_migrate_up() -> None:
 def test_exporter_stays_scrapeable_while_not_ready() -> None:
     # Not ready = Bridge or database unreachable: the moment its metrics matter most.
     assert of_kind("Service")["dict-rate-limit-exporter"]["spec"]["publishNotReadyAddresses"] is True
+
+
+def test_exporter_and_receiver_survive_losing_a_pod_or_a_node() -> None:
+    """Two replicas each, spread over nodes, and a disruption budget that keeps one during drains."""
+    budgets = of_kind("PodDisruptionBudget")
+    for name in ("dict-rate-limit-exporter", "dict-rate-limit-receiver"):
+        deployment = of_kind("Deployment")[name]
+        assert deployment["spec"]["replicas"] >= 2, name
+        selector = deployment["spec"]["selector"]["matchLabels"]
+        spec = deployment["spec"]["template"]["spec"]
+        by_host = [
+            c for c in spec["topologySpreadConstraints"] if c["topologyKey"] == "kubernetes.io/hostname"
+        ]
+        assert by_host, name
+        assert by_host[0]["whenUnsatisfiable"] == "DoNotSchedule"
+        assert by_host[0]["labelSelector"]["matchLabels"] == selector
+        anti = spec["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+        assert anti[0]["podAffinityTerm"]["labelSelector"]["matchLabels"] == selector
+        assert budgets[name]["spec"]["selector"]["matchLabels"] == selector
+        assert budgets[name]["spec"]["minAvailable"] == 1

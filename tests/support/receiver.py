@@ -7,7 +7,7 @@ import subprocess
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -153,8 +153,16 @@ def _quiet_logger() -> Any:
 class Alertmanager:
     """A real ``prometheus-alertmanager`` on 127.0.0.1 with clustering off."""
 
-    def __init__(self, binary: str, config: Path, directory: Path) -> None:
-        self.port = free_port()
+    def __init__(
+        self,
+        binary: str,
+        config: Path,
+        directory: Path,
+        cluster: Sequence[str] = ("--cluster.listen-address=",),
+        port: int | None = None,
+    ) -> None:
+        """``cluster``: the --cluster.* flags (default: clustering off); ``port``: the web port."""
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = (directory / "alertmanager.log").open("wb")
         self.process = subprocess.Popen(
@@ -164,7 +172,7 @@ class Alertmanager:
                 f"--storage.path={directory / 'data'}",
                 f"--web.listen-address=127.0.0.1:{self.port}",
                 f"--web.external-url={self.url}",  # what its notifications say (externalURL)
-                "--cluster.listen-address=",
+                *cluster,
                 "--log.level=warn",
             ],
             stdout=self._log,
