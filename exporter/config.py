@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from exporter import dsn
 
 DEFAULT_PULSAR_TOPIC = "persistent://lb-conn/dict/rate-limit-alerts"
 
@@ -412,6 +413,9 @@ def load(
 
 
 def _check_consistency(settings: Settings, command: str) -> None:
+    # A connection string libpq refuses would otherwise fail later, on every retry, quoting the password.
+    if settings.database_url and (reason := dsn.problem(settings.database_url)):
+        raise ConfigError("DATABASE_URL", f"not a valid connection string: {reason}")
     if settings.critical_remaining_ratio >= settings.warning_remaining_ratio:
         raise ConfigError("CRITICAL_REMAINING_RATIO", "must be below WARNING_REMAINING_RATIO")
     if bool(settings.bridge_tls_cert_file) != bool(settings.bridge_tls_key_file):
@@ -457,8 +461,5 @@ def effective(settings: Settings, command: str) -> dict[str, Any]:
 
 
 def _mask(name: str, value: str) -> str:
-    """Hides passwords in URLs and conninfo strings and every other secret entirely."""
-    if name != "database_url":
-        return "***"
-    masked = re.sub(r"(password=)[^&\s]+", r"\1***", value)
-    return re.sub(r"^([a-z]+://[^:/@]+:)[^@]*@", r"\1***@", masked)
+    """Hides passwords in connection strings (parsed as libpq does) and every other secret entirely."""
+    return dsn.mask_dsn(value) if name == "database_url" else "***"
