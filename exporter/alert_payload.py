@@ -32,6 +32,16 @@ _RFC3339 = re.compile(
     r"^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d{2}):(\d{2}))$"
 )
 _BIGINT = 2**63
+#: JSON nesting allowed anywhere in a notification. Alertmanager's own objects are 3 levels deep; a
+#: deeper body is hostile and would cost recursion in the validator and in PostgreSQL's jsonb parser.
+MAX_DEPTH = 32
+#: truncatedAlerts is counted in a float counter: above 2^53 it is neither exact nor plausible
+#: (Alertmanager truncates to max_alerts, a few thousand at most).
+MAX_TRUNCATED = 2**53
+#: Alert times outside [EARLIEST_TIME, now + MAX_FUTURE] are refused (reason implausible_time): year 0001
+#: is only Alertmanager's "no end" value, 9999 or a time days ahead a broken clock or a forged alert.
+EARLIEST_TIME = datetime(2000, 1, 1, tzinfo=UTC)
+MAX_FUTURE = timedelta(days=1)
 
 
 class PayloadError(ValueError):
@@ -154,22 +164,36 @@ def _string_map(value: Any, field: str) -> dict[str, str]:
     return result
 
 
-def _storable(value: Any, field: str, depth: int = 0) -> None:
-    """Rejects what PostgreSQL's jsonb cannot hold anywhere in an alert, unknown fields included."""
-    if isinstance(value, str):
-        if "\x00" in value:
-            raise PayloadError(field, "contains a NUL character")
-        try:
-            value.encode()
-        except UnicodeEncodeError:
-            raise PayloadError(field, "contains an unpaired surrogate") from None
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _storable(key, field, depth + 1)
-            _storable(item, f"{field}.{key}", depth + 1)
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            _storable(item, f"{field}[{index}]", depth + 1)
+def _storable(value: Any, field: str) -> None:
+    """Rejects what PostgreSQL's jsonb cannot hold anywhere in an alert, unknown fields included.
+
+    Iterative, with a depth bound: a hostile body nested hundreds deep is a 400, never a RecursionError.
+    """
+    stack: list[tuple[Any, str, int]] = [(value, field, 0)]
+    while stack:
+        item, where, depth = stack.pop()
+        if isinstance(item, str):
+            _storable_text(item, where)
+            continue
+        if not isinstance(item, dict | list):
+            continue
+        if depth >= MAX_DEPTH:
+            raise PayloadError(where, f"nested deeper than {MAX_DEPTH} levels")
+        if isinstance(item, dict):
+            for key, child in item.items():
+                _storable_text(key, where)
+                stack.append((child, f"{where}.{key}", depth + 1))
+        else:
+            stack.extend((child, f"{where}[{index}]", depth + 1) for index, child in enumerate(item))
+
+
+def _storable_text(value: str, field: str) -> None:
+    if "\x00" in value:
+        raise PayloadError(field, "contains a NUL character")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise PayloadError(field, "contains an unpaired surrogate") from None
 
 
 def _reject_constant(name: str) -> Any:
@@ -188,7 +212,17 @@ def _kind(value: Any) -> str:
     return "null" if value is None else names.get(type(value), "number")
 
 
-def _alert(raw: Any, field: str) -> AlertNotification:
+def _plausible(moment: datetime, field: str, now: datetime) -> datetime:
+    if not EARLIEST_TIME <= moment <= now + MAX_FUTURE:
+        raise PayloadError(
+            field,
+            f"implausible time {moment.isoformat()} (accepted: {EARLIEST_TIME.year} to now + {MAX_FUTURE})",
+            "implausible_time",
+        )
+    return moment
+
+
+def _alert(raw: Any, field: str, now: datetime) -> AlertNotification:
     if not isinstance(raw, dict):
         raise PayloadError(field, f"must be an object (got {_kind(raw)})")
     _storable(raw, field)
@@ -203,11 +237,15 @@ def _alert(raw: Any, field: str) -> AlertNotification:
     fingerprint = _text(raw.get("fingerprint"), f"{field}.fingerprint")
     if not fingerprint or len(fingerprint) > 128:
         raise PayloadError(f"{field}.fingerprint", "must be 1 to 128 characters")
-    starts_at = parse_time(raw.get("startsAt"), f"{field}.startsAt")
+    starts_at = _plausible(parse_time(raw.get("startsAt"), f"{field}.startsAt"), f"{field}.startsAt", now)
     ends_raw = raw.get("endsAt")
     ends_at = None if ends_raw in (None, "") else parse_time(ends_raw, f"{field}.endsAt")
     if ends_at is not None and ends_at.year <= ZERO_TIME_YEAR:
         ends_at = None
+    if ends_at is not None:
+        _plausible(ends_at, f"{field}.endsAt", now)
+        if ends_at < starts_at:
+            raise PayloadError(f"{field}.endsAt", "before startsAt", "implausible_time")
     if status == "resolved" and ends_at is None:
         raise PayloadError(f"{field}.endsAt", "a resolved alert needs an end time")
     return AlertNotification(
@@ -222,8 +260,37 @@ def _alert(raw: Any, field: str) -> AlertNotification:
     )
 
 
-def parse_payload(body: bytes) -> WebhookPayload:
-    """Validates a webhook body; raises :class:`PayloadError` (never anything else) when it is not one."""
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_INNERMOST = re.compile(rb"\[\]|\{\}")
+
+
+def _shallow(body: bytes) -> None:
+    """Refuses a body nested deeper than MAX_DEPTH before parsing it (json.loads recurses per level).
+
+    Strings are removed, then the innermost bracket pairs are peeled one level per pass (each pass is one
+    C-speed regex substitution): whatever remains after MAX_DEPTH passes is deeper (or unbalanced, which
+    the parser refuses anyway).
+    """
+    brackets = _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
+    for _ in range(MAX_DEPTH):
+        if not brackets:
+            return
+        peeled = _INNERMOST.sub(b"", brackets)
+        if peeled == brackets:
+            return  # unbalanced: not JSON, json.loads says so
+        brackets = peeled
+    if brackets:
+        raise PayloadError("", f"body is nested deeper than {MAX_DEPTH} levels", "invalid_field")
+
+
+def parse_payload(body: bytes, now: datetime | None = None) -> WebhookPayload:
+    """Validates a webhook body; raises :class:`PayloadError` (never anything else) when it is not one.
+
+    ``now`` (default: the clock) bounds plausible alert times.
+    """
+    now = now or datetime.now(UTC)
+    _shallow(body)
     try:
         document = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
     except PayloadError:
@@ -245,11 +312,13 @@ def parse_payload(body: bytes) -> WebhookPayload:
         truncated = 0
     if isinstance(truncated, bool) or not isinstance(truncated, int) or truncated < 0:
         raise PayloadError("truncatedAlerts", "must be a non-negative integer")
+    if truncated > MAX_TRUNCATED:
+        raise PayloadError("truncatedAlerts", f"implausibly large (above 2^53 = {MAX_TRUNCATED})")
     return WebhookPayload(
         version=version,
         group_key=_text(document.get("groupKey"), "groupKey", required=False),
         status=_text(document.get("status"), "status", required=False),
         receiver=_text(document.get("receiver"), "receiver", required=False),
         truncated_alerts=truncated,
-        alerts=tuple(_alert(item, f"alerts[{index}]") for index, item in enumerate(alerts)),
+        alerts=tuple(_alert(item, f"alerts[{index}]", now) for index, item in enumerate(alerts)),
     )

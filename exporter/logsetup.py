@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,16 +32,72 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+#: C0 and C1 control characters, DEL and the Unicode line/paragraph separators: each could end a line or
+#: drive a terminal (escape codes), so a value from outside (an endpoint_id...) could forge log lines.
+_UNSAFE = re.compile("[\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029]")
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    code = ord(match[0])
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: object) -> str:
+    """``text`` on one line, control characters shown as ``\\xNN`` escapes."""
+    return _UNSAFE.sub(_escape_char, str(text))
+
+
+def _field(value: object) -> str:
+    text = printable(value)
+    # A value with a space or '=' is quoted, so it can never pass for another key=value pair.
+    if not text or any(c in text for c in ' ="'):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return text
+
+
 class HumanFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = datetime.fromtimestamp(record.created, UTC).strftime("%H:%M:%SZ")
-        line = f"{stamp} {record.levelname[:4]:<4} {record.name}: {record.getMessage()}"
+        line = f"{stamp} {record.levelname[:4]:<4} {record.name}: {printable(record.getMessage())}"
         ctx = getattr(record, "ctx", None)
         if isinstance(ctx, dict) and ctx:
-            line += " " + " ".join(f"{k}={v}" for k, v in ctx.items())
+            line += " " + " ".join(f"{printable(k)}={_field(v)}" for k, v in ctx.items())
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
+
+
+class RepeatFilter(logging.Filter):
+    """Lets the same warning or error (logger, level and message template) through once per ``interval``.
+
+    A flood of one failure (a connection storm, a poison input retried) must not bury everything else
+    nor fill the disk: the first line passes at once, repeats within the interval are counted, and the
+    next line that passes says how many were suppressed (``suppressed`` in its context). INFO and below
+    pass untouched: they are events (one per alert), not a repeated failure.
+    """
+
+    def __init__(self, interval: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._interval = interval
+        self._clock = clock
+        self._seen: dict[tuple[str, int, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, record.levelno, str(record.msg))
+        now = self._clock()
+        last, suppressed = self._seen.get(key, (-float("inf"), 0))
+        if now - last < self._interval:
+            self._seen[key] = (last, suppressed + 1)
+            return False
+        if len(self._seen) > 1000:  # bounded: templates are few, but never trust that
+            self._seen.clear()
+        self._seen[key] = (now, 0)
+        if suppressed:
+            ctx = getattr(record, "ctx", None)
+            record.ctx = {**(ctx if isinstance(ctx, dict) else {}), "suppressed": suppressed}
+        return True
 
 
 def setup(level: str = "info", fmt: str = "auto") -> None:
@@ -47,6 +106,7 @@ def setup(level: str = "info", fmt: str = "auto") -> None:
         fmt = "human" if sys.stderr.isatty() else "json"
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(HumanFormatter() if fmt == "human" else JsonFormatter())
+    handler.addFilter(RepeatFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

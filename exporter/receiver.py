@@ -165,13 +165,20 @@ def _authorized(request: web.Request, token: str | None) -> bool:
     if token is None:  # WEBHOOK_ALLOW_UNAUTHENTICATED
         return True
     scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), token.encode())
+    # aiohttp keeps undecodable header bytes as surrogates: encode them back, so a non-UTF-8 byte is a
+    # wrong token (401), not a UnicodeEncodeError (500).
+    presented = credentials.strip().encode("utf-8", "surrogateescape")
+    return scheme.lower() == "bearer" and hmac.compare_digest(presented, token.encode())
 
 
 async def handle_alerts(request: web.Request) -> web.Response:
     state = request.app[STATE]
     started = time.perf_counter()
-    response = await _receive(request, state)
+    try:
+        response = await _receive(request, state)
+    except Exception:  # a bug: answered (and counted) as a 500, never an uncounted traceback from aiohttp
+        log.exception("webhook request failed")
+        response = _error(500, "internal error")
     state.metrics.webhook_requests.labels(str(response.status)).inc()
     state.metrics.observe("webhook", time.perf_counter() - started)
     return response

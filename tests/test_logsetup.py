@@ -48,3 +48,32 @@ def test_setup_installs_one_handler_at_the_requested_level(capsys: pytest.Captur
         assert [json.loads(line)["msg"] for line in lines] == ["shown"]
     finally:
         root.handlers[:], root.level = saved[0], saved[1]
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    ["X\n12:00:00Z ERRO exporter.receiver: forged", "X\r\x1b[2Kforged", "X\u2028forged", "a b=c", 'q"'],
+)
+def test_a_hostile_value_can_never_forge_a_human_log_line(hostile: str) -> None:
+    line = logsetup.HumanFormatter().format(_record(f"alert {hostile}", {"endpoint_id": hostile, "n": 1}))
+    assert "\n" not in line and "\r" not in line and "\x1b" not in line and "\u2028" not in line
+    # Each context value is one token: the only key=value pairs are the real ones.
+    assert line.endswith(" n=1")
+    assert " endpoint_id=" in line
+    tail = line.split(" endpoint_id=", 1)[1].removesuffix(" n=1")
+    assert tail.startswith('"') or " " not in tail
+
+
+def test_repeated_warnings_pass_once_per_interval_and_count_the_rest() -> None:
+    now = [100.0]
+    repeat = logsetup.RepeatFilter(interval=10.0, clock=lambda: now[0])
+    passed = [repeat.filter(_record("accept failed: %s")) for _ in range(500)]
+    assert passed.count(True) == 1
+    other = _record("another failure")
+    assert repeat.filter(other)  # a different message is not muted by the flood
+    now[0] += 10.0
+    after = _record("accept failed: %s")
+    assert repeat.filter(after)
+    assert after.ctx == {"suppressed": 499}  # type: ignore[attr-defined]
+    info = logging.LogRecord("x", logging.INFO, __file__, 1, "alert %s", (), None)
+    assert all(repeat.filter(info) for _ in range(5))
