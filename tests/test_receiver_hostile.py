@@ -3,6 +3,7 @@ counted, and the next good notification is recorded at once; any 5xx would be co
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -66,6 +67,7 @@ async def test_hostile_bodies_are_4xx_with_a_reason_and_the_next_alert_goes_thro
     client: Client,
     metrics: ReceiverMetrics,
     database_url: str,
+    *,
     case: str,
     body: bytes,
     status: int,
@@ -115,8 +117,6 @@ async def test_a_non_utf8_authorization_header_is_a_401_not_a_500(
 
 
 async def _raw_connection(client: Client) -> Any:
-    import asyncio
-
     return await asyncio.open_connection(client.server.host, client.server.port)
 
 
@@ -133,6 +133,7 @@ async def test_implausible_alert_times_are_refused_with_their_reason(
     client: Client,
     metrics: ReceiverMetrics,
     database_url: str,
+    *,
     starts: str,
     ends: str,
     status: str,
