@@ -42,6 +42,9 @@ class History(Protocol):
     @property
     def database_ok(self) -> bool: ...
 
+    @property
+    def database_status(self) -> str: ...
+
     async def start(self) -> None: ...
     def submit(self, derived: DerivedSnapshot) -> None: ...
     async def stop(self, timeout: float) -> None: ...  # noqa: ASYNC109 - HistoryWriter's signature
@@ -231,7 +234,8 @@ class ExporterService:
                 f"no successful poll for {poller.stale_after} intervals (data withdrawn): {poller.last_error}"
             )
         if self.history is not None:
-            checks["database"] = "ok" if self.history.database_ok else "unreachable"
+            # The cause in words (unreachable, schema not migrated...), never "unreachable" while it answers.
+            checks["database"] = self.history.database_status
         return all(value == "ok" for value in checks.values()), checks
 
     def startup_state(self) -> tuple[bool, dict[str, str]]:

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from datetime import UTC, date
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -33,32 +35,88 @@ from exporter.history_sql import (
     COPY_STATES,
     CREATE_INCOMING,
     INSERT_INCOMING,
+    PRUNE_SET_ASIDE,
+    SET_ASIDE,
     STATE_COLUMNS,
     UPSERT_POLICIES,
     policy_params,
     rows_of,
 )
+from exporter.logsetup import printable
 from exporter.maintenance import Maintenance
 
 log = logging.getLogger(__name__)
 
-ERROR_KINDS = ("connection", "query", "other")
+ERROR_KINDS = ("connection", "query", "data", "other")
+#: Why a snapshot was set aside (dict_rate_limit_history_rejected_snapshots_total{reason}).
+REJECT_REASONS = ("invalid_text", "out_of_range", "invalid_value", "implausible_time", "retries_exhausted")
+#: Failures of one snapshot that are neither the connection nor a missing schema, tolerated before it is
+#: set aside: an unknown error may be transient (a lock timeout), but must not block the queue for ever.
+MAX_ATTEMPTS = 5
+#: A snapshot dated later than this ahead of the local clock is not stored (docs/history.md): stored, it
+#: would be every policy's "latest" until that date.
+MAX_FUTURE = timedelta(days=1)
+#: SQLSTATEs saying the schema is not (fully) migrated: retried (running `migrate` fixes them), reported.
+SCHEMA_STATES = frozenset({"42P01", "42703", "42883", "3F000"})
 #: One snapshot is ~1 ms on loopback; a slow disk or a busy server is seconds.
 FAILURE_LOG_INTERVAL = 60.0
 WRITE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
-def error_kind(exc: BaseException) -> str:
-    """``connection`` (server unreachable or gone), ``query`` (it answered with an error), or ``other``."""
+def error_kind(exc: BaseException) -> str:  # noqa: PLR0911 - one return per kind reads best
+    """Why a write failed, which decides whether retrying can help.
+
+    ``connection``: the server is unreachable or went away (retry). ``data``: a value PostgreSQL cannot
+    store (class 22/23/54, or refused by the driver before sending, such as a NUL in text): permanent, the
+    snapshot is set aside. ``query``: the server refused the statement (a schema not migrated...).
+    ``other``: anything else.
+    """
     if isinstance(exc, PoolTimeout | OSError):
         return "connection"
     if isinstance(exc, psycopg.Error):
         state = exc.sqlstate
-        # No SQLSTATE: the client lost the connection; class 08 and 57P0x: the server says so.
-        if state is None or state.startswith("08") or state in {"57P01", "57P02", "57P03"}:
+        if isinstance(exc, psycopg.DataError | psycopg.IntegrityError) or (state or "")[:2] in {
+            "22",
+            "23",
+            "54",
+        }:
+            return "data"
+        # No SQLSTATE on an operational error: the connection is lost; 08 and 57P0x: the server says so.
+        if state is None and isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+            return "connection"
+        if state is not None and (state.startswith("08") or state in {"57P01", "57P02", "57P03"}):
             return "connection"
         return "query"
+    if isinstance(exc, ValueError | OverflowError | TypeError):  # the driver could not adapt a value
+        return "data"
     return "other"
+
+
+def reject_reason(exc: BaseException) -> str:
+    """The bounded reason of a ``data`` error: what kind of value PostgreSQL (or the driver) refused."""
+    state = exc.sqlstate if isinstance(exc, psycopg.Error) else None
+    if isinstance(exc, UnicodeError) or state in {"22021", "22P05"} or "NUL" in str(exc):
+        return "invalid_text"
+    if isinstance(exc, OverflowError) or state in {"22003", "22008"}:
+        return "out_of_range"
+    return "invalid_value"
+
+
+def _escaped(text: object) -> str:
+    """Storable text: control characters (NUL included) and lone surrogates as escapes."""
+    return printable(text).encode("utf-8", "backslashreplace").decode()
+
+
+def snapshot_text(derived: DerivedSnapshot) -> str:
+    """The snapshot as JSON text with every character escaped, so that even a NUL can be kept."""
+    snapshot = derived.snapshot
+    document = {
+        "response_time": snapshot.response_time.isoformat(),
+        "correlation_id": snapshot.correlation_id,
+        "category": snapshot.category,
+        "policies": [dataclasses.asdict(reading) for reading in snapshot.policies],
+    }
+    return json.dumps(document, ensure_ascii=True, default=str)
 
 
 async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -92,6 +150,8 @@ class HistoryWriter:
         self._ping_interval = ping_interval
         self._months: set[date] = set()
         self._ok = False
+        self._status = "no write yet"
+        self._attempts = 0
         self._last_warning = 0.0
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()  # set while the queue is empty and nothing is being written
@@ -126,6 +186,15 @@ class HistoryWriter:
         )
         for kind in ERROR_KINDS:
             self.write_errors.labels(kind)
+        self.rejected = Counter(
+            "dict_rate_limit_history_rejected_snapshots",
+            "Snapshots set aside (not stored) because retrying could never store them, by reason"
+            " (kept in dict_rate_limit_rejected_snapshots).",
+            ["reason"],
+            registry=None,
+        )
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
         self.dropped = Counter(
             "dict_rate_limit_history_dropped",
             "Snapshots dropped because the history queue was full (oldest first).",
@@ -143,6 +212,11 @@ class HistoryWriter:
     def database_ok(self) -> bool:
         """True when the last write or ping succeeded (readiness)."""
         return self._ok
+
+    @property
+    def database_status(self) -> str:
+        """``ok``, or the cause of the last failure in words: unreachable, schema not migrated, refused."""
+        return "ok" if self._ok else self._status
 
     @property
     def queue_depth(self) -> int:
@@ -226,16 +300,71 @@ class HistoryWriter:
             derived = self._queue.popleft()
             self._inflight = 1
             try:
-                await self.write(derived)
+                await self._write_or_set_aside(derived)
                 delay = 0.0
-            except Exception as exc:
+            except Exception:
                 self._requeue(derived)
                 delay = min(self._retry_max_delay, max(0.1, delay * 2))
-                self._failed(exc)
             finally:
                 self._inflight = 0
             if delay:
                 await asyncio.sleep(delay)
+
+    async def _write_or_set_aside(self, derived: DerivedSnapshot) -> None:
+        """Writes the snapshot, or sets it aside when no retry could store it; raises to retry it."""
+        if derived.snapshot.response_time > datetime.now(UTC) + MAX_FUTURE:
+            await self._set_aside(derived, "implausible_time", "response_time is more than 1 day ahead")
+            return
+        try:
+            await self.write(derived)
+            self._attempts = 0
+            return
+        except Exception as exc:
+            kind = self._failed(exc)
+            self._attempts += 1
+            if kind == "data":
+                reason = reject_reason(exc)
+            elif kind in {"query", "other"} and self._attempts >= MAX_ATTEMPTS and not _schema(exc):
+                reason = "retries_exhausted"
+            else:
+                raise
+            error = f"{type(exc).__name__}: {exc}"
+        await self._set_aside(derived, reason, error)
+
+    async def _set_aside(self, derived: DerivedSnapshot, reason: str, error: str) -> None:
+        """Keeps the snapshot in dict_rate_limit_rejected_snapshots and moves on to the next one.
+
+        Raises (so the snapshot is retried) only when the database is unreachable; a set-aside table that
+        cannot be written otherwise (a schema before 0005) still lets the queue move: the loss is counted.
+        """
+        snapshot = derived.snapshot
+        self._attempts = 0
+        self.rejected.labels(reason).inc()
+        log.warning(
+            "history: snapshot set aside, not stored (%s)",
+            reason,
+            extra={
+                "ctx": {"response_time": snapshot.response_time.isoformat(), "error": printable(error)[:500]}
+            },
+        )
+        params = [
+            snapshot.response_time,
+            _escaped(snapshot.correlation_id),
+            _escaped(snapshot.category),
+            reason,
+            _escaped(error)[:2000],
+            snapshot_text(derived),
+        ]
+        try:
+            async with self._pool.connection() as conn:
+                await conn.execute(SET_ASIDE, params)
+                await conn.execute(PRUNE_SET_ASIDE)
+        except Exception as exc:
+            if error_kind(exc) == "connection":
+                raise
+            log.warning("history: could not keep the set-aside snapshot (dropped): %s", exc)
+        # The database answered: it is reachable, whatever the snapshot held.
+        self._ok = True
 
     def _requeue(self, derived: DerivedSnapshot) -> None:
         # Back at the head to keep the order; if new snapshots filled the queue meanwhile, it is the oldest.
@@ -245,15 +374,19 @@ class HistoryWriter:
         else:
             self._queue.appendleft(derived)
 
-    def _failed(self, exc: Exception) -> None:
+    def _failed(self, exc: Exception) -> str:
         kind = error_kind(exc)
         self.write_errors.labels(kind).inc()
+        if kind == "data":
+            return kind  # the database is up: it refused this snapshot's values (set aside by the caller)
         # The first failure, then one line a minute: an hour-long outage must not flood the logs.
         now = time.monotonic()
         if self._ok or now - self._last_warning >= FAILURE_LOG_INTERVAL:
             self._last_warning = now
             log.warning("history write failed (%s, %d queued, retrying): %s", kind, self.queue_depth, exc)
         self._ok = False
+        self._status = _cause(kind, exc)
+        return kind
 
     async def write(self, derived: DerivedSnapshot) -> int:
         """Write one snapshot in one transaction; return the rows inserted (0 when already stored).
@@ -310,6 +443,21 @@ class HistoryWriter:
             if self._ok:
                 log.warning("history database unreachable: %s", exc)
             self._ok = False
+            self._status = _cause(error_kind(exc), exc)
+
+
+def _schema(exc: BaseException) -> bool:
+    return isinstance(exc, psycopg.Error) and exc.sqlstate in SCHEMA_STATES
+
+
+def _cause(kind: str, exc: BaseException) -> str:
+    """The readiness text of a failure: its cause first, then the server's or the driver's words."""
+    detail = printable(exc)[:300]
+    if kind == "connection":
+        return f"unreachable: {detail}"
+    if _schema(exc):
+        return f"schema not migrated (run `dict-rate-limit migrate`): {detail}"
+    return f"writes refused ({kind}): {detail}"
 
 
 class _HistoryCollector(Collector):
@@ -338,7 +486,14 @@ class _HistoryCollector(Collector):
         )
         for name, documentation, value in gauges:
             yield GaugeMetricFamily(name, documentation, value=value if samples else None)
-        for metric in (w.rows_written, w.write_errors, w.dropped, w.write_duration, w.maintenance.runs):
+        for metric in (
+            w.rows_written,
+            w.write_errors,
+            w.rejected,
+            w.dropped,
+            w.write_duration,
+            w.maintenance.runs,
+        ):
             yield from metric.collect() if samples else metric.describe()
 
 

@@ -36,7 +36,7 @@ COPY_STATES = sql.SQL("COPY dict_rate_limit_states ({}) FROM STDIN").format(_COL
 CREATE_INCOMING = b"""
 CREATE TEMP TABLE IF NOT EXISTS dict_rate_limit_states_incoming (
     endpoint_id text, psp_category char(1), available_tokens bigint, capacity bigint, refill_tokens bigint,
-    refill_period_sec integer, utilization_percent double precision, remaining_ratio double precision,
+    refill_period_sec bigint, utilization_percent double precision, remaining_ratio double precision,
     consumption_rate_per_minute double precision, consumed_tokens double precision,
     recovery_eta_seconds double precision, exhaustion_projection_seconds double precision,
     error_404_rate double precision, response_time timestamptz, correlation_id text
@@ -47,13 +47,14 @@ INSERT_INCOMING = sql.SQL(
     "INSERT INTO dict_rate_limit_states ({columns}) SELECT {columns} FROM dict_rate_limit_states_incoming"
     " ON CONFLICT (endpoint_id, response_time) DO NOTHING"
 ).format(columns=_COLUMNS)
-# A replayed older snapshot never rolls a policy's values back (the WHERE on last_seen_at).
+# A replayed older snapshot never rolls a policy's values back (the WHERE on last_seen_at), but a row
+# stamped in the far future (a bad clock, a forged answer already stored) does not freeze it either.
 UPSERT_POLICIES = b"""
 INSERT INTO dict_rate_limit_policies AS p (endpoint_id, psp_category, capacity, refill_tokens,
     refill_period_sec, warning_threshold_percent, critical_threshold_percent, first_seen_at, last_seen_at)
 SELECT endpoint_id, %(category)s, capacity, refill_tokens, refill_period_sec, warning, critical,
        %(seen)s, %(seen)s
-  FROM unnest(%(names)s::text[], %(capacity)s::bigint[], %(refill)s::bigint[], %(period)s::integer[],
+  FROM unnest(%(names)s::text[], %(capacity)s::bigint[], %(refill)s::bigint[], %(period)s::bigint[],
               %(warning)s::float8[], %(critical)s::float8[])
        AS t (endpoint_id, capacity, refill_tokens, refill_period_sec, warning, critical)
 ON CONFLICT (endpoint_id, psp_category) DO UPDATE
@@ -63,7 +64,16 @@ ON CONFLICT (endpoint_id, psp_category) DO UPDATE
        critical_threshold_percent = EXCLUDED.critical_threshold_percent,
        first_seen_at = least(p.first_seen_at, EXCLUDED.first_seen_at),
        last_seen_at = EXCLUDED.last_seen_at, updated_at = now()
- WHERE p.last_seen_at <= EXCLUDED.last_seen_at"""
+ WHERE p.last_seen_at <= EXCLUDED.last_seen_at OR p.last_seen_at > now() + interval '1 day'"""
+SET_ASIDE = b"""
+INSERT INTO dict_rate_limit_rejected_snapshots
+    (response_time, correlation_id, psp_category, reason, error, snapshot)
+VALUES (%s, %s, %s, %s, %s, %s)"""
+#: Set-aside snapshots are evidence for an operator, not history: a month of them is plenty, and a Bridge
+#: answering poison at every poll must not grow the table without bound.
+PRUNE_SET_ASIDE = (
+    b"DELETE FROM dict_rate_limit_rejected_snapshots WHERE rejected_at < now() - interval '30 days'"
+)
 
 
 def rows_of(
