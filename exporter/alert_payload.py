@@ -35,6 +35,10 @@ _BIGINT = 2**63
 #: JSON nesting allowed anywhere in a notification. Alertmanager's own objects are 3 levels deep; a
 #: deeper body is hostile and would cost recursion in the validator and in PostgreSQL's jsonb parser.
 MAX_DEPTH = 32
+#: Labels copied into every alert event (and its message key): bounded so an event always stays far below
+#: the broker's message limit (summary and description are cut by the relay, exporter/outbox.py).
+IDENTITY_LABELS = ("alertname", "severity", "endpoint_id", "psp_category")
+MAX_IDENTITY_CHARS = 256
 #: truncatedAlerts is counted in a float counter: above 2^53 it is neither exact nor plausible
 #: (Alertmanager truncates to max_alerts, a few thousand at most).
 MAX_TRUNCATED = 2**53
@@ -230,6 +234,9 @@ def _alert(raw: Any, field: str, now: datetime) -> AlertNotification:
     if status not in ALERT_STATUSES:
         raise PayloadError(f"{field}.status", "must be firing or resolved")
     labels = _string_map(raw.get("labels"), f"{field}.labels")
+    for name in IDENTITY_LABELS:
+        if len(labels.get(name, "")) > MAX_IDENTITY_CHARS:
+            raise PayloadError(f"{field}.labels.{name}", f"longer than {MAX_IDENTITY_CHARS} characters")
     if not labels.get("alertname"):
         raise PayloadError(f"{field}.labels.alertname", "missing")
     if labels.get("severity", "").lower() not in SEVERITIES:

@@ -23,6 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Exporter and receiver in one process (small installations).",
     ),
     "migrate": ("exporter.migrations:run", "Apply (or roll back) the sql/ migrations."),
+    "outbox": (
+        "exporter.outbox:run",
+        "List the alert events the broker refused for good (set aside), or replay them.",
+    ),
     "simulator": ("exporter.simulator:run", "Serve a Bridge simulator with real token-bucket dynamics."),
     "demo": ("exporter.demo:run", "Start the whole stack on embedded defaults and show it working."),
 }
@@ -49,6 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
                 type=int,
                 default=None,
                 help="With down: the version to roll back to (default: one step).",
+            )
+        if name == "outbox":
+            command_parser.add_argument("action", nargs="?", choices=["list", "replay"], default="list")
+            command_parser.add_argument(
+                "--id",
+                dest="outbox_ids",
+                type=int,
+                action="append",
+                help="With replay: the outbox id to replay (repeatable; default: every set-aside event).",
             )
     check = sub.add_parser(
         "check-config",
@@ -87,10 +100,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     logsetup.setup(settings.log_level, settings.log_format)
     entry = _resolve(COMMANDS[args.command][0])
+    arguments = {
+        "migrate": lambda: {"direction": args.direction, "to": args.migrate_to},
+        "outbox": lambda: {"action": args.action, "ids": args.outbox_ids},
+    }
     try:
-        if args.command == "migrate":
-            return entry(settings, direction=args.direction, to=args.migrate_to)
-        return entry(settings)
+        return entry(settings, **arguments.get(args.command, dict)())
     except config.ConfigError as exc:  # checks that need the command's own context (e.g. poll budget)
         print(f"dict-rate-limit {args.command}: invalid configuration: {exc}", file=sys.stderr)
         return 2

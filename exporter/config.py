@@ -159,11 +159,11 @@ class Key:
 
 
 EXPORTER = frozenset({"exporter", "all-in-one"})
-HISTORY = frozenset({"exporter", "migrate", "receiver", "all-in-one"})
+HISTORY = frozenset({"exporter", "migrate", "outbox", "receiver", "all-in-one"})
 RECEIVER = frozenset({"receiver", "all-in-one"})
 SIMULATOR = frozenset({"simulator"})
 DEMO = frozenset({"demo"})
-EVERY = frozenset({"exporter", "migrate", "receiver", "simulator", "all-in-one", "demo"})
+EVERY = frozenset({"exporter", "migrate", "outbox", "receiver", "simulator", "all-in-one", "demo"})
 
 # A table reads better one key per entry than one argument per line.
 # fmt: off

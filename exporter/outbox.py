@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,9 +31,11 @@ import psycopg
 from psycopg import AsyncConnection
 from psycopg.rows import class_row
 
+from exporter.config import Settings
+from exporter.dsn import redact
 from exporter.events import AlertEvent, OutboxRow
 from exporter.pulsar_publisher import Message, PulsarPublisher
-from exporter.receiver_metrics import ReceiverMetrics
+from exporter.receiver_metrics import SET_ASIDE_REASONS, ReceiverMetrics
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +46,27 @@ SELECT_UNSENT = """
 SELECT o.id, o.event_id, o.event_type, a.alert_name, a.fingerprint, a.severity, a.endpoint_id,
        a.psp_category, a.status, a.starts_at, a.ends_at, a.resolved_at, a.resolved_by, a.available_tokens,
        a.capacity, a.utilization_percent, a.recovery_eta_seconds, a.exhaustion_projection_seconds,
-       a.summary, a.description
+       left(a.summary, %(summary)s) AS summary, left(a.description, %(description)s) AS description
   FROM dict_rate_limit_alert_outbox o
   JOIN dict_rate_limit_alerts a ON a.id = o.alert_id
- WHERE o.sent_at IS NULL
+ WHERE o.sent_at IS NULL AND o.set_aside_at IS NULL
  ORDER BY o.id
- LIMIT %s
+ LIMIT %(limit)s
 """
+#: Event text is bounded so that no accepted webhook body can make an event the broker refuses (Pulsar's
+#: default limit is 5 MB; an event is then at most ~8 KB): the full text stays in dict_rate_limit_alerts.
+MAX_SUMMARY_CHARS = 1024
+MAX_DESCRIPTION_CHARS = 4096
+#: Broker answers that no retry can change for this message: the event is set aside (kept, counted,
+#: alerted on, replayable with `dict-rate-limit outbox replay`) and the relay goes on with the next.
+PERMANENT_RESULTS = frozenset(SET_ASIDE_REASONS)
+MARK_SET_ASIDE = (
+    "UPDATE dict_rate_limit_alert_outbox SET set_aside_at = now(), set_aside_reason = %s,"
+    " attempts = attempts + 1, last_error = %s WHERE id = %s"
+)
+SET_ASIDE_COUNT = (
+    "SELECT count(*) FROM dict_rate_limit_alert_outbox WHERE sent_at IS NULL AND set_aside_at IS NOT NULL"
+)
 MARK_SENT = (
     "UPDATE dict_rate_limit_alert_outbox SET sent_at = now(), attempts = attempts + 1, last_error = NULL"
     " WHERE id = ANY(%s)"
@@ -57,7 +74,7 @@ MARK_SENT = (
 MARK_FAILED = "UPDATE dict_rate_limit_alert_outbox SET attempts = attempts + 1, last_error = %s WHERE id = %s"
 BACKLOG = (
     "SELECT count(*), extract(epoch FROM min(created_at))::float8"
-    " FROM dict_rate_limit_alert_outbox WHERE sent_at IS NULL"
+    " FROM dict_rate_limit_alert_outbox WHERE sent_at IS NULL AND set_aside_at IS NULL"
 )
 
 
@@ -182,7 +199,14 @@ class OutboxRelay:
 
     async def _unsent(self, conn: AsyncConnection[Any]) -> list[OutboxRow]:
         async with conn.cursor(row_factory=class_row(OutboxRow)) as cursor:
-            await cursor.execute(SELECT_UNSENT, [self._batch_size])
+            await cursor.execute(
+                SELECT_UNSENT,
+                {
+                    "summary": MAX_SUMMARY_CHARS,
+                    "description": MAX_DESCRIPTION_CHARS,
+                    "limit": self._batch_size,
+                },
+            )
             return await cursor.fetchall()
 
     def wake(self) -> None:
@@ -204,6 +228,10 @@ class OutboxRelay:
         row = await cursor.fetchone()
         if row is not None:
             self._metrics.backlog.update(int(row[0]), row[1])
+        cursor = await conn.execute(SET_ASIDE_COUNT)
+        row = await cursor.fetchone()
+        if row is not None:
+            self._metrics.backlog.set_aside = int(row[0])
 
     async def _publish(self, conn: AsyncConnection[Any], rows: Sequence[OutboxRow]) -> bool:
         """Sends a batch, marks the acknowledged prefix sent; False when something must be retried."""
@@ -218,9 +246,18 @@ class OutboxRelay:
             results = [f"{type(exc).__name__}: {exc}"] * len(events)
         acked = sum(1 for result in results if result is None)
         self._metrics.publishes.inc(acked)
-        prefix = next((i for i, result in enumerate(results) if result is not None), len(results))
-        if prefix:
-            await conn.execute(MARK_SENT, [[row.id for row in rows[:prefix]]])
+        # The handled prefix: acknowledged events, and events the broker refused for good (set aside, so
+        # they never block the ones behind them). It ends at the first failure a retry may cure.
+        prefix = next(
+            (i for i, result in enumerate(results) if result is not None and result not in PERMANENT_RESULTS),
+            len(results),
+        )
+        sent = [row.id for row, result in zip(rows[:prefix], results, strict=False) if result is None]
+        if sent:
+            await conn.execute(MARK_SENT, [sent])
+        for row, result in zip(rows[:prefix], results, strict=False):
+            if result is not None:
+                await self._set_aside(conn, row, result)
         self._metrics.observe("publish", time.perf_counter() - started)
         if prefix == len(rows):
             self.last_error = None
@@ -235,3 +272,62 @@ class OutboxRelay:
         )
         await self._publisher.reset()
         return False
+
+    async def _set_aside(self, conn: AsyncConnection[Any], row: OutboxRow, result: str) -> None:
+        self._metrics.set_aside.labels(result).inc()
+        await conn.execute(MARK_SET_ASIDE, [result, f"pulsar: {result}", row.id])
+        log.error(
+            "outbox relay: the broker refused an event for good: set aside (dict-rate-limit outbox replay)",
+            extra={"ctx": {"outbox_id": row.id, "event_id": str(row.event_id), "reason": result}},
+        )
+
+
+LIST_SET_ASIDE = """
+SELECT o.id, o.event_id::text, o.event_type, a.endpoint_id, a.alert_name, o.set_aside_at, o.set_aside_reason
+  FROM dict_rate_limit_alert_outbox o
+  JOIN dict_rate_limit_alerts a ON a.id = o.alert_id
+ WHERE o.sent_at IS NULL AND o.set_aside_at IS NOT NULL
+ ORDER BY o.id
+"""
+#: Clearing set_aside_at puts the events back in the relay's queue, at their original place (their id).
+REPLAY = """
+UPDATE dict_rate_limit_alert_outbox SET set_aside_at = NULL, set_aside_reason = NULL
+ WHERE sent_at IS NULL AND set_aside_at IS NOT NULL AND (%(all)s OR id = ANY(%(ids)s))
+RETURNING id
+"""
+
+
+def set_aside_events(database_url: str) -> list[tuple[Any, ...]]:
+    """The events set aside: id, event_id, type, policy, alert name, when, the broker's reason."""
+    with psycopg.connect(database_url) as conn:
+        return conn.execute(LIST_SET_ASIDE).fetchall()
+
+
+def replay(database_url: str, ids: Sequence[int] | None = None) -> list[int]:
+    """Returns set-aside events (``ids``, or all) to the relay's queue; the ids actually returned.
+
+    The relay publishes them with their original event id, type and timestamps, in outbox order: a
+    consumer that orders by the event's ``timestamp`` (or deduplicates by ``event_id``) sees one history.
+    """
+    with psycopg.connect(database_url) as conn:
+        cursor = conn.execute(REPLAY, {"all": ids is None, "ids": list(ids or [])})
+        return sorted(row[0] for row in cursor.fetchall())
+
+
+def run(settings: Settings, *, action: str = "list", ids: Sequence[int] | None = None) -> int:
+    """``dict-rate-limit outbox list|replay [--id N ...]``."""
+    if not settings.database_url:
+        print("dict-rate-limit outbox: set DATABASE_URL", file=sys.stderr)
+        return 2
+    try:
+        if action == "replay":
+            done = replay(settings.database_url, ids or None)
+            print(f"returned to the relay: {len(done)} event(s) {done}")
+            return 0
+        for row in set_aside_events(settings.database_url):
+            outbox_id, event_id, event_type, endpoint, name, at, reason = row
+            print(f"{outbox_id}\t{event_id}\t{event_type}\t{endpoint or name}\t{at.isoformat()}\t{reason}")
+    except psycopg.Error as exc:
+        print(f"dict-rate-limit outbox: {redact(str(exc).strip(), settings.database_url)}", file=sys.stderr)
+        return 1
+    return 0

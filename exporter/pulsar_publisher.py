@@ -135,7 +135,7 @@ class _Batch:
         # Runs on the client's I/O thread: never let an exception escape (the library would abort).
         try:
             ok = result == pulsar.Result.Ok
-            self.results[index] = None if ok else str(result)
+            self.results[index] = None if ok else result_name(result)
             if ok:
                 self._metrics.publish_duration.observe(time.perf_counter() - sent)
             with self._lock:
@@ -145,6 +145,12 @@ class _Batch:
                 self._loop.call_soon_threadsafe(_settle, self.done, self.results)
         except Exception:  # noqa: S110 - the loop is closed: nobody waits for this ack any more
             pass
+
+
+def result_name(result: Any) -> str:
+    """``MessageTooBig`` for ``pulsar.Result.MessageTooBig``: the bare name, a bounded metric label."""
+    name = getattr(result, "name", None)
+    return name if isinstance(name, str) else str(result)
 
 
 def _client_logger() -> logging.Logger:

@@ -40,6 +40,8 @@ DURATION_BUCKETS = (
     30.0,
 )
 SEED_LABELS = ("endpoint_id", "severity", "psp_category")
+#: The broker's permanent refusals (exporter.outbox.PERMANENT_RESULTS), the only set-aside reasons.
+SET_ASIDE_REASONS = ("MessageTooBig", "InvalidMessage")
 
 
 class BacklogStats:
@@ -48,6 +50,7 @@ class BacklogStats:
     def __init__(self) -> None:
         self.count = 0
         self.oldest_created: float | None = None
+        self.set_aside = 0  # events the broker refused for good, waiting for `outbox replay`
 
     def update(self, count: int, oldest_created: float | None) -> None:
         self.count, self.oldest_created = count, oldest_created
@@ -59,16 +62,22 @@ class _BacklogCollector(Collector):
         self._clock = clock
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
-        return self._families(0, 0.0)
+        return self._families(0, 0.0, 0)
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         oldest = self._stats.oldest_created
         age = max(0.0, self._clock() - oldest) if oldest is not None and self._stats.count else 0.0
-        return self._families(self._stats.count, age)
+        return self._families(self._stats.count, age, self._stats.set_aside)
 
     @staticmethod
-    def _families(count: int, age: float) -> list[GaugeMetricFamily]:
+    def _families(count: int, age: float, set_aside: int) -> list[GaugeMetricFamily]:
         return [
+            GaugeMetricFamily(
+                "dict_rate_limit_outbox_set_aside",
+                "Alert events the broker refused for good (MessageTooBig...), kept unsent until"
+                " `dict-rate-limit outbox replay` (as of the relay's last check).",
+                value=set_aside,
+            ),
             GaugeMetricFamily(
                 "dict_rate_limit_outbox_backlog",
                 "Alert events committed but not yet acknowledged by Pulsar (as of the relay's last check).",
@@ -138,6 +147,14 @@ class ReceiverMetrics:
             "Failed attempts to publish an alert event (retried).",
             registry=reg,
         )
+        self.set_aside = Counter(
+            "dict_rate_limit_outbox_set_aside_events",
+            "Alert events set aside because the broker refused them for good, by the broker's reason.",
+            ["reason"],
+            registry=reg,
+        )
+        for reason in SET_ASIDE_REASONS:
+            self.set_aside.labels(reason)
         self.publish_duration = Histogram(
             "dict_rate_limit_pulsar_publish_duration_seconds",
             "Time from send to broker acknowledgement of one alert event.",
