@@ -16,16 +16,21 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md LICENSE ./
+# exporter/history/sql is a symlink to sql/: the migrations are package data of the wheel.
 COPY exporter/ exporter/
+COPY sql/ sql/
 RUN pip wheel --wheel-dir /wheels .
 
 # --- runtime: python slim + the wheels, run as a fixed non-root UID
 FROM python:3.11-slim
+# The same version as pyproject.toml (tests/deploy/test_dockerfile.py checks it).
+LABEL org.opencontainers.image.title="dict-rate-limit-exporter" \
+      org.opencontainers.image.version="0.1.0" \
+      org.opencontainers.image.licenses="Apache-2.0"
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    SQL_DIR=/app/sql \
     LISTEN_HOST=0.0.0.0 \
     LOG_FORMAT=json
 # The wheels are bind-mounted from the builder, not copied: they never become a layer of this image.
@@ -35,8 +40,6 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
        --shell /usr/sbin/nologin dictrl
 WORKDIR /app
-# Migrations (`dict-rate-limit migrate`, or the exporter at start-up) read their SQL from SQL_DIR.
-COPY sql/ /app/sql/
 USER 10001:10001
 EXPOSE 9090 8080 9097
 # slim has no curl: the liveness check is a few lines of the image's own Python.

@@ -18,7 +18,7 @@ system-deps:
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check exporter tests bench
+	$(BIN)/ruff format --check exporter devstack tests bench dashboards
 	$(BIN)/mypy
 
 typecheck: install
@@ -29,10 +29,10 @@ test: install system-deps lint
 	$(BIN)/pytest
 
 demo: install system-deps
-	$(BIN)/dict-rate-limit demo
+	$(BIN)/python -m devstack demo
 
 bench: install
-	$(BIN)/python bench/run.py
+	$(BIN)/python -m bench.run
 
 proto: install
 	PATH=$(CURDIR)/$(BIN):$$PATH scripts/gen-proto.sh

@@ -1,8 +1,8 @@
 """History benchmark: snapshot writes (COPY vs executemany) and queries over a year of 30-second snapshots.
 
-    .venv/bin/python bench/bench_history.py             # full size: 12 months x 30 policies (~31.5 M rows)
-    .venv/bin/python bench/bench_history.py --months 1  # quick run (~2.6 M rows)
-    .venv/bin/python bench/bench_history.py --database-url postgresql://postgres@127.0.0.1:5432/postgres
+    .venv/bin/python -m bench.bench_history             # full size: 12 months x 30 policies (~31.5 M rows)
+    .venv/bin/python -m bench.bench_history --months 1  # quick run (~2.6 M rows)
+    .venv/bin/python -m bench.bench_history --database-url postgresql://postgres@127.0.0.1:5432/postgres
 
 Runs in a dedicated database created for the run and dropped afterwards (on the embedded server unless
 ``--database-url`` names an administrative database of another server). Targets: one 30-policy snapshot
@@ -29,13 +29,11 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from exporter import migrations
-from exporter.bucket import DerivedSnapshot, derive
-from exporter.embedded import EmbeddedPostgres
-from exporter.history import HistoryWriter
-from exporter.history_sql import STATE_COLUMNS, rows_of
+from devstack.embedded import EmbeddedPostgres
+from exporter.history import migrations
+from exporter.history.statements import STATE_COLUMNS, rows_of
+from exporter.history.writer import HistoryWriter
+from exporter.service.derivation import DerivedSnapshot, derive
 from exporter.snapshot import PolicyReading, Snapshot
 
 POLICIES = 30

@@ -1,7 +1,7 @@
 """Benchmark of the receiver: webhook alerts/s and p99 latency with durable commits, against a no-op aiohttp
 handler measured in the same run (the ratio is what the receiver's work costs), and outbox-to-Pulsar events/s.
 
-    .venv/bin/python bench/bench_receiver.py [--requests 4000] [--concurrency 32] [--relay-events 20000]
+    .venv/bin/python -m bench.bench_receiver [--requests 4000] [--concurrency 32] [--relay-events 20000]
 
 Real parts only: an embedded PostgreSQL (fsync and synchronous_commit on, printed) unless --database-url,
 a pulsar-lite broker, the servers in a child process so the load generator does not share their CPU.
@@ -25,15 +25,13 @@ import aiohttp
 import psycopg
 from aiohttp import web
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from exporter import migrations
+from devstack.embedded import EmbeddedPostgres, EmbeddedPulsar, free_port, wait_for_port
 from exporter.config import Settings
-from exporter.embedded import EmbeddedPostgres, EmbeddedPulsar, free_port, wait_for_port
-from exporter.outbox import OutboxRelay, RelayTuning
-from exporter.pulsar_publisher import PulsarPublisher
-from exporter.receiver import create_app
-from exporter.receiver_metrics import ReceiverMetrics
+from exporter.history import migrations
+from exporter.receiver.metrics import ReceiverMetrics
+from exporter.receiver.outbox import OutboxRelay, RelayTuning
+from exporter.receiver.publisher import PulsarPublisher
+from exporter.receiver.webhook import create_app
 
 TOKEN = "bench-token"  # noqa: S105 - a benchmark token on loopback
 

@@ -2,7 +2,7 @@
 
 Each server runs in its own process and the load generator in this one, so the server's CPU is its own.
 Also measures the exporter's resident memory over 10,000 polls of the simulator and Bridge calls per 1,000
-scrapes. One command: ``python bench/bench_scrape.py`` (or ``make bench``).
+scrapes. One command: ``python -m bench.bench_scrape`` (or ``make bench``).
 """
 
 from __future__ import annotations
@@ -11,20 +11,17 @@ import asyncio
 import multiprocessing
 import os
 import statistics
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
-from exporter.bridge_client import BridgeResult
-from exporter.embedded import free_port, wait_for_port
+from devstack.embedded import free_port, wait_for_port
+from exporter.bridge.client import BridgeResult
 from exporter.snapshot import PolicyReading, Snapshot
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "3"))
@@ -45,8 +42,8 @@ def fabricate(policies: int, at: float, drop: int = 0) -> Snapshot:
 def _service(policies: int, port: int, serve_http: bool) -> Any:
     """An exporter whose Bridge answers two snapshots 30 s apart (rates and projections present), then the
     second one again."""
-    from exporter.app import ExporterService
     from exporter.config import Settings
+    from exporter.service.app import ExporterService
 
     last = fabricate(policies, 1_700_000_030.0, drop=100)
     snapshots = iter([fabricate(policies, 1_700_000_000.0), last])
@@ -182,9 +179,9 @@ def _rss_mb() -> float:
 
 async def _polls_and_calls() -> dict[str, float]:
     """RSS over POLLS polls of the simulator over gRPC, then Bridge calls during 1,000 scrapes."""
-    from exporter.app import ExporterService
     from exporter.config import Settings
-    from exporter.simulator import SimulatorServer
+    from exporter.service.app import ExporterService
+    from exporter.simulator.server import SimulatorServer
 
     sim = SimulatorServer(category="A", seed=3)
     await sim.start()

@@ -1,6 +1,7 @@
 """`make bench`: runs the main() of every bench/bench_*.py in turn (scrape, history, receiver, ...).
 
-``python bench/run.py scrape history`` runs only the benchmarks whose names contain one of the words.
+``python -m bench.run scrape history`` (from the repository root, so the dev stack imports) runs only the
+benchmarks whose names contain one of the words.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ HERE = Path(__file__).resolve().parent
 
 
 def main() -> int:
-    sys.path.insert(0, str(HERE))
-    sys.path.insert(0, str(HERE.parent))
     failed = []
     words = sys.argv[1:]
     del sys.argv[1:]  # each benchmark's main() parses its own (empty) command line
@@ -25,7 +24,7 @@ def main() -> int:
         print(f"\n=== {path.stem} ===", flush=True)
         started = time.monotonic()
         try:
-            importlib.import_module(path.stem).main()
+            importlib.import_module(f"bench.{path.stem}").main()
         except Exception as exc:  # one broken benchmark must not hide the others' figures
             print(f"{path.stem} failed: {type(exc).__name__}: {exc}", flush=True)
             failed.append(path.stem)

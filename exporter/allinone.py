@@ -18,11 +18,11 @@ import psycopg
 from aiohttp import web
 from prometheus_client import generate_latest
 
-from exporter import receiver
-from exporter import web as exporter_web
-from exporter.app import ExporterService
 from exporter.config import Settings
-from exporter.receiver_metrics import ReceiverMetrics
+from exporter.receiver import webhook as receiver
+from exporter.receiver.metrics import ReceiverMetrics
+from exporter.service import http as exporter_web
+from exporter.service.app import ExporterService
 
 log = logging.getLogger(__name__)
 

@@ -13,22 +13,27 @@ from exporter import __version__, config, logsetup
 # subcommand -> (module:function taking Settings and returning an exit code, one-line help).
 # Modules are imported only when their subcommand runs, so `simulator` never loads psycopg or pulsar.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "exporter": ("exporter.app:run", "Poll the Bridge and serve /metrics, health and the policies API."),
+    "exporter": (
+        "exporter.service.app:run",
+        "Poll the Bridge and serve /metrics, health and the policies API.",
+    ),
     "receiver": (
-        "exporter.receiver:run",
+        "exporter.receiver.webhook:run",
         "Receive Alertmanager webhooks, record them, relay them to Pulsar.",
     ),
     "all-in-one": (
         "exporter.allinone:run",
         "Exporter and receiver in one process (small installations).",
     ),
-    "migrate": ("exporter.migrations:run", "Apply (or roll back) the sql/ migrations."),
+    "migrate": ("exporter.history.migrations:run", "Apply (or roll back) the sql/ migrations."),
     "outbox": (
-        "exporter.outbox:run",
+        "exporter.receiver.outbox:run",
         "List the alert events the broker refused for good (set aside), or replay them.",
     ),
-    "simulator": ("exporter.simulator:run", "Serve a Bridge simulator with real token-bucket dynamics."),
-    "demo": ("exporter.demo:run", "Start the whole stack on embedded defaults and show it working."),
+    "simulator": (
+        "exporter.simulator.server:run",
+        "Serve a Bridge simulator with real token-bucket dynamics.",
+    ),
 }
 
 
@@ -89,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = config.load(command, flags)
         if args.command == "check-config" and command in {"exporter", "all-in-one"}:
             # The exporter refuses an interval that would drain DICT's POLICIES_LIST: say so here too.
-            from exporter.poller import check_budget
+            from exporter.service.poller import check_budget
 
             check_budget(settings.poll_interval_seconds, settings.poll_budget_override)
     except config.ConfigError as exc:

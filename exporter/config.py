@@ -162,8 +162,7 @@ EXPORTER = frozenset({"exporter", "all-in-one"})
 HISTORY = frozenset({"exporter", "migrate", "outbox", "receiver", "all-in-one"})
 RECEIVER = frozenset({"receiver", "all-in-one"})
 SIMULATOR = frozenset({"simulator"})
-DEMO = frozenset({"demo"})
-EVERY = frozenset({"exporter", "migrate", "outbox", "receiver", "simulator", "all-in-one", "demo"})
+EVERY = frozenset({"exporter", "migrate", "outbox", "receiver", "simulator", "all-in-one"})
 
 # A table reads better one key per entry than one argument per line.
 # fmt: off
@@ -254,12 +253,6 @@ KEYS: tuple[Key, ...] = (
     Key("simulator_tls_client_ca_file", "SIMULATOR_TLS_CLIENT_CA_FILE", _opt_str,
         "PEM CA for client certificates (enables mTLS: clients without a certificate are refused).",
         SIMULATOR, flag="--tls-client-ca-file"),
-    # --- demo
-    Key("demo_state_dir", "DEMO_STATE_DIR", _str,
-        "Directory holding everything the demo starts (databases, logs, rendered configs).",
-        DEMO, flag="--state-dir"),
-    Key("demo_duration_seconds", "DEMO_DURATION_SECONDS", _number(float, 0.0),
-        "Stop the demo after this many seconds (0: run until Ctrl-C or SIGTERM).", DEMO, flag="--duration"),
 )
 # fmt: on
 
@@ -311,8 +304,6 @@ class Settings:
     simulator_tls_cert_file: str | None = None
     simulator_tls_key_file: str | None = None
     simulator_tls_client_ca_file: str | None = None
-    demo_state_dir: str = ".state/demo"
-    demo_duration_seconds: float = 0.0
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

@@ -12,7 +12,7 @@ from exporter import logsetup
 
 
 def _record(msg: str, ctx: dict[str, object] | None = None) -> logging.LogRecord:
-    record = logging.LogRecord("exporter.poller", logging.WARNING, __file__, 1, msg, (), None)
+    record = logging.LogRecord("exporter.service.poller", logging.WARNING, __file__, 1, msg, (), None)
     if ctx is not None:
         record.ctx = ctx
     return record
@@ -23,7 +23,7 @@ def test_json_lines_carry_utc_time_level_logger_message_and_context() -> None:
     entry = json.loads(line)
     assert "\n" not in line
     assert entry["level"] == "warning"
-    assert entry["logger"] == "exporter.poller"
+    assert entry["logger"] == "exporter.service.poller"
     assert entry["msg"] == "poll failed"
     assert entry["code"] == "UNAVAILABLE"
     assert entry["attempts"] == 3
@@ -33,7 +33,7 @@ def test_json_lines_carry_utc_time_level_logger_message_and_context() -> None:
 
 def test_human_lines_are_short_and_keep_the_context() -> None:
     line = logsetup.HumanFormatter().format(_record("poll failed", {"code": "UNAVAILABLE"}))
-    assert line.endswith("WARN exporter.poller: poll failed code=UNAVAILABLE")
+    assert line.endswith("WARN exporter.service.poller: poll failed code=UNAVAILABLE")
     assert line[8] == "Z"  # HH:MM:SSZ: UTC, said so
 
 

@@ -1,0 +1,1 @@
+"""The Bridge: its gRPC contract (``proto/``) and the client the exporter polls it with."""

@@ -1,0 +1,359 @@
+"""``dict-rate-limit receiver``: the Alertmanager webhook that records alerts and relays them to Pulsar.
+
+``POST /alerts`` (RECEIVER_PORT) takes webhook payloads version 4, authenticated by a bearer token. Each
+notification is recorded in one PostgreSQL transaction (alert rows + outbox rows) and answered 200 only
+after the commit; 4xx for bad input (Alertmanager never retries those), 503 when the database is
+unavailable (it retries). The outbox relay publishes to Pulsar in the background. ``/metrics`` is served
+on METRICS_PORT, ``/health/*`` on HEALTH_CHECK_PORT (either may equal another port).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import signal
+import ssl
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import psycopg
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from psycopg_pool import AsyncConnectionPool
+
+from exporter.config import ConfigError, Settings
+from exporter.receiver.metrics import ReceiverMetrics
+from exporter.receiver.outbox import OutboxRelay, RelayTuning
+from exporter.receiver.payload import PayloadError, WebhookPayload, parse_payload
+from exporter.receiver.publisher import PulsarPublisher
+from exporter.receiver.store import RecordResult, record_alerts
+
+log = logging.getLogger(__name__)
+
+OUTBOX_TABLE = "dict_rate_limit_alert_outbox"
+#: How long a request waits for a pooled connection before answering 503 (Alertmanager then retries).
+POOL_TIMEOUT_SECONDS = 5.0
+
+
+class StartupError(RuntimeError):
+    """The receiver cannot start (unmigrated database...); ``str()`` is the one line shown."""
+
+
+@dataclass
+class ReceiverState:
+    """What the handlers share; opened by :func:`_resources`, so it exists only while the app runs."""
+
+    settings: Settings
+    metrics: ReceiverMetrics
+    relay_tuning: RelayTuning | None
+    pool: AsyncConnectionPool | None = None
+    relay: OutboxRelay | None = None
+    publisher: PulsarPublisher | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+STATE = web.AppKey("receiver_state", ReceiverState)
+
+
+def check_settings(settings: Settings) -> None:
+    """Refuses what would run an insecure or useless receiver (raised as ConfigError, exit code 2)."""
+    if not settings.database_url:
+        raise ConfigError("DATABASE_URL", "the receiver records alerts in PostgreSQL; set DATABASE_URL")
+    if not settings.webhook_bearer_token and not settings.webhook_allow_unauthenticated:
+        raise ConfigError(
+            "WEBHOOK_BEARER_TOKEN_FILE",
+            "no webhook token: set WEBHOOK_BEARER_TOKEN_FILE"
+            " (or WEBHOOK_ALLOW_UNAUTHENTICATED=true, for local experiments only)",
+        )
+
+
+def create_app(
+    settings: Settings,
+    *,
+    metrics: ReceiverMetrics | None = None,
+    relay: RelayTuning | None = RelayTuning(),  # noqa: B008 - immutable default
+    include_ops: bool = True,
+) -> web.Application:
+    """The webhook application; with ``include_ops`` also ``/metrics`` and ``/health/*``.
+
+    ``relay=None`` runs no outbox relay (events stay queued in PostgreSQL until a relay runs).
+    """
+    check_settings(settings)
+    app = web.Application(client_max_size=settings.webhook_max_body_bytes)
+    app[STATE] = ReceiverState(settings, metrics or ReceiverMetrics(), relay)
+    app.cleanup_ctx.append(_resources)
+    app.router.add_post("/alerts", handle_alerts)
+    if include_ops:
+        add_ops_routes(app)
+    return app
+
+
+def create_ops_app(webhook_app: web.Application) -> web.Application:
+    """``/metrics`` and ``/health/*`` for another port, sharing the webhook app's state."""
+    ops = web.Application()
+    ops[STATE] = webhook_app[STATE]
+    add_ops_routes(ops)
+    return ops
+
+
+def add_ops_routes(app: web.Application) -> None:
+    app.router.add_get("/", handle_landing)
+    app.router.add_get("/metrics", handle_metrics)
+    app.router.add_get("/health/live", handle_live)
+    app.router.add_get("/health/startup", handle_live)
+    app.router.add_get("/health/ready", handle_ready)
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    settings = state.settings
+    assert settings.database_url is not None  # check_settings
+    pool: AsyncConnectionPool = AsyncConnectionPool(
+        settings.database_url,
+        min_size=1,
+        max_size=settings.database_max_connections,
+        open=False,
+        timeout=POOL_TIMEOUT_SECONDS,
+        check=AsyncConnectionPool.check_connection,
+        name="receiver",
+    )
+    await pool.open(wait=True, timeout=30)
+    try:
+        await _require_schema(pool)
+        state.pool = pool
+        if state.relay_tuning is not None:
+            state.publisher = PulsarPublisher(
+                settings.pulsar_url,
+                settings.pulsar_topic,
+                state.metrics,
+                auth_token=settings.pulsar_auth_token,
+                send_timeout_ms=state.relay_tuning.send_timeout_ms,
+            )
+            state.relay = OutboxRelay(
+                settings.database_url, state.publisher, state.metrics, state.relay_tuning
+            )
+            state.tasks.append(asyncio.create_task(state.relay.run(), name="outbox-relay"))
+        yield
+    finally:
+        if state.relay is not None:
+            await state.relay.stop()
+        for task in state.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if state.publisher is not None:
+            await state.publisher.close()
+        await pool.close()
+
+
+async def _require_schema(pool: AsyncConnectionPool) -> None:
+    async with pool.connection() as conn:
+        cursor = await conn.execute("SELECT to_regclass(%s)", [OUTBOX_TABLE])
+        row = await cursor.fetchone()
+    if row is None or row[0] is None:
+        raise StartupError("the database has no alert tables yet: run `dict-rate-limit migrate` first")
+
+
+def _error(status: int, message: str, **extra: str) -> web.Response:
+    return web.json_response({"status": "error", "error": message, **extra}, status=status)
+
+
+def _authorized(request: web.Request, token: str | None) -> bool:
+    if token is None:  # WEBHOOK_ALLOW_UNAUTHENTICATED
+        return True
+    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+    # aiohttp keeps undecodable header bytes as surrogates: encode them back, so a non-UTF-8 byte is a
+    # wrong token (401), not a UnicodeEncodeError (500).
+    presented = credentials.strip().encode("utf-8", "surrogateescape")
+    return scheme.lower() == "bearer" and hmac.compare_digest(presented, token.encode())
+
+
+async def handle_alerts(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    started = time.perf_counter()
+    try:
+        response = await _receive(request, state)
+    except Exception:  # a bug: answered (and counted) as a 500, never an uncounted traceback from aiohttp
+        log.exception("webhook request failed")
+        response = _error(500, "internal error")
+    state.metrics.webhook_requests.labels(str(response.status)).inc()
+    state.metrics.observe("webhook", time.perf_counter() - started)
+    return response
+
+
+async def _receive(request: web.Request, state: ReceiverState) -> web.Response:
+    if not _authorized(request, state.settings.webhook_bearer_token):
+        response = _error(401, "missing or wrong bearer token")
+        response.headers["WWW-Authenticate"] = 'Bearer realm="dict-rate-limit-receiver"'
+        return response
+    payload = await _payload(request, state)
+    if isinstance(payload, web.Response):
+        return payload
+    if payload.truncated_alerts:
+        state.metrics.truncated.inc(payload.truncated_alerts)
+        log.warning(
+            "Alertmanager truncated a notification: raise max_alerts of the webhook receiver",
+            extra={"ctx": {"truncated_alerts": payload.truncated_alerts, "group_key": payload.group_key}},
+        )
+    assert state.pool is not None
+    try:
+        async with state.pool.connection() as conn:
+            result = await record_alerts(conn, payload.alerts)
+    except psycopg.OperationalError as exc:
+        log.warning("database unavailable: answering 503", extra={"ctx": {"error": str(exc)}})
+        return _error(503, "database unavailable, retry later")
+    except psycopg.DataError as exc:  # a value PostgreSQL refuses that validation let through: still input
+        state.metrics.invalid_payloads.labels("invalid_field").inc()
+        return _error(400, f"rejected by the database: {exc.diag.message_primary or exc}")
+    except psycopg.Error:
+        log.exception("recording alerts failed")
+        return _error(500, "recording alerts failed")
+    state.metrics.count_recorded(result)
+    if result.transitions and state.relay is not None:
+        state.relay.wake()
+    _log_result(payload, result)
+    return web.json_response(
+        {
+            "status": "ok",
+            "alerts": len(payload.alerts),
+            "created": result.created,
+            "resolved": result.resolved,
+            "duplicates": result.duplicates,
+        }
+    )
+
+
+async def _payload(request: web.Request, state: ReceiverState) -> WebhookPayload | web.Response:
+    limit = state.settings.webhook_max_body_bytes
+    try:
+        if request.content_length is not None and request.content_length > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        state.metrics.invalid_payloads.labels("too_large").inc()
+        return _error(413, f"body larger than WEBHOOK_MAX_BODY_BYTES ({limit} bytes)")
+    try:
+        return parse_payload(body)
+    except PayloadError as exc:
+        state.metrics.invalid_payloads.labels(exc.reason).inc()
+        log.warning("invalid webhook payload", extra={"ctx": {"reason": str(exc)}})
+        return _error(400, str(exc), field=exc.field)
+
+
+def _log_result(payload: WebhookPayload, result: RecordResult) -> None:
+    for transition in result.transitions:
+        log.info(
+            "alert %s",
+            transition.kind,
+            extra={
+                "ctx": {
+                    "endpoint_id": transition.endpoint_id,
+                    "severity": transition.severity,
+                    "group_key": payload.group_key,
+                }
+            },
+        )
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[STATE].metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def handle_landing(request: web.Request) -> web.Response:
+    text = (
+        "dict-rate-limit receiver: POST /alerts (Alertmanager webhook), /metrics, /health/live, /health/ready"
+    )
+    return web.Response(text=text + "\n")
+
+
+async def handle_live(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def handle_ready(request: web.Request) -> web.Response:
+    """Ready when PostgreSQL answers. Pulsar is reported but does not gate readiness: the outbox exists
+    so that alerts are accepted during a broker outage, which an unready receiver would refuse."""
+    state = request.app[STATE]
+    database = await database_check(state)
+    checks = {"database": database, "pulsar": pulsar_check(state)}
+    ready = database == "ok"
+    return web.json_response(
+        {"status": "ok" if ready else "unavailable", "checks": checks}, status=200 if ready else 503
+    )
+
+
+async def database_check(state: ReceiverState) -> str:
+    """ "ok" when a pooled connection answers within 2 s, else "down"."""
+    if state.pool is not None:
+        with contextlib.suppress(psycopg.Error):
+            async with state.pool.connection(timeout=2.0) as conn:
+                await conn.execute("SELECT 1")
+                return "ok"
+    return "down"
+
+
+def pulsar_check(state: ReceiverState) -> str:
+    if state.relay is None or state.publisher is None:
+        return "disabled"
+    if not state.relay.is_leader:
+        return "standby"  # another replica publishes; this one takes over if it stops
+    if state.publisher.connected() and state.relay.last_error is None:
+        return "ok"
+    return "down"
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    if not settings.receiver_tls_cert_file or not settings.receiver_tls_key_file:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.receiver_tls_cert_file, settings.receiver_tls_key_file)
+    return context
+
+
+async def serve(settings: Settings, stop: asyncio.Event, *, metrics: ReceiverMetrics | None = None) -> None:
+    """Serves the webhook and the ops ports until ``stop`` is set."""
+    ops_ports = {settings.metrics_port, settings.health_check_port}
+    app = create_app(settings, metrics=metrics, include_ops=settings.receiver_port in ops_ports)
+    runners = [web.AppRunner(app, access_log=None)]
+    await runners[0].setup()
+    try:
+        host = settings.listen_host
+        await web.TCPSite(runners[0], host, settings.receiver_port, ssl_context=tls_context(settings)).start()
+        ops_ports.discard(settings.receiver_port)
+        if ops_ports:
+            runners.append(web.AppRunner(create_ops_app(app), access_log=None))
+            await runners[1].setup()
+            for port in sorted(ops_ports):
+                await web.TCPSite(runners[1], host, port).start()
+        log.info(
+            "receiver listening",
+            extra={"ctx": {"webhook_port": settings.receiver_port, "ops_ports": sorted(ops_ports)}},
+        )
+        await stop.wait()
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
+
+
+def run(settings: Settings) -> int:
+    """``dict-rate-limit receiver``."""
+    check_settings(settings)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await serve(settings, stop)
+
+    try:
+        asyncio.run(main())
+    except (StartupError, psycopg.OperationalError, OSError) as exc:
+        log.error("receiver cannot start: %s", exc)
+        print(f"dict-rate-limit receiver: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,1 @@
+"""The exporter service: poller, derivation, collector, self-metrics and HTTP endpoints, wired by ``app``."""

@@ -1,0 +1,1 @@
+"""Fixtures shared by every test folder, loaded as pytest plugins from tests/conftest.py."""

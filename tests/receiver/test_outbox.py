@@ -1,0 +1,214 @@
+"""The outbox relay against a real PostgreSQL and a real Pulsar broker (pulsar-lite): order per policy, key
+and properties, marked sent only after the ack, a broker outage survived, one publishing replica at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import jsonschema
+import psycopg
+import pytest
+
+from devstack.embedded import EmbeddedPulsar
+from exporter.receiver.metrics import ReceiverMetrics
+from exporter.receiver.outbox import OutboxRelay, RelayTuning
+from exporter.receiver.payload import parse_payload
+from exporter.receiver.publisher import PulsarPublisher
+from exporter.receiver.store import record_alerts
+from tests.support.env import ROOT
+from tests.support.receiver import EventConsumer, alert, migrate, payload, rows, unique_topic
+
+SCHEMA = json.loads((ROOT / "schemas" / "rate-limit-alert-event.schema.json").read_text())
+#: The issue asks for a minute; 20 s exercises the same path (several failed send/reconnect cycles) within
+#: the suite's budget. RECEIVER_OUTAGE_SECONDS=60 runs the long version.
+OUTAGE_SECONDS = float(os.environ.get("RECEIVER_OUTAGE_SECONDS", "20"))
+FAST = RelayTuning(
+    batch_size=200, poll_interval=0.2, backoff_initial=0.2, backoff_max=1.0, send_timeout_ms=2000
+)
+POLICIES = ("ENTRIES_WRITE", "CLAIMS_READ", "KEYS_CHECK", "REFUNDS_WRITE")
+
+
+async def record(database_url: str, *alerts: dict[str, Any]) -> None:
+    parsed = parse_payload(json.dumps(payload(*alerts)).encode())
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        await record_alerts(conn, parsed.alerts)
+
+
+async def record_cycle(database_url: str, policy: str, starts: str, fingerprint: str) -> None:
+    """An alert recorded firing, then resolved (two notifications, two events)."""
+    await record(database_url, alert(endpoint_id=policy, starts_at=starts, fingerprint=fingerprint))
+    resolved = alert(
+        "resolved",
+        endpoint_id=policy,
+        starts_at=starts,
+        ends_at="2026-11-23T11:00:00Z",
+        fingerprint=fingerprint,
+    )
+    await record(database_url, resolved)
+
+
+def expected_order(database_url: str) -> dict[str, list[str]]:
+    """Event ids per policy in outbox order: the order consumers must see them in."""
+    order: dict[str, list[str]] = {}
+    query = (
+        "SELECT coalesce(a.endpoint_id, a.alert_name), o.event_id::text FROM dict_rate_limit_alert_outbox o"
+        " JOIN dict_rate_limit_alerts a ON a.id = o.alert_id ORDER BY o.id"
+    )
+    for key, event_id in rows(database_url, query):
+        order.setdefault(key, []).append(event_id)
+    return order
+
+
+def received_order(consumer: EventConsumer) -> dict[str, list[str]]:
+    order: dict[str, list[str]] = {}
+    for item in consumer.events:
+        order.setdefault(item.key, []).append(item.event["event_id"])
+    return order
+
+
+@asynccontextmanager
+async def running_relay(
+    database_url: str, broker_url: str, topic: str, metrics: ReceiverMetrics
+) -> AsyncIterator[OutboxRelay]:
+    publisher = PulsarPublisher(
+        broker_url, topic, metrics, send_timeout_ms=FAST.send_timeout_ms, operation_timeout_s=2
+    )
+    relay = OutboxRelay(database_url, publisher, metrics, FAST)
+    task = asyncio.create_task(relay.run())
+    try:
+        yield relay
+    finally:
+        await relay.stop()
+        await asyncio.wait_for(task, 30)
+        await publisher.close()
+
+
+@pytest.fixture
+def topic() -> str:
+    return unique_topic()
+
+
+@pytest.fixture
+def consumer(pulsar_broker: EmbeddedPulsar, topic: str) -> Iterator[EventConsumer]:
+    events = EventConsumer(pulsar_broker.url, topic)
+    yield events
+    events.close()
+
+
+async def wait_until(predicate: Any, seconds: float) -> bool:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while asyncio.get_running_loop().time() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.1)
+    return bool(predicate())
+
+
+async def test_relay_publishes_in_order_per_policy_with_key_properties_and_marks_sent(
+    database_url: str, pulsar_broker: EmbeddedPulsar, topic: str, consumer: EventConsumer
+) -> None:
+    migrate(database_url)
+    for index, policy in enumerate(POLICIES * 3):
+        starts = f"2026-11-23T09:{index:02d}:00Z"
+        await record_cycle(database_url, policy, starts, f"{policy}-{index}")
+    metrics = ReceiverMetrics()
+    async with running_relay(database_url, pulsar_broker.url, topic, metrics) as relay:
+        received = await asyncio.to_thread(consumer.receive, 24, 30)
+        assert await wait_until(lambda: metrics.backlog.count == 0, 10)
+        assert relay.is_leader
+    assert len(received) == 24
+    assert received_order(consumer) == expected_order(database_url)
+    for item in received:
+        jsonschema.Draft202012Validator(SCHEMA).validate(item.event)
+        assert item.key == item.event["endpoint_id"]
+        assert item.properties["event_type"] == item.event["event_type"]
+        assert item.properties["severity"] == "warning"
+        assert item.properties["psp_category"] == "A"
+        assert item.properties["schema_version"] == "1.0"
+    assert rows(database_url, "SELECT count(*) FROM dict_rate_limit_alert_outbox WHERE sent_at IS NULL") == [
+        (0,)
+    ]
+    assert metrics.registry.get_sample_value("dict_rate_limit_pulsar_publishes_total") == 24
+    assert metrics.registry.get_sample_value("dict_rate_limit_pulsar_publish_duration_seconds_count") == 24
+
+
+async def test_events_committed_while_the_broker_is_down_are_all_delivered_in_order_after_it_returns(
+    database_url: str, pulsar_broker: EmbeddedPulsar, topic: str, consumer: EventConsumer
+) -> None:
+    migrate(database_url)
+    metrics = ReceiverMetrics()
+    async with running_relay(database_url, pulsar_broker.url, topic, metrics):
+        await record(database_url, alert(endpoint_id="ENTRIES_WRITE", fingerprint="before"))
+        assert len(await asyncio.to_thread(consumer.receive, 1, 20)) == 1
+
+        pulsar_broker.stop()
+        try:
+            loop = asyncio.get_running_loop()
+            deadline, index = loop.time() + OUTAGE_SECONDS, 0
+            while loop.time() < deadline:  # alerts keep arriving during the outage
+                policy = POLICIES[index % len(POLICIES)]
+                starts = f"2026-11-23T09:{index % 60:02d}:{index // 60:02d}Z"
+                await record_cycle(database_url, policy, starts, f"out-{index}")
+                index += 1
+                await asyncio.sleep(0.5)
+            unsent = rows(
+                database_url, "SELECT count(*) FROM dict_rate_limit_alert_outbox WHERE sent_at IS NULL"
+            )
+            assert unsent == [(2 * index,)], "nothing may be marked sent while the broker is down"
+            assert (
+                metrics.registry.get_sample_value("dict_rate_limit_pulsar_publish_failures_total") or 0
+            ) > 0
+            assert metrics.backlog.count > 0
+        finally:
+            pulsar_broker.start()
+        # A fresh connection instead of the client's long reconnection backoff; the same subscription, so an
+        # event whose ack was lost with the broker comes again, and is deduplicated by event_id.
+        consumer.close()
+        after = EventConsumer(pulsar_broker.url, topic, seen=consumer.seen)
+        try:
+            got = await asyncio.to_thread(after.receive, 2 * index, 60)
+            assert len(got) == 2 * index
+            assert await wait_until(lambda: metrics.backlog.count == 0, 10)
+        finally:
+            after.close()
+    expected = expected_order(database_url)
+    expected["ENTRIES_WRITE"] = expected["ENTRIES_WRITE"][
+        1:
+    ]  # the event before the outage went to `consumer`
+    assert received_order(after) == expected
+    assert rows(database_url, "SELECT count(*) FROM dict_rate_limit_alert_outbox WHERE sent_at IS NULL") == [
+        (0,)
+    ]
+
+
+async def test_two_relays_on_one_database_never_publish_the_same_event_twice_and_the_standby_takes_over(
+    database_url: str, pulsar_broker: EmbeddedPulsar, topic: str, consumer: EventConsumer
+) -> None:
+    migrate(database_url)
+    metrics_a, metrics_b = ReceiverMetrics(), ReceiverMetrics()
+    async with running_relay(database_url, pulsar_broker.url, topic, metrics_b) as relay_b:
+        async with running_relay(database_url, pulsar_broker.url, topic, metrics_a) as relay_a:
+            assert await wait_until(lambda: relay_a.is_leader or relay_b.is_leader, 10)
+            for index in range(40):
+                await record(database_url, alert(endpoint_id=POLICIES[index % 4], fingerprint=f"f{index}"))
+            assert len(await asyncio.to_thread(consumer.receive, 40, 30)) == 40
+            assert relay_a.is_leader != relay_b.is_leader
+            leader_was_a = relay_a.is_leader
+        # relay_a stopped: if it led, b takes over; either way b publishes what comes next.
+        assert await wait_until(lambda: relay_b.is_leader, 10)
+        for index in range(40, 60):
+            await record(database_url, alert(endpoint_id=POLICIES[index % 4], fingerprint=f"f{index}"))
+        assert len(await asyncio.to_thread(consumer.receive, 60, 30)) == 60
+    published = sum(
+        m.registry.get_sample_value("dict_rate_limit_pulsar_publishes_total") or 0
+        for m in (metrics_a, metrics_b)
+    )
+    assert published == 60, "each event published exactly once across both replicas"
+    # Redeliveries by the broker are the consumer's to absorb; publishing an event twice is ours to avoid.
+    assert all(len(ids) == 1 for ids in consumer.message_ids.values())
+    assert leader_was_a in (True, False)
