@@ -18,6 +18,7 @@ import psycopg
 from aiohttp import web
 from prometheus_client import generate_latest
 
+from exporter import http_limits
 from exporter.config import Settings
 from exporter.receiver import webhook as receiver
 from exporter.receiver.metrics import ReceiverMetrics
@@ -81,13 +82,14 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     )
     apps = build_apps(service, webhook, settings)
     runners: list[web.AppRunner] = []
+    limits = http_limits.limits_of(settings)
     try:
         for port, app in apps.items():  # the webhook app first: its start-up opens the database and relay
-            runner = web.AppRunner(app, access_log=None)
+            runner = http_limits.runner(app, limits)
             await runner.setup()
             runners.append(runner)
             tls = receiver.tls_context(settings) if app is webhook else None
-            await web.TCPSite(runner, settings.listen_host, port, ssl_context=tls).start()
+            await http_limits.LimitedSite(runner, settings.listen_host, port, limits, ssl_context=tls).start()
         await service.start()
     except BaseException as exc:
         for runner in reversed(runners):

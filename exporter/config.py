@@ -227,6 +227,16 @@ KEYS: tuple[Key, ...] = (
         "Run the webhook without a token (local experiments only).", RECEIVER),
     Key("webhook_max_body_bytes", "WEBHOOK_MAX_BODY_BYTES", _number(int, 1024),
         "Largest accepted webhook body; larger gets 413.", RECEIVER),
+    Key("http_header_timeout_seconds", "HTTP_HEADER_TIMEOUT_SECONDS", _number(float, 0.1),
+        "A connection without a complete request head this long after connecting is closed.",
+        EXPORTER | RECEIVER),
+    Key("http_body_timeout_seconds", "HTTP_BODY_TIMEOUT_SECONDS", _number(float, 0.1),
+        "Longest time to receive a request body (a slower one gets 408).", RECEIVER),
+    Key("http_idle_timeout_seconds", "HTTP_IDLE_TIMEOUT_SECONDS", _number(float, 0.1),
+        "An idle keep-alive connection is closed after this long.", EXPORTER | RECEIVER),
+    Key("http_max_connections", "HTTP_MAX_CONNECTIONS", _number(int, 0),
+        "Open connections per HTTP port; beyond it new ones are closed at once. 0: the file-descriptor"
+        " limit minus 128 (at most 4096).", EXPORTER | RECEIVER),
     Key("receiver_tls_cert_file", "RECEIVER_TLS_CERT_FILE", _opt_str,
         "PEM certificate to serve the webhook over TLS.", RECEIVER),
     Key("receiver_tls_key_file", "RECEIVER_TLS_KEY_FILE", _opt_str,
@@ -291,6 +301,10 @@ class Settings:
     webhook_bearer_token: str | None = None
     webhook_allow_unauthenticated: bool = False
     webhook_max_body_bytes: int = 1048576
+    http_header_timeout_seconds: float = 10.0
+    http_body_timeout_seconds: float = 30.0
+    http_idle_timeout_seconds: float = 30.0
+    http_max_connections: int = 0
     receiver_tls_cert_file: str | None = None
     receiver_tls_key_file: str | None = None
     pulsar_url: str = "pulsar://127.0.0.1:6650"

@@ -18,9 +18,16 @@ from exporter import __version__
 from exporter.receiver.store import RecordResult
 
 #: Reasons a payload is rejected with 4xx (the field itself is in the response body and the log).
-INVALID_REASONS = ("too_large", "not_json", "unsupported_version", "invalid_field", "implausible_time")
+INVALID_REASONS = (
+    "too_large",
+    "too_slow",
+    "not_json",
+    "unsupported_version",
+    "invalid_field",
+    "implausible_time",
+)
 #: Codes the webhook answers; created at start-up so a dashboard sees zeros, not gaps.
-WEBHOOK_STATUSES = ("200", "400", "401", "413", "500", "503")
+WEBHOOK_STATUSES = ("200", "400", "401", "408", "413", "500", "503")
 #: From a loopback ack (~0.5 ms) to a send timeout (seconds).
 DURATION_BUCKETS = (
     0.0005,

@@ -185,6 +185,7 @@ class OutboxRelay:
             await self._sleep(self._poll_interval)  # a follower: try to take over later
 
     async def _lead(self, conn: AsyncConnection[Any]) -> None:
+        await self._connect_broker()
         while not self._stopping.is_set():
             rows = await self._unsent(conn)
             if rows:
@@ -196,6 +197,16 @@ class OutboxRelay:
                 continue
             await self._refresh_backlog(conn)
             await self._wait_for_work()
+
+    async def _connect_broker(self) -> None:
+        """Connects to Pulsar on taking the lead, so health says "ok" before the first event, not after."""
+        try:
+            await self._publisher.ensure_connected()
+            self.last_error = None
+        except Exception as exc:  # retried by the first publish; health says "down" meanwhile
+            self.last_error = f"pulsar: {type(exc).__name__}: {exc}"
+            log.warning("outbox relay: Pulsar unavailable", extra={"ctx": {"error": str(exc)}})
+            await self._publisher.reset()
 
     async def _unsent(self, conn: AsyncConnection[Any]) -> list[OutboxRow]:
         async with conn.cursor(row_factory=class_row(OutboxRow)) as cursor:

@@ -68,6 +68,7 @@ class PulsarPublisher:
             operation_timeout_seconds=self._operation_timeout_s,
             connection_timeout_ms=self._operation_timeout_s * 1000,
             logger=_client_logger(),
+            **tls_options(self.url),
         )
         try:
             producer = client.create_producer(
@@ -145,6 +146,17 @@ class _Batch:
                 self._loop.call_soon_threadsafe(_settle, self.done, self.results)
         except Exception:  # noqa: S110 - the loop is closed: nobody waits for this ack any more
             pass
+
+
+def tls_options(url: str) -> dict[str, bool]:
+    """With TLS (``pulsar+ssl://``), certificates *and* the broker's hostname are verified.
+
+    The client checks the chain by default but not the name (``tls_validate_hostname`` is False), so any
+    certificate of a trusted CA would do for a man in the middle.
+    """
+    if url.lower().startswith("pulsar+ssl://"):
+        return {"tls_validate_hostname": True, "tls_allow_insecure_connection": False}
+    return {}
 
 
 def result_name(result: Any) -> str:

@@ -17,7 +17,7 @@ import signal
 import ssl
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 
 import psycopg
@@ -25,6 +25,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import AsyncConnectionPool
 
+from exporter import http_limits
 from exporter.config import ConfigError, Settings
 from exporter.receiver.metrics import ReceiverMetrics
 from exporter.receiver.outbox import OutboxRelay, RelayTuning
@@ -50,6 +51,7 @@ class ReceiverState:
     settings: Settings
     metrics: ReceiverMetrics
     relay_tuning: RelayTuning | None
+    limits: http_limits.HttpLimits
     pool: AsyncConnectionPool | None = None
     relay: OutboxRelay | None = None
     publisher: PulsarPublisher | None = None
@@ -84,7 +86,7 @@ def create_app(
     """
     check_settings(settings)
     app = web.Application(client_max_size=settings.webhook_max_body_bytes)
-    app[STATE] = ReceiverState(settings, metrics or ReceiverMetrics(), relay)
+    app[STATE] = ReceiverState(settings, metrics or ReceiverMetrics(), relay, http_limits.limits_of(settings))
     app.cleanup_ctx.append(_resources)
     app.router.add_post("/alerts", handle_alerts)
     if include_ops:
@@ -231,7 +233,12 @@ async def _payload(request: web.Request, state: ReceiverState) -> WebhookPayload
     try:
         if request.content_length is not None and request.content_length > limit:
             raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
-        body = await request.read()
+        body = await http_limits.read_body(request, state.limits)
+    except TimeoutError:
+        state.metrics.invalid_payloads.labels("too_slow").inc()
+        return _error(
+            408, f"body not received within HTTP_BODY_TIMEOUT_SECONDS ({state.limits.body_timeout:g} s)"
+        )
     except web.HTTPRequestEntityTooLarge:
         state.metrics.invalid_payloads.labels("too_large").inc()
         return _error(413, f"body larger than WEBHOOK_MAX_BODY_BYTES ({limit} bytes)")
@@ -314,21 +321,45 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+async def _unless_stopped(work: Awaitable[None], stop: asyncio.Event) -> bool:
+    """Runs ``work`` unless ``stop`` is set first (then cancels it): False when stopped.
+
+    Start-up waits up to 30 s for the database; SIGTERM/SIGINT must end that wait at once.
+    """
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if task.done():
+        task.result()
+        return True
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return False
+
+
 async def serve(settings: Settings, stop: asyncio.Event, *, metrics: ReceiverMetrics | None = None) -> None:
-    """Serves the webhook and the ops ports until ``stop`` is set."""
+    """Serves the webhook and the ops ports until ``stop`` is set (also while still starting)."""
     ops_ports = {settings.metrics_port, settings.health_check_port}
     app = create_app(settings, metrics=metrics, include_ops=settings.receiver_port in ops_ports)
-    runners = [web.AppRunner(app, access_log=None)]
-    await runners[0].setup()
+    limits = app[STATE].limits
+    runners = [http_limits.runner(app, limits)]
+    if not await _unless_stopped(runners[0].setup(), stop):
+        log.info("receiver stopped while starting")
+        return
     try:
         host = settings.listen_host
-        await web.TCPSite(runners[0], host, settings.receiver_port, ssl_context=tls_context(settings)).start()
+        webhook_site = http_limits.LimitedSite(
+            runners[0], host, settings.receiver_port, limits, ssl_context=tls_context(settings)
+        )
+        await webhook_site.start()
         ops_ports.discard(settings.receiver_port)
         if ops_ports:
-            runners.append(web.AppRunner(create_ops_app(app), access_log=None))
+            runners.append(http_limits.runner(create_ops_app(app), limits))
             await runners[1].setup()
             for port in sorted(ops_ports):
-                await web.TCPSite(runners[1], host, port).start()
+                await http_limits.LimitedSite(runners[1], host, port, limits).start()
         log.info(
             "receiver listening",
             extra={"ctx": {"webhook_port": settings.receiver_port, "ops_ports": sorted(ops_ports)}},

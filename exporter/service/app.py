@@ -17,7 +17,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.registry import Collector
 
-from exporter import __version__
+from exporter import __version__, http_limits
 from exporter.bridge.client import BridgeClient
 from exporter.config import Settings
 from exporter.service.collector import RenderedBuckets
@@ -166,11 +166,12 @@ class ExporterService:
     async def _start_http(self) -> None:
         host = self.settings.listen_host
         metrics_port, health_port = self.settings.metrics_port, self.settings.health_check_port
+        limits = http_limits.limits_of(self.settings)
         for port, app in build_apps(self, metrics_port, health_port).items():
-            runner = web.AppRunner(app, access_log=None)
+            runner = http_limits.runner(app, limits)
             await runner.setup()
             self._runners.append(runner)
-            site = web.TCPSite(runner, host, port)
+            site = http_limits.LimitedSite(runner, host, port, limits)
             await site.start()
             bound = _bound_port(runner, port)
             if port == metrics_port:
