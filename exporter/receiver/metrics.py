@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 
 from exporter import __version__
 from exporter.receiver.store import RecordResult
+from exporter.snapshot import CATEGORIES
 
 #: Reasons a payload is rejected with 4xx (the field itself is in the response body and the log).
 INVALID_REASONS = (
@@ -47,8 +48,44 @@ DURATION_BUCKETS = (
     30.0,
 )
 SEED_LABELS = ("endpoint_id", "severity", "psp_category")
+SEVERITIES = frozenset({"critical", "warning", "info"})
 #: The broker's permanent refusals (exporter.outbox.PERMANENT_RESULTS), the only set-aside reasons.
 SET_ASIDE_REASONS = ("MessageTooBig", "InvalidMessage")
+
+
+#: The label value standing for every policy or category outside the bounded sets.
+OVERFLOW = "other"
+#: Policies not (yet) in dict_rate_limit_policies admitted as label values, first come first served: a
+#: receiver without history, or a policy DICT just added, still gets its own series; thousands of
+#: distinct (mistaken or hostile) endpoint_id values never make more than this many.
+MAX_UNKNOWN_POLICIES = 50
+#: Cap on the policies taken from the database (DICT has a few dozen).
+MAX_KNOWN_POLICIES = 1000
+
+
+class PolicyLabels:
+    """Maps an alert's endpoint_id and psp_category to a label value from a bounded set."""
+
+    def __init__(self, max_unknown: int = MAX_UNKNOWN_POLICIES) -> None:
+        self._known: frozenset[str] = frozenset()
+        self._admitted: set[str] = set()
+        self._max_unknown = max_unknown
+
+    def set_known(self, names: Iterable[str]) -> None:
+        """The policies of dict_rate_limit_policies (refreshed by the receiver every minute)."""
+        self._known = frozenset(list(names)[:MAX_KNOWN_POLICIES])
+
+    def policy(self, endpoint_id: str) -> str:
+        if not endpoint_id or endpoint_id in self._known or endpoint_id in self._admitted:
+            return endpoint_id
+        if len(self._admitted) < self._max_unknown:
+            self._admitted.add(endpoint_id)
+            return endpoint_id
+        return OVERFLOW
+
+    @staticmethod
+    def category(psp_category: str) -> str:
+        return psp_category if not psp_category or psp_category in CATEGORIES else OVERFLOW
 
 
 class BacklogStats:
@@ -109,6 +146,7 @@ class ReceiverMetrics:
     ) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         reg = self.registry
+        self.labels = PolicyLabels()
         self.backlog = BacklogStats()
         self.alerts_created = Counter(
             "dict_rate_limit_alerts_created",
@@ -209,6 +247,10 @@ class ReceiverMetrics:
         """Counts a committed notification (never before commit: a rollback changed nothing)."""
         for transition in result.transitions:
             counter = self.alerts_created if transition.kind == "created" else self.alerts_resolved
-            counter.labels(transition.endpoint_id, transition.severity, transition.psp_category).inc()
+            counter.labels(
+                self.labels.policy(transition.endpoint_id),
+                transition.severity if transition.severity in SEVERITIES else OVERFLOW,
+                self.labels.category(transition.psp_category),
+            ).inc()
         if result.duplicates:
             self.duplicates.inc(result.duplicates)

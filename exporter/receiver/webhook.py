@@ -27,7 +27,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from exporter import http_limits
 from exporter.config import ConfigError, Settings
-from exporter.receiver.metrics import ReceiverMetrics
+from exporter.receiver.metrics import MAX_KNOWN_POLICIES, ReceiverMetrics
 from exporter.receiver.outbox import OutboxRelay, RelayTuning
 from exporter.receiver.payload import PayloadError, WebhookPayload, parse_payload
 from exporter.receiver.publisher import PulsarPublisher
@@ -36,6 +36,8 @@ from exporter.receiver.store import RecordResult, record_alerts
 log = logging.getLogger(__name__)
 
 OUTBOX_TABLE = "dict_rate_limit_alert_outbox"
+KNOWN_POLICIES = "SELECT DISTINCT endpoint_id FROM dict_rate_limit_policies ORDER BY 1 LIMIT %s"
+KNOWN_POLICIES_REFRESH_SECONDS = 60.0
 #: How long a request waits for a pooled connection before answering 503 (Alertmanager then retries).
 POOL_TIMEOUT_SECONDS = 5.0
 
@@ -139,16 +141,33 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
                 settings.database_url, state.publisher, state.metrics, state.relay_tuning
             )
             state.tasks.append(asyncio.create_task(state.relay.run(), name="outbox-relay"))
+        state.tasks.append(asyncio.create_task(_refresh_policies(state), name="known-policies"))
         yield
     finally:
         if state.relay is not None:
             await state.relay.stop()
+        for task in state.tasks:
+            if task.get_name() == "known-policies":
+                task.cancel()
         for task in state.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if state.publisher is not None:
             await state.publisher.close()
         await pool.close()
+
+
+async def _refresh_policies(state: ReceiverState) -> None:
+    """Keeps the metrics' known policies in step with dict_rate_limit_policies (bounded label values)."""
+    while True:
+        if state.pool is not None:
+            try:
+                async with state.pool.connection() as conn:
+                    cursor = await conn.execute(KNOWN_POLICIES, [MAX_KNOWN_POLICIES])
+                    state.metrics.labels.set_known(row[0] for row in await cursor.fetchall())
+            except psycopg.Error as exc:  # the webhook says so itself; this only refreshes labels
+                log.info("known policies not refreshed", extra={"ctx": {"error": str(exc)}})
+        await asyncio.sleep(KNOWN_POLICIES_REFRESH_SECONDS)
 
 
 async def _require_schema(pool: AsyncConnectionPool) -> None:
@@ -266,7 +285,8 @@ def _log_result(payload: WebhookPayload, result: RecordResult) -> None:
 
 
 async def handle_metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[STATE].metrics.registry)
+    # Rendered in a worker thread: a scrape never holds the event loop the webhook runs on.
+    body = await asyncio.to_thread(generate_latest, request.app[STATE].metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
