@@ -50,6 +50,8 @@ ALERTS_V1: dict[str, tuple[str, frozenset[str]]] = {
     "DICTRateLimitReceiverDown": ("warning", frozenset()),
     "DICTRateLimitPulsarPublishFailing": ("warning", frozenset()),
     "DICTRateLimitOutboxBacklog": ("warning", frozenset()),
+    # Added in 1.x (a new alert, no label of an existing one changed): issue 17.
+    "DICTRateLimitOutboxEventSetAside": ("warning", frozenset()),
 }
 
 
