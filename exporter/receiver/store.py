@@ -50,6 +50,7 @@ SELECT %(fingerprint)s, %(alert_name)s, %(severity)s, %(endpoint_id)s::text, %(p
                st.exhaustion_projection_seconds
           FROM dict_rate_limit_states st
          WHERE st.endpoint_id = %(endpoint_id)s::text
+           AND st.response_time <= now() + interval '1 day'  -- a row dated 9999 is never "latest"
          ORDER BY st.response_time DESC
          LIMIT 1) s ON true
 ON CONFLICT (fingerprint, starts_at) DO NOTHING

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -150,3 +152,22 @@ async def test_implausible_alert_times_are_refused_with_their_reason(
     # The zero endsAt of a firing alert stays the normal "no end yet".
     good = await client.post("/alerts", json=payload(alert("firing")), headers=AUTH)
     assert good.status == 200
+
+
+async def test_an_alert_takes_the_latest_plausible_snapshot_not_one_dated_9999(
+    client: Client, database_url: str
+) -> None:
+    now = datetime.now(UTC).replace(microsecond=0)
+    with psycopg.connect(database_url) as conn:
+        for moment, tokens in ((now - timedelta(minutes=1), 100), (datetime(9999, 12, 31, tzinfo=UTC), 999)):
+            conn.execute("SELECT create_dict_rate_limit_state_partition(%s)", [moment.date()])
+            conn.execute(
+                "INSERT INTO dict_rate_limit_states (endpoint_id, psp_category, available_tokens, capacity,"
+                " refill_tokens, refill_period_sec, utilization_percent, remaining_ratio,"
+                " recovery_eta_seconds, response_time)"
+                " VALUES ('ENTRIES_WRITE', 'A', %s, 1000, 20, 60, 90, 0.1, 60, %s)",
+                [tokens, moment],
+            )
+    response = await client.post("/alerts", json=payload(alert("firing", annotations={})), headers=AUTH)
+    assert response.status == 200
+    assert rows(database_url, "SELECT available_tokens FROM dict_rate_limit_alerts") == [(100,)]
