@@ -1,4 +1,5 @@
--- 0005 poison input, down: back to 0004's schema. Set-aside snapshots are dropped with their table;
+-- 0005 poison input, down: back to 0004's schema. Set-aside snapshots are dropped with their table (so are
+-- the far-future state rows the up migration moved there: they are not put back);
 -- set-aside outbox events become ordinary unsent events again (the relay retries them); a
 -- refill_period_sec above 2^31 - 1 makes this fail (it cannot be stored in integer): delete such rows first.
 DROP INDEX dict_rate_limit_alert_outbox_set_aside;

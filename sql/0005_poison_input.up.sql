@@ -71,6 +71,17 @@ SELECT s.endpoint_id,
 COMMENT ON VIEW v_dict_rate_limit_latest_states IS
     'Latest plausible snapshot of every policy (response_time <= now + 1 day) with utilization and OK/WARNING/CRITICAL.';
 
+-- State rows already stored with a time beyond it (stored before this guard) are moved out of the
+-- history into the set-aside table, so no reader of "latest" (auto_resolve_alerts() included) sees them.
+INSERT INTO dict_rate_limit_rejected_snapshots
+       (rejected_at, response_time, correlation_id, psp_category, reason, error, snapshot)
+SELECT now(), st.response_time, st.correlation_id, st.psp_category, 'implausible_time',
+       'moved out of dict_rate_limit_states by migration 0005: response_time beyond now + 1 day',
+       row_to_json(st)::text
+  FROM dict_rate_limit_states st
+ WHERE st.response_time > dict_rate_limit_plausible_until();
+DELETE FROM dict_rate_limit_states WHERE response_time > dict_rate_limit_plausible_until();
+
 -- A policy row stamped in the far future would refuse every later update (the writer only moves
 -- last_seen_at forward): bring such rows back to the newest plausible snapshot now; the writer's upsert
 -- also overwrites them from here on.

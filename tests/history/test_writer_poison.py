@@ -4,6 +4,7 @@ cause; "latest" survives a row dated 9999-12-31 already stored."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -111,7 +112,20 @@ async def test_latest_survives_a_row_dated_9999_already_stored(migrated: str) ->
     await writer.start()
     writer.submit(one(at=NOW - timedelta(minutes=2)))
     await drained(writer)
-    with psycopg.connect(migrated) as conn:
+    # In a thread: the writer's own tasks (maintenance holds the partition lock) run on this event loop.
+    await asyncio.to_thread(_store_far_future_row, migrated, far)
+    writer.submit(one(at=NOW, capacity=2000))
+    await drained(writer)
+    await writer.stop()
+    assert rows(
+        migrated, "SELECT response_time, correlation_id, capacity FROM v_dict_rate_limit_latest_states"
+    ) == [(NOW, "corr", 2000)]
+    assert rows(migrated, "SELECT last_seen_at, capacity FROM dict_rate_limit_policies") == [(NOW, 2000)]
+
+
+def _store_far_future_row(url: str, far: datetime) -> None:
+    """What a writer without today's guard stored: every row copied to ``far``, the policy stamped ``far``."""
+    with psycopg.connect(url) as conn:
         conn.execute("SELECT create_dict_rate_limit_state_partition(%s)", [far.date()])
         conn.execute(
             "INSERT INTO dict_rate_limit_states SELECT endpoint_id, psp_category, 1, capacity, refill_tokens,"
@@ -121,13 +135,6 @@ async def test_latest_survives_a_row_dated_9999_already_stored(migrated: str) ->
             [far],
         )
         conn.execute("UPDATE dict_rate_limit_policies SET last_seen_at = %s, capacity = 1", [far])
-    writer.submit(one(at=NOW, capacity=2000))
-    await drained(writer)
-    await writer.stop()
-    assert rows(
-        migrated, "SELECT response_time, correlation_id, capacity FROM v_dict_rate_limit_latest_states"
-    ) == [(NOW, "corr", 2000)]
-    assert rows(migrated, "SELECT last_seen_at, capacity FROM dict_rate_limit_policies") == [(NOW, 2000)]
 
 
 def test_migration_0005_repairs_a_policy_stamped_in_the_far_future(database_url: str) -> None:
@@ -141,3 +148,24 @@ def test_migration_0005_repairs_a_policy_stamped_in_the_far_future(database_url:
         )
     migrations.apply(database_url)
     assert rows(database_url, "SELECT last_seen_at FROM dict_rate_limit_policies") == [(NOW,)]
+
+
+def test_migration_0005_moves_state_rows_dated_9999_out_of_the_history(database_url: str) -> None:
+    """Rows stored before the guard: after 0005 nothing reading dict_rate_limit_states sees them (the
+    auto-resolve function of 0002 included), and they are kept in the set-aside table."""
+    migrations.apply(database_url, to=3)
+    far = datetime(9999, 12, 31, tzinfo=UTC)
+    with psycopg.connect(database_url) as conn:
+        for moment in (NOW, far):
+            conn.execute("SELECT create_dict_rate_limit_state_partition(%s)", [moment.date()])
+            conn.execute(
+                "INSERT INTO dict_rate_limit_states (endpoint_id, psp_category, available_tokens, capacity,"
+                " refill_tokens, refill_period_sec, utilization_percent, remaining_ratio,"
+                " recovery_eta_seconds, response_time) VALUES ('P', 'A', 1, 1, 1, 1, 0, 1, 0, %s)",
+                [moment],
+            )
+    migrations.apply(database_url)
+    assert rows(database_url, "SELECT response_time FROM dict_rate_limit_states") == [(NOW,)]
+    assert rows(database_url, "SELECT reason, response_time FROM dict_rate_limit_rejected_snapshots") == [
+        ("implausible_time", far)
+    ]

@@ -157,8 +157,16 @@ async def test_implausible_alert_times_are_refused_with_their_reason(
 async def test_an_alert_takes_the_latest_plausible_snapshot_not_one_dated_9999(
     client: Client, database_url: str
 ) -> None:
+    await asyncio.to_thread(_store_states, database_url)  # off the loop the webhook runs on
+    response = await client.post("/alerts", json=payload(alert("firing", annotations={})), headers=AUTH)
+    assert response.status == 200
+    assert rows(database_url, "SELECT available_tokens FROM dict_rate_limit_alerts") == [(100,)]
+
+
+def _store_states(url: str) -> None:
+    """A plausible state of ENTRIES_WRITE one minute ago (100 tokens) and a forged one dated 9999 (999)."""
     now = datetime.now(UTC).replace(microsecond=0)
-    with psycopg.connect(database_url) as conn:
+    with psycopg.connect(url) as conn:
         for moment, tokens in ((now - timedelta(minutes=1), 100), (datetime(9999, 12, 31, tzinfo=UTC), 999)):
             conn.execute("SELECT create_dict_rate_limit_state_partition(%s)", [moment.date()])
             conn.execute(
@@ -168,6 +176,3 @@ async def test_an_alert_takes_the_latest_plausible_snapshot_not_one_dated_9999(
                 " VALUES ('ENTRIES_WRITE', 'A', %s, 1000, 20, 60, 90, 0.1, 60, %s)",
                 [tokens, moment],
             )
-    response = await client.post("/alerts", json=payload(alert("firing", annotations={})), headers=AUTH)
-    assert response.status == 200
-    assert rows(database_url, "SELECT available_tokens FROM dict_rate_limit_alerts") == [(100,)]
