@@ -5,7 +5,8 @@ handler measured in the same run (the ratio is what the receiver's work costs), 
 
 Real parts only: an embedded PostgreSQL (fsync and synchronous_commit on, printed) unless --database-url,
 a pulsar-lite broker, the servers in a child process so the load generator does not share their CPU.
-Targets (issue 6): >= 500 alerts/s durable on a 2-core machine; relay >= 2,000 events/s.
+Targets (issue 6): >= 500 alerts/s durable on a 2-core machine; relay >= 2,000 events/s. Issue 17: the
+webhook's p99 while /metrics is scraped and every alert names a new endpoint_id, with the series bounded.
 """
 
 from __future__ import annotations
@@ -38,11 +39,11 @@ TOKEN = "bench-token"  # noqa: S105 - a benchmark token on loopback
 
 def _serve(kind: str, port: int, database_url: str, pool: int) -> None:
     """Child process: the real receiver (no relay) or a no-op handler that reads the body and answers 200."""
-    if kind == "receiver":
+    if kind in {"receiver", "receiver_scraped"}:
         settings = Settings(
             database_url=database_url, webhook_bearer_token=TOKEN, database_max_connections=pool
         )
-        app = create_app(settings, relay=None, include_ops=False)
+        app = create_app(settings, relay=None, include_ops=kind == "receiver_scraped")
     else:
 
         async def noop(request: web.Request) -> web.Response:
@@ -54,10 +55,12 @@ def _serve(kind: str, port: int, database_url: str, pool: int) -> None:
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 
 
-def _payload(index: int, per_request: int) -> bytes:
+def _payload(index: int, per_request: int, distinct: bool = False) -> bytes:
     alerts = []
     for offset in range(per_request):
-        policy = f"POLICY_{(index * per_request + offset) % 40}"
+        # distinct: every alert a new endpoint_id (issue 17's label-cardinality attack), else 40 policies.
+        number = index * per_request + offset
+        policy = f"HOSTILE_{number}" if distinct else f"POLICY_{number % 40}"
         alerts.append(
             {
                 "status": "firing",
@@ -77,8 +80,13 @@ def _payload(index: int, per_request: int) -> bytes:
     return json.dumps({"version": "4", "status": "firing", "truncatedAlerts": 0, "alerts": alerts}).encode()
 
 
-async def _load(port: int, requests: int, concurrency: int, per_request: int) -> dict[str, float]:
-    bodies = [_payload(i, per_request) for i in range(requests)]
+async def _load(
+    port: int, requests: int, concurrency: int, per_request: int, *, scraped: bool = False
+) -> dict[str, float]:
+    """Posts the bodies; with ``scraped``, every endpoint_id is new and /metrics is scraped every 0.1 s."""
+    bodies = [_payload(i, per_request, distinct=scraped) for i in range(requests)]
+    scrapes: list[float] = []
+    exposition = b""
     latencies: list[float] = []
     failures = 0
     queue: asyncio.Queue[bytes] = asyncio.Queue()
@@ -100,8 +108,17 @@ async def _load(port: int, requests: int, concurrency: int, per_request: int) ->
                     failures += response.status != 200
                 latencies.append(time.perf_counter() - started)
 
+        async def scraper() -> None:
+            nonlocal exposition
+            while not queue.empty():
+                begun = time.perf_counter()
+                async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+                    exposition = await response.read()
+                scrapes.append(time.perf_counter() - begun)
+                await asyncio.sleep(0.1)
+
         started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker() for _ in range(concurrency)), *([scraper()] if scraped else []))
         elapsed = time.perf_counter() - started
     latencies.sort()
     return {
@@ -110,6 +127,16 @@ async def _load(port: int, requests: int, concurrency: int, per_request: int) ->
         "p50_ms": statistics.median(latencies) * 1000,
         "p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1000,
         "failures": failures,
+        **(
+            {
+                "scrapes": len(scrapes),
+                "scrape_p50_ms": statistics.median(scrapes) * 1000 if scrapes else 0.0,
+                "exposition_bytes": len(exposition),
+                "alerts_created_series": exposition.count(b"dict_rate_limit_alerts_created_total{"),
+            }
+            if scraped
+            else {}
+        ),
     }
 
 
@@ -121,10 +148,13 @@ def _measure(kind: str, database_url: str, args: argparse.Namespace) -> dict[str
     process.start()
     try:
         wait_for_port("127.0.0.1", port, 30)
+        scraped = kind == "receiver_scraped"
         asyncio.run(
-            _load(port, min(200, args.requests), args.concurrency, args.alerts_per_request)
+            _load(port, min(200, args.requests), args.concurrency, args.alerts_per_request, scraped=scraped)
         )  # warm-up
-        return asyncio.run(_load(port, args.requests, args.concurrency, args.alerts_per_request))
+        return asyncio.run(
+            _load(port, args.requests, args.concurrency, args.alerts_per_request, scraped=scraped)
+        )
     finally:
         process.terminate()
         process.join(10)
@@ -209,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
             noop = _measure("noop", database_url, args)
             receiver = _measure("receiver", database_url, args)
+            scraped = _measure("receiver_scraped", _fresh_database(admin), args)
             relay = asyncio.run(_relay(_fresh_database(admin), broker.url, args.relay_events))
         finally:
             broker.stop()
@@ -225,10 +256,14 @@ def main(argv: list[str] | None = None) -> int:
         "noop_handler": noop,
         "receiver": receiver,
         "receiver_vs_noop_throughput_ratio": receiver["requests_per_s"] / noop["requests_per_s"],
+        # Every alert a new endpoint_id while /metrics is scraped every 0.1 s (issue 17): p99 and series.
+        "receiver_scraped_distinct_labels": scraped,
+        "scraped_vs_plain_p99_ratio": scraped["p99_ms"] / receiver["p99_ms"],
         "relay": relay,
         "targets": {
             "receiver_alerts_per_s>=500": receiver["alerts_per_s"] >= 500,
             "relay_events_per_s>=2000": relay["events_per_s"] >= 2000,
+            "alerts_created_series<=52": scraped["alerts_created_series"] <= 52,
         },
     }
     print(json.dumps(report, indent=2))
