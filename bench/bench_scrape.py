@@ -1,5 +1,7 @@
 """Scrape benchmark: server CPU per /metrics scrape of the exporter (history off and on), of the designs a
-user would write instead (bench/peers.py) and of the raw-socket floor, in interleaved rounds.
+user would write instead (bench/peers.py) and of the raw-socket floor, in interleaved rounds; then the
+exporter (history off) behind its web configuration file: basic auth (bcrypt cost 10, checks cached), TLS
+and TLS + basic auth, each also as a ratio to the open exporter of the same round.
 
 Every server runs in its own process against its own Bridge simulator (which enforces DICT's budget) and
 its real poll loop or per-scrape calls; the load generator and the simulators share this process, so a
@@ -8,7 +10,7 @@ rotated each round; a ratio is taken within a round and reported as median [min-
 
     python -m bench.bench_scrape [--quick] [--rounds 3] [--seconds 2] [--clients 10] [--database-url URL]
 
-To add a case (basic auth, TLS...): one more entry in ``targets()`` (a server with its settings, the
+To add a case (client certificates...): one more entry in ``targets()`` (a server with its settings, the
 client's headers or SSL context); everything else is shared.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import multiprocessing
 import ssl
 import statistics
@@ -30,6 +33,7 @@ from typing import Any
 
 import aiohttp
 import psycopg
+import yaml
 from psycopg import sql
 
 from bench.common import Ratio, Row, cpu_seconds, latency_text, machine, print_figure, rotated
@@ -132,9 +136,49 @@ class Target:
     headers: dict[str, str] = field(default_factory=lambda: {"Accept-Encoding": "identity"})
     ssl: ssl.SSLContext | None = None
     scheme: str = "http"
+    #: The target this one is also compared with, round by round (the open exporter for the secured ones).
+    baseline: str | None = None
 
 
-def servers(database_url: str, floor_body: list[bytes]) -> dict[str, Server]:
+@dataclass(frozen=True)
+class Secure:
+    """Web configuration files (basic auth, TLS, both) and what the load generator presents to them."""
+
+    files: dict[str, str]
+    auth: dict[str, str]
+    tls: ssl.SSLContext
+
+
+def secure_setup(directory: Path) -> Secure:
+    """A PKI (tests/support/certs.py), one bcrypt hash (cost 10, the exporter-toolkit's usual) and the
+    three web configuration files of the secured cases."""
+    import bcrypt
+
+    from tests.support.certs import make_pki
+
+    pki = make_pki(directory)
+    users = {"prometheus": bcrypt.hashpw(b"bench-password", bcrypt.gensalt(10)).decode()}
+    tls_section = {"cert_file": pki.server_cert, "key_file": pki.server_key}
+    contents = {
+        "basic": {"basic_auth_users": users},
+        "tls": {"tls_server_config": tls_section},
+        "tls-basic": {"tls_server_config": tls_section, "basic_auth_users": users},
+    }
+    files = {}
+    for name, content in contents.items():
+        path = directory / f"web-{name}.yml"
+        path.write_text(yaml.safe_dump(content), encoding="utf-8")
+        files[name] = str(path)
+    auth = {"Authorization": "Basic " + base64.b64encode(b"prometheus:bench-password").decode()}
+    return Secure(files, auth, ssl.create_default_context(cafile=pki.ca))
+
+
+def _secured_exporter(name: str, web_config: str) -> Server:
+    overrides = {"web_config_file": web_config}
+    return Server(name, lambda port, bridge: (_serve_exporter, (port, bridge, None, overrides)))
+
+
+def servers(database_url: str, floor_body: list[bytes], secure: Secure) -> dict[str, Server]:
     return {
         "floor": Server("floor", lambda port, _: (_serve_floor, (port, floor_body[0])), needs_bridge=False),
         "exporter-off": Server("exporter-off", lambda port, bridge: (_serve_exporter, (port, bridge, None))),
@@ -143,11 +187,14 @@ def servers(database_url: str, floor_body: list[bytes]) -> dict[str, Server]:
         ),
         "per-scrape": Server("per-scrape", lambda port, bridge: (_serve_peer, ("per-scrape", port, bridge))),
         "gauges": Server("gauges", lambda port, bridge: (_serve_peer, ("gauges", port, bridge))),
+        **{f"exporter-{n}": _secured_exporter(f"exporter-{n}", path) for n, path in secure.files.items()},
     }
 
 
-def targets() -> list[Target]:
+def targets(secure: Secure) -> list[Target]:
     gzip = {"Accept-Encoding": "gzip"}
+    open_ = "exporter, history off"
+    auth = {**_IDENTITY, **secure.auth}
     return [
         Target("raw asyncio socket, pre-rendered bytes", "limit", "floor"),
         Target("exporter, history on", "project", "exporter-on"),
@@ -155,6 +202,21 @@ def targets() -> list[Target]:
         Target("exporter, history off", "project", "exporter-off"),
         Target("per-scrape collector (calls the Bridge)", "peer", "per-scrape"),
         Target("global Gauges + poll thread", "peer", "gauges"),
+        Target(
+            "exporter, off, basic auth (bcrypt cached)", "project", "exporter-basic", auth, baseline=open_
+        ),
+        Target(
+            "exporter, off, TLS", "project", "exporter-tls", ssl=secure.tls, scheme="https", baseline=open_
+        ),
+        Target(
+            "exporter, off, TLS + basic auth",
+            "project",
+            "exporter-tls-basic",
+            auth,
+            ssl=secure.tls,
+            scheme="https",
+            baseline=open_,
+        ),
     ]
 
 
@@ -211,6 +273,8 @@ async def _load(target: Target, server: Server, seconds: float, clients: int) ->
                 began = time.perf_counter()
                 async with http.get(url, headers=target.headers) as response:
                     body = await response.read()
+                    if response.status != 200:  # a refused scrape is cheap: it must not count as one
+                        raise RuntimeError(f"{target.name}: HTTP {response.status} from {url}")
                 sample.latencies.append(time.perf_counter() - began)
                 sample.scrapes += 1
                 sample.size = len(body)
@@ -238,13 +302,16 @@ async def _full_exposition(port: int) -> bytes:
             await asyncio.sleep(0.5)
 
 
-async def run_case(label: str, policies: int, args: argparse.Namespace, admin_url: str) -> dict[str, Any]:
+async def run_case(
+    label: str, policies: int, args: argparse.Namespace, admin_url: str, secure: Secure
+) -> dict[str, Any]:
     floor_body: list[bytes] = [b""]
-    pool = servers(admin_url, floor_body)
-    chosen = targets()
+    pool = servers(admin_url, floor_body, secure)
+    chosen = targets(secure)
     try:
-        for key in ("exporter-on", "exporter-off", "per-scrape", "gauges"):
-            await pool[key].launch(policies)
+        for key in pool:
+            if key != "floor":
+                await pool[key].launch(policies)
         floor_body[0] = await _full_exposition(pool["exporter-on"].port)
         await pool["floor"].launch(policies)
         for target in chosen:  # warm-up
@@ -287,6 +354,11 @@ def _print_case(
         server_scrapes = sum(s.scrapes for _, runs in _by_server(chosen, rounds, target) for s in runs)
         data = sum(s.with_data for s in samples)
         goal = GOALS.get((label, target.name.removesuffix(", gzip")))
+        versus = (
+            f", {str(Ratio.of(cpu, [s.cpu_per_scrape for s in rounds[target.baseline]])).strip()} of open"
+            if target.baseline
+            else ""
+        )
         rows.append(
             Row(
                 target.role,
@@ -294,12 +366,13 @@ def _print_case(
                 f"{statistics.median(cpu) * 1e6:,.0f} us",
                 None if target is limit else Ratio.of(cpu, floor),
                 latency_text(latencies)
+                + versus
                 + f", {scrapes / (args.seconds * len(samples)):,.0f} req/s, {samples[-1].size / 1000:,.0f} kB"
                 + (
                     f", Bridge calls in {span:.0f} s: {calls[target.server]}"
                     f" ({calls[target.server] * 1000 / max(1, server_scrapes):,.1f} per 1,000 scrapes),"
                     f" data in {data}/{scrapes} scrapes"
-                    if target.server != "floor" and target.headers == _IDENTITY
+                    if target.server != "floor" and target.headers.get("Accept-Encoding") == "identity"
                     else ""
                 ),
                 f"goal <= {goal:g}x" if goal else "",
@@ -334,9 +407,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="drl-bench-") as tmp:
         embedded = None if args.database_url else EmbeddedPostgres(Path(tmp) / "pg")
         admin = args.database_url or embedded.start()  # type: ignore[union-attr]
+        secure = secure_setup(Path(tmp))
         try:
             for label, policies in CASES:
-                asyncio.run(run_case(label, policies, args, admin))
+                asyncio.run(run_case(label, policies, args, admin, secure))
         finally:
             if embedded is not None:
                 embedded.stop()

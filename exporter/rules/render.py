@@ -13,6 +13,8 @@ labels and annotations.
     python -m exporter.rules.render --check    # exit 1 when the committed manifest is out of date
     python -m exporter.rules.render --fast DIR --for-scale 0.02
     python -m exporter.rules.render --defaults  # rewrite rules/ from the templates (default selectors)
+    python -m exporter.rules.render --overlays  # rewrite each Kubernetes overlay's prometheusrule.yaml
+    python -m exporter.rules.render --overlays --check
     dict-rate-limit rules render --exporter-selector 'job="x"' --receiver-selector 'job="y"' --output DIR
 """
 
@@ -32,6 +34,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 RULES_DIR = ROOT / "rules"
 MANIFEST = ROOT / "deploy" / "kubernetes" / "base" / "prometheusrule.yaml"
+OVERLAYS_DIR = ROOT / "deploy" / "kubernetes" / "overlays"
+#: The overlay's own PrometheusRule: a patch replacing the base's (same kind and name; kustomize merges a
+#: custom resource as a JSON merge patch, so ``spec.groups`` is replaced whole).
+OVERLAY_MANIFEST = "prometheusrule.yaml"
+#: Prometheus job names: the ServiceMonitors' job label defaults to the Service name (base/service.yaml).
+EXPORTER_JOB = "dict-rate-limit-exporter"
+RECEIVER_JOB = "dict-rate-limit-receiver"
 RULE_FILE_GLOB = "*.rules.yml"
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 #: Labels that identify one deployment (one participant's exporter and receiver) by default: alerts are
@@ -259,8 +268,13 @@ def _dump(document: object) -> str:
     return yaml.dump(document, Dumper=_BlockDumper, sort_keys=False, width=1_000_000, allow_unicode=True)
 
 
-def render_prometheusrule(src_dir: Path = RULES_DIR, name: str = "dict-rate-limit") -> str:
-    """The PrometheusRule manifest (text) holding every group of the bundle."""
+def render_prometheusrule(
+    src_dir: Path = RULES_DIR, name: str = "dict-rate-limit", *, rendered_by: str = ""
+) -> str:
+    """The PrometheusRule manifest (text) holding every group of the bundle.
+
+    ``rendered_by`` replaces the header's source line (an overlay's manifest comes from the templates).
+    """
     version = bundle_version(src_dir)
     manifest = {
         "apiVersion": "monitoring.coreos.com/v1",
@@ -277,12 +291,66 @@ def render_prometheusrule(src_dir: Path = RULES_DIR, name: str = "dict-rate-limi
         },
         "spec": {"groups": load_groups(src_dir)},
     }
-    header = (
+    header = rendered_by or (
         f"# Rendered from rules/{RULE_FILE_GLOB} (bundle-version: {version})"
         " by `python -m exporter.rules.render`.\n"
         "# Do not edit: tests/rules/test_rules_bundle.py fails when this file drifts from its source.\n"
     )
     return header + _dump(manifest)
+
+
+def overlay_selectors(overlay_dir: Path) -> Selectors:
+    """The selectors of one Kubernetes overlay: the jobs its ServiceMonitors produce, in its namespace
+    (read from its kustomization.yaml). Alertmanager is the cluster's, outside the overlay: not narrowed."""
+    kustomization = yaml.safe_load((Path(overlay_dir) / "kustomization.yaml").read_text(encoding="utf-8"))
+    namespace = kustomization.get("namespace") if isinstance(kustomization, dict) else None
+    if not isinstance(namespace, str) or not namespace:
+        raise RulesBundleError(f"{overlay_dir}/kustomization.yaml sets no namespace")
+    return Selectors(
+        exporter=f'job="{EXPORTER_JOB}",namespace="{namespace}"',
+        receiver=f'job="{RECEIVER_JOB}",namespace="{namespace}"',
+    )
+
+
+def render_overlay_prometheusrule(overlay_dir: Path) -> str:
+    """One overlay's PrometheusRule (text): the templates rendered with ``overlay_selectors``."""
+    import tempfile
+
+    selectors = overlay_selectors(overlay_dir)
+    with tempfile.TemporaryDirectory(prefix="drl-rules-") as tmp:
+        render_rules(Path(tmp), selectors)
+        version = bundle_version(Path(tmp))
+        header = (
+            f"# Rendered from exporter/rules/templates (bundle-version: {version}) for this overlay by\n"
+            "# `python -m exporter.rules.render --overlays` with exporter selector\n"
+            f"#   {selectors.exporter}\n# and receiver selector\n#   {selectors.receiver}\n"
+            "# A patch replacing the base's PrometheusRule. Do not edit: tests/deploy/test_kustomize.py\n"
+            "# fails when this file drifts from its source.\n"
+        )
+        return render_prometheusrule(Path(tmp), rendered_by=header)
+
+
+def overlay_dirs(root: Path = OVERLAYS_DIR) -> list[Path]:
+    """Every overlay (a directory with a kustomization.yaml), in a stable order."""
+    found = sorted(path.parent for path in Path(root).glob("*/kustomization.yaml"))
+    if not found:
+        raise RulesBundleError(f"no overlay (*/kustomization.yaml) in {root}")
+    return found
+
+
+def render_overlays(root: Path = OVERLAYS_DIR, *, check: bool = False) -> list[Path]:
+    """Writes each overlay's prometheusrule.yaml and returns the files that changed; with ``check``,
+    writes nothing (the stale files are returned all the same)."""
+    stale: list[Path] = []
+    for overlay in overlay_dirs(root):
+        target = overlay / OVERLAY_MANIFEST
+        rendered = render_overlay_prometheusrule(overlay)
+        current = target.read_text(encoding="utf-8") if target.exists() else ""
+        if current != rendered:
+            stale.append(target)
+            if not check:
+                target.write_text(rendered, encoding="utf-8")
+    return stale
 
 
 # An alert whose condition is "below for half of a window" (hysteresis): the window sets its delay.
@@ -434,7 +502,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--defaults", action="store_true", help="Rewrite --rules-dir from the templates (default selectors)."
     )
+    parser.add_argument(
+        "--overlays",
+        action="store_true",
+        help="Rewrite (with --check: check) each Kubernetes overlay's prometheusrule.yaml, rendered with"
+        " the overlay's namespace and job selectors.",
+    )
     args = parser.parse_args(argv)
+    if args.overlays:
+        return _overlays_command(check=args.check)
     try:
         if args.defaults:
             render_rules(args.rules_dir)
@@ -455,6 +531,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(rendered, encoding="utf-8")
     return 0
+
+
+def _overlays_command(*, check: bool) -> int:
+    try:
+        stale = render_overlays(check=check)
+    except (RulesBundleError, OSError, yaml.YAMLError) as exc:
+        print(f"rules_render: {exc}", file=sys.stderr)
+        return 2
+    for path in stale:
+        if check:
+            print(f"{path} is out of date: run python -m exporter.rules.render --overlays", file=sys.stderr)
+        else:
+            print(path)
+    return 1 if check and stale else 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from exporter.rules import render as rules_render
+from exporter.rules.render import Selectors, render_prometheusrule, render_rules
 from tests.support.env import ROOT
 
 DEPLOY = ROOT / "deploy" / "kubernetes"
@@ -28,6 +31,8 @@ OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
 DEPLOYMENTS = ("dict-rate-limit-exporter", "dict-rate-limit-receiver")
 #: Egress the parts may use: DNS, the Bridge, PostgreSQL, Pulsar (plain and TLS).
 ALLOWED_EGRESS_PORTS = {53, 50051, 5432, 6650, 6651}
+#: A raw series of the product in an expression (not a recorded ``level:metric:op`` name) and its matchers.
+RAW_SERIES = re.compile(r"(?<![:\w])(dict_rate_limit_\w+)(?![\w:])(\{[^}]*\})?")
 
 
 def kubectl() -> str:
@@ -105,7 +110,8 @@ def test_overlays_differ_in_replicas_and_resources_and_keep_one_exporter() -> No
     sizes = {}
     for overlay in OVERLAYS:
         deployments = objects(overlay, "Deployment")
-        assert deployments["dict-rate-limit-exporter"]["spec"]["replicas"] == 1  # one poller per budget
+        # Two exporters elect one poller (a PostgreSQL lease): POLICIES_LIST is spent once whatever the count.
+        assert deployments["dict-rate-limit-exporter"]["spec"]["replicas"] == 2
         receiver = deployments["dict-rate-limit-receiver"]
         sizes[overlay] = (
             receiver["spec"]["replicas"],
@@ -124,8 +130,9 @@ def test_each_deployment_has_a_disruption_budget_selecting_its_pods(target: str)
             b for b in budgets.values() if b["spec"]["selector"]["matchLabels"].items() <= labels.items()
         ]
         assert len(matching) == 1, name
-        # A budget that forbids every eviction of a single replica would block node drains forever.
-        assert matching[0]["spec"].get("maxUnavailable") == 1, name
+        # minAvailable 1 evicts one pod at a time; with fewer than two replicas it would block node drains.
+        assert matching[0]["spec"]["minAvailable"] == 1, name
+        assert deployment["spec"]["replicas"] >= 2, name
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -177,11 +184,67 @@ def test_the_dashboard_configmap_is_the_generated_dashboard_labelled_for_the_sid
     assert json.loads(configmap["data"]["dict-rate-limit.json"])["uid"] == "dict-rate-limit"
 
 
-@pytest.mark.parametrize("target", TARGETS)
-def test_the_prometheusrule_carries_the_rules_bundle(target: str) -> None:
-    # Until the rules renderer takes per-environment selectors, every overlay ships the base's rules.
-    (rule,) = objects(target, "PrometheusRule").values()
+def test_the_base_prometheusrule_carries_the_default_rules_bundle() -> None:
+    (rule,) = objects("base", "PrometheusRule").values()
     assert rule["spec"]["groups"] == rule_groups()
+
+
+def overlay_manifest(overlay: str) -> dict[str, Any]:
+    path = DEPLOY / "overlays" / overlay / "prometheusrule.yaml"
+    document: dict[str, Any] = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return document
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_overlay_ships_exactly_one_prometheusrule_selecting_its_own_namespace(overlay: str) -> None:
+    namespace = OVERLAYS[overlay]
+    (rule,) = objects(overlay, "PrometheusRule").values()  # the overlay's replaced the base's, not added
+    assert rule["metadata"]["namespace"] == namespace
+    # The patch replaced the groups whole: nothing of the base's default rendering is left.
+    assert rule["spec"] == overlay_manifest(overlay)["spec"]
+    seen = 0
+    for group in rule["spec"]["groups"]:
+        for item in group["rules"]:
+            for match in RAW_SERIES.finditer(item["expr"]):
+                seen += 1
+                matchers = match.group(2) or ""
+                assert f'namespace="{namespace}"' in matchers, (item.get("alert") or item["record"], match[0])
+    assert seen >= 20  # the check above looked at the bundle's expressions, not at an empty list
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_prometheusrule_has_not_drifted_from_a_render_with_its_selectors(
+    overlay: str, tmp_path: Path
+) -> None:
+    # The selectors as docs/deployment.md spells them (job = the Service name, the overlay's namespace),
+    # rendered the way `dict-rate-limit rules render` does.
+    namespace = OVERLAYS[overlay]
+    selectors = Selectors(
+        exporter=f'job="dict-rate-limit-exporter",namespace="{namespace}"',
+        receiver=f'job="dict-rate-limit-receiver",namespace="{namespace}"',
+    )
+    render_rules(tmp_path, selectors)
+    fresh = yaml.safe_load(render_prometheusrule(tmp_path))
+    assert overlay_manifest(overlay) == fresh, (
+        f"overlays/{overlay}/prometheusrule.yaml drifted: run `python -m exporter.rules.render --overlays`"
+    )
+    committed = (DEPLOY / "overlays" / overlay / "prometheusrule.yaml").read_text(encoding="utf-8")
+    assert committed == rules_render.render_overlay_prometheusrule(DEPLOY / "overlays" / overlay)
+
+
+def test_overlays_check_reports_a_stale_manifest_and_rewrites_it(tmp_path: Path) -> None:
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    source = DEPLOY / "overlays" / "staging" / "kustomization.yaml"
+    (staging / "kustomization.yaml").write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+    stale = (DEPLOY / "overlays" / "production" / "prometheusrule.yaml").read_text(encoding="utf-8")
+    (staging / "prometheusrule.yaml").write_text(stale, encoding="utf-8")  # another namespace's rules
+    assert rules_render.render_overlays(tmp_path, check=True) == [staging / "prometheusrule.yaml"]
+    assert (staging / "prometheusrule.yaml").read_text(encoding="utf-8") == stale  # check writes nothing
+    rules_render.render_overlays(tmp_path)
+    expected = (DEPLOY / "overlays" / "staging" / "prometheusrule.yaml").read_text(encoding="utf-8")
+    assert (staging / "prometheusrule.yaml").read_text(encoding="utf-8") == expected
+    assert rules_render.render_overlays(tmp_path, check=True) == []
 
 
 @pytest.mark.parametrize("target", TARGETS)
