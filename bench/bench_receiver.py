@@ -9,6 +9,10 @@ a pulsar-lite broker; each server in its own child process, so the load generato
 CPU. Every alert is new (a fresh fingerprint): the most work a notification can cost.
 Goal (issue 18): >= 0.8x the minimal durable handler at 10 alerts per request, scaling with senders up to
 the pool size (DATABASE_MAX_CONNECTIONS).
+Issue 17: the same rounds with every alert naming a new endpoint_id while /metrics is scraped every 0.1 s:
+the webhook's p50/p99, the scrape's latency, the exposition's size and its count of
+dict_rate_limit_alerts_created_total series, which must stay within the label bound (known policies, 50
+others, then `other`).
 """
 
 from __future__ import annotations
@@ -32,25 +36,29 @@ from bench.common import Ratio, Row, latency_text, machine, print_figure, rotate
 from devstack.embedded import EmbeddedPostgres, EmbeddedPulsar, free_port, wait_for_port
 from exporter.config import ReceiverSettings
 from exporter.history import migrations
-from exporter.receiver.metrics import ReceiverMetrics
+from exporter.receiver.metrics import MAX_UNKNOWN_POLICIES, ReceiverMetrics
 from exporter.receiver.outbox import OutboxRelay, RelayTuning
 from exporter.receiver.publisher import PulsarPublisher
 from exporter.receiver.webhook import create_app
 
 TOKEN = "bench-token"  # noqa: S105 - a benchmark token on loopback
 POOL = ReceiverSettings().database_max_connections
+#: Pause between two scrapes of the scraped receiver: far more often than Prometheus would (15-60 s).
+SCRAPE_GAP_SECONDS = 0.1
+SERIES_PREFIX = b"dict_rate_limit_alerts_created_total{"
 BASELINE_TABLE = (
     b"CREATE TABLE IF NOT EXISTS bench_notifications (id bigserial PRIMARY KEY, body jsonb NOT NULL)"
 )
 
 
 def _serve(kind: str, port: int, database_url: str, pool: int) -> None:
-    """Child process: the real receiver (no relay), or the minimal durable handler."""
-    if kind == "receiver":
+    """Child process: the real receiver (no relay; ``scraped`` also serves /metrics), or the minimal
+    durable handler."""
+    if kind in {"receiver", "scraped"}:
         settings = ReceiverSettings(
             database_url=database_url, webhook_bearer_token=TOKEN, database_max_connections=pool
         )
-        app = create_app(settings, relay=None, include_ops=False)
+        app = create_app(settings, relay=None, include_ops=kind == "scraped")
     else:
         app = _baseline_app(database_url, pool)
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
@@ -83,16 +91,18 @@ def _baseline_app(database_url: str, size: int) -> web.Application:
     return app
 
 
-def _payload(per_request: int) -> bytes:
+def _payload(per_request: int, distinct: bool = False) -> bytes:
+    """New alerts for 40 policies; ``distinct``: each naming an endpoint_id never seen (issue 17's attack)."""
     alerts = []
     for offset in range(per_request):
+        policy = f"HOSTILE_{uuid.uuid4().hex[:16]}" if distinct else f"POLICY_{offset % 40}"
         alerts.append(
             {
                 "status": "firing",
                 "labels": {
                     "alertname": "DICTRateLimitWarning",
                     "severity": "warning",
-                    "endpoint_id": f"POLICY_{offset % 40}",
+                    "endpoint_id": policy,
                     "psp_category": "A",
                 },
                 "annotations": {"summary": "bench", "available_tokens": "100", "capacity": "36000"},
@@ -105,40 +115,65 @@ def _payload(per_request: int) -> bytes:
     return json.dumps({"version": "4", "status": "firing", "truncatedAlerts": 0, "alerts": alerts}).encode()
 
 
-async def _load(port: int, seconds: float, senders: int, per_request: int) -> dict[str, Any]:
-    """``senders`` concurrent Alertmanager-like senders posting new notifications for ``seconds``."""
+async def _load(
+    port: int,
+    seconds: float,
+    senders: int,
+    per_request: int,
+    *,
+    distinct: bool = False,
+    scrape: bool = False,
+) -> dict[str, Any]:
+    """``senders`` concurrent Alertmanager-like senders posting new notifications for ``seconds``; with
+    ``scrape``, one more client GETs /metrics every SCRAPE_GAP_SECONDS meanwhile."""
     latencies: list[float] = []
+    scrapes: list[float] = []
+    exposition = b""
     failures = 0
     headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
-    connector = aiohttp.TCPConnector(limit=senders)
+    connector = aiohttp.TCPConnector(limit=senders + scrape)  # the scraper never waits for a sender
     async with aiohttp.ClientSession(connector=connector) as session:
         stop_at = time.perf_counter() + seconds
 
         async def sender() -> None:
             nonlocal failures
             while time.perf_counter() < stop_at:
-                body = _payload(per_request)
+                body = _payload(per_request, distinct)
                 began = time.perf_counter()
                 async with session.post(f"http://127.0.0.1:{port}/alerts", data=body, headers=headers) as r:
                     await r.read()
                     failures += r.status != 200
                 latencies.append(time.perf_counter() - began)
 
+        async def scraper() -> None:
+            nonlocal exposition, failures
+            while time.perf_counter() < stop_at:
+                began = time.perf_counter()
+                async with session.get(f"http://127.0.0.1:{port}/metrics") as r:
+                    exposition = await r.read()
+                    failures += r.status != 200
+                scrapes.append(time.perf_counter() - began)
+                await asyncio.sleep(SCRAPE_GAP_SECONDS)
+
         began = time.perf_counter()
-        await asyncio.gather(*(sender() for _ in range(senders)))
+        await asyncio.gather(*(sender() for _ in range(senders)), *([scraper()] if scrape else []))
         elapsed = time.perf_counter() - began
     return {
         "alerts_per_s": len(latencies) * per_request / elapsed,
+        "alerts": len(latencies) * per_request,
         "latencies": latencies,
         "failures": failures,
+        "scrapes": scrapes,
+        "exposition": exposition,
     }
 
 
 class Servers:
-    """The receiver and the baseline, both running for the whole benchmark (measured one at a time)."""
+    """The receiver, the scraped receiver and the baseline, all running for the whole benchmark (measured
+    one at a time). The scraped one has its own process, so its label sets start empty."""
 
     def __init__(self, database_url: str, pool: int) -> None:
-        self.ports = {"receiver": free_port(), "baseline": free_port()}
+        self.ports = {"receiver": free_port(), "baseline": free_port(), "scraped": free_port()}
         context = multiprocessing.get_context("spawn")
         self.processes = [
             context.Process(target=_serve, args=(kind, port, database_url, pool), daemon=True)
@@ -162,8 +197,8 @@ def figure(servers: Servers, title: str, cases: list[tuple[int, int]], args: arg
     """Rows of one figure: each case (senders, alerts per request) as receiver vs baseline, interleaved."""
     rows: list[Row] = []
     for senders, per_request in cases:
-        for port in servers.ports.values():  # warm-up: connections opened, code paths loaded
-            asyncio.run(_load(port, 0.3, senders, per_request))
+        for kind in ("receiver", "baseline"):  # warm-up: connections opened, code paths loaded
+            asyncio.run(_load(servers.ports[kind], 0.3, senders, per_request))
         results: dict[str, list[dict[str, Any]]] = {"receiver": [], "baseline": []}
         for index in range(args.rounds):
             for kind in rotated(list(results), index):
@@ -187,6 +222,68 @@ def figure(servers: Servers, title: str, cases: list[tuple[int, int]], args: arg
             )
     print_figure(title, "alerts/s", rows)
     return rows
+
+
+def scraped_figure(servers: Servers, known_policies: int, args: argparse.Namespace) -> bool:
+    """Issue 17: every alert a new endpoint_id while /metrics is scraped, against the same alerts to the
+    receiver that is not scraped and the baseline, in the same interleaved rounds.
+
+    True if the exposition's series stay within the label bound."""
+    senders, per_request = args.pool, 10
+    loads = {
+        "scraped": {"distinct": True, "scrape": True},
+        "receiver": {"distinct": True, "scrape": False},
+        "baseline": {"distinct": True, "scrape": False},
+    }
+    for kind, options in loads.items():  # warm-up (the scraped receiver's 50 free label values fill up)
+        asyncio.run(_load(servers.ports[kind], 0.3, senders, per_request, **options))
+    results: dict[str, list[dict[str, Any]]] = {kind: [] for kind in loads}
+    for index in range(args.rounds):
+        for kind in rotated(list(loads), index):
+            results[kind].append(
+                asyncio.run(_load(servers.ports[kind], args.seconds, senders, per_request, **loads[kind]))
+            )
+    rates = {kind: [r["alerts_per_s"] for r in runs] for kind, runs in results.items()}
+    names = {
+        "scraped": "receiver scraped, every endpoint_id new",
+        "receiver": "receiver not scraped, same alerts",
+        "baseline": "baseline, same alerts",
+    }
+    rows = []
+    for kind, runs in results.items():
+        latencies = [x for r in runs for x in r["latencies"]]
+        failures = sum(r["failures"] for r in runs)
+        rows.append(
+            Row(
+                "limit" if kind == "baseline" else "project",
+                names[kind],
+                f"{sorted(rates[kind])[len(rates[kind]) // 2]:,.0f}/s",
+                None if kind == "baseline" else Ratio.of(rates[kind], rates["baseline"]),
+                latency_text(latencies) + (f", {failures} FAILED requests" if failures else ""),
+            )
+        )
+    print_figure(
+        f"webhook while /metrics is scraped every {SCRAPE_GAP_SECONDS:g} s, every alert a new endpoint_id"
+        f" ({senders} senders x {per_request} alerts, {args.rounds} interleaved rounds x {args.seconds:g} s)",
+        "alerts/s",
+        rows,
+    )
+    scraped = results["scraped"]
+    scrapes = [x for r in scraped for x in r["scrapes"]]
+    exposition: bytes = scraped[-1]["exposition"]
+    series = exposition.count(SERIES_PREFIX)
+    # One severity and one category in these alerts: known policies + 50 others + `other`.
+    bound = known_policies + MAX_UNKNOWN_POLICIES + 1
+    distinct = sum(r["alerts"] for r in scraped)
+    print(
+        f"  scraped receiver: {distinct:,} distinct endpoint_id values posted (and the warm-up's);"
+        f" {len(scrapes)} scrapes, {latency_text(scrapes)};"
+        f" exposition {len(exposition) / 1024:,.1f} KiB;"
+        f" {series} {SERIES_PREFIX.decode()}...}} series, bound {bound}"
+        f" ({known_policies} known policies + {MAX_UNKNOWN_POLICIES} others + `other`):"
+        f" {'within the bound' if series <= bound else 'ABOVE THE BOUND'}"
+    )
+    return series <= bound
 
 
 def _fill_outbox(database_url: str, events: int) -> None:
@@ -263,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
             database_url = _fresh_database(admin)
             with psycopg.connect(database_url, autocommit=True) as conn:
                 conn.execute(BASELINE_TABLE)
+                known = conn.execute(
+                    "SELECT count(DISTINCT endpoint_id) FROM dict_rate_limit_policies"
+                ).fetchone()
                 settings = {
                     name: conn.execute(
                         psycopg.sql.SQL("SHOW {}").format(psycopg.sql.Identifier(name))
@@ -275,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
                 + f"; pool {args.pool} connections each"
             )
             with Servers(database_url, args.pool) as servers:
+                # First: the two receivers compared here have done the same work (none) before it.
+                bounded = scraped_figure(servers, known[0] if known else 0, args)
                 figure(
                     servers,
                     f"receiver vs minimal durable handler by alerts per request ({args.pool} senders,"
@@ -300,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
                 broker.stop()
             if embedded is not None:
                 embedded.stop()
-    return 0
+    return 0 if bounded else 1
 
 
 if __name__ == "__main__":
