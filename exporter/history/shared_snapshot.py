@@ -73,6 +73,7 @@ def encode(derived: DerivedSnapshot) -> dict[str, Any]:
         "category": snapshot.category,
         "category_changed": derived.category_changed,
         "states": [{**_plain(state), "reading": _plain(state.reading)} for state in derived.states],
+        "missing": list(derived.missing),
     }
 
 
@@ -82,7 +83,11 @@ def _restore(cls: type[Any], document: dict[str, Any]) -> Any:
         if field.name not in document:
             continue  # a field with a default this release knows and the writer did not send
         value = document[field.name]
-        values[field.name] = float(value) if isinstance(value, str) and field.type in _FLOAT_TYPES else value
+        if isinstance(value, str) and field.type in _FLOAT_TYPES:
+            value = float(value)
+        elif isinstance(value, list):  # JSON has no tuples: the rate window's (time, total) points
+            value = tuple(tuple(item) if isinstance(item, list) else item for item in value)
+        values[field.name] = value
     return cls(**values)
 
 
@@ -105,6 +110,7 @@ def decode(document: dict[str, Any]) -> DerivedSnapshot:
             policies=tuple(state.reading for state in states),
         )
         changed = bool(document["category_changed"])
-        return DerivedSnapshot(snapshot=snapshot, states=states, category_changed=changed)
+        missing = tuple(str(name) for name in document.get("missing", ()))
+        return DerivedSnapshot(snapshot=snapshot, states=states, category_changed=changed, missing=missing)
     except (KeyError, TypeError, ValueError) as exc:
         raise SnapshotFormatError(f"damaged shared snapshot: {exc}") from exc

@@ -325,6 +325,12 @@ class ExporterService:
         if self.history is not None:
             # The cause in words (unreachable, schema not migrated...), never "unreachable" while it answers.
             checks["database"] = self.history.database_status
+        lease_error = self.lease.last_error if self.lease is not None else None
+        if lease_error is not None:
+            # Before any snapshot is written the lease is what meets the database first: say its cause.
+            checks["poller_lease"] = lease_error
+            if lease_error.startswith("UndefinedTable") and checks.get("database") in {"ok", "no write yet"}:
+                checks["database"] = f"schema not migrated (run `dict-rate-limit migrate`): {lease_error}"
         return all(value == "ok" for value in checks.values()), {**checks, **notes}
 
     def startup_state(self) -> tuple[bool, dict[str, str]]:

@@ -501,6 +501,7 @@ RECEIVER_METRICS = {
     "dict_rate_limit_webhook_requests_total",
     "dict_rate_limit_pulsar_publish_failures_total",
     "dict_rate_limit_outbox_oldest_age_seconds",
+    "dict_rate_limit_outbox_set_aside",
 }
 
 
