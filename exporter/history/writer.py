@@ -27,6 +27,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from exporter.backoff import Backoff
 from exporter.config import PolicyThreshold
 from exporter.history.maintenance import Maintenance
 from exporter.history.statements import (
@@ -305,7 +306,8 @@ class HistoryWriter:
         await self._pool.close(timeout=max(0.1, deadline - time.monotonic()))
 
     async def _write_loop(self) -> None:
-        delay = 0.0
+        # Retries of the queue head: from 0.1 s doubling up to retry_max_delay, reset after a success.
+        backoff = Backoff(0.1, max(0.1, self._retry_max_delay))
         while True:
             if not self._queue:
                 self._idle.set()
@@ -320,10 +322,11 @@ class HistoryWriter:
             self._inflight = 1
             try:
                 await self._write_or_set_aside(derived)
+                backoff.reset()
                 delay = 0.0
             except Exception:
                 self._requeue(derived)
-                delay = min(self._retry_max_delay, max(0.1, delay * 2))
+                delay = backoff.next()
             finally:
                 self._inflight = 0
                 self._version += 1  # whatever the attempt changed: counters, queue, set-aside

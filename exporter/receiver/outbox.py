@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import sys
 import time
 from collections.abc import Sequence
@@ -31,6 +30,7 @@ import psycopg
 from psycopg import AsyncConnection
 from psycopg.rows import class_row
 
+from exporter.backoff import Backoff
 from exporter.config import OutboxSettings
 from exporter.dsn import redact
 from exporter.receiver.events import AlertEvent, OutboxRow
@@ -106,22 +106,6 @@ async def _bound_session(conn: AsyncConnection[Any]) -> None:
             await conn.execute("SELECT set_config(%s, %s, false)", [name, value])
         except psycopg.errors.UndefinedObject:  # idle_session_timeout needs PostgreSQL 14
             log.info("outbox relay: %s is not supported by this server", name)
-
-
-class Backoff:
-    """Capped exponential delays with full jitter; reset after a success."""
-
-    def __init__(self, initial: float, maximum: float) -> None:
-        self.initial, self.maximum = initial, maximum
-        self._next = initial
-
-    def next(self) -> float:
-        delay = random.uniform(self._next / 2, self._next)  # noqa: S311 - jitter, not cryptography
-        self._next = min(self.maximum, self._next * 2)
-        return delay
-
-    def reset(self) -> None:
-        self._next = self.initial
 
 
 class OutboxRelay:
