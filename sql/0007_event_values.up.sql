@@ -58,3 +58,86 @@ $$;
 
 COMMENT ON FUNCTION dict_rate_limit_alert_outbox_enqueue() IS
     'Queues rate_limit.alert.created on insert and rate_limit.alert.resolved on firing -> resolved, each with the row''s values of that change.';
+
+-- The bucket values of a policy "now": its latest plausible snapshot (0005's bound). A resolution writes
+-- them on the alert row (receiver, reconciliation, auto-resolve), so its event carries the values of the
+-- resolution, not those of the firing.
+CREATE FUNCTION dict_rate_limit_latest_values(p_endpoint_id text)
+RETURNS TABLE (available_tokens bigint, capacity bigint, utilization_percent double precision,
+               recovery_eta_seconds double precision, exhaustion_projection_seconds double precision)
+LANGUAGE sql STABLE
+AS $$
+    SELECT st.available_tokens, st.capacity, st.utilization_percent, st.recovery_eta_seconds,
+           st.exhaustion_projection_seconds
+      FROM dict_rate_limit_states st
+     WHERE st.endpoint_id = p_endpoint_id
+       AND st.response_time <= dict_rate_limit_plausible_until()
+     ORDER BY st.response_time DESC
+     LIMIT 1
+$$;
+
+COMMENT ON FUNCTION dict_rate_limit_latest_values(text) IS
+    'Bucket values of the policy''s latest plausible snapshot (no row when none): what a resolution records.';
+
+-- The safety net of 0002, unchanged but for the values of the resolution.
+CREATE OR REPLACE FUNCTION auto_resolve_alerts(
+    grace       interval DEFAULT interval '5 minutes',
+    alert_names text[]   DEFAULT ARRAY['DICTRateLimitCritical', 'DICTRateLimitWarning'])
+RETURNS integer
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    resolved integer;
+BEGIN
+    WITH latest AS (
+        SELECT a.id,
+               l.response_time,
+               CASE a.severity
+                   WHEN 'critical' THEN coalesce(p.critical_threshold_percent, 10)
+                   ELSE coalesce(p.warning_threshold_percent, 20)
+               END AS threshold_percent,
+               a.endpoint_id
+          FROM dict_rate_limit_alerts a
+          CROSS JOIN LATERAL (
+                SELECT st.response_time, st.psp_category
+                  FROM dict_rate_limit_states st
+                 WHERE st.endpoint_id = a.endpoint_id
+                 ORDER BY st.response_time DESC
+                 LIMIT 1) l
+          LEFT JOIN dict_rate_limit_policies p
+            ON p.endpoint_id = a.endpoint_id AND p.psp_category = l.psp_category
+         WHERE a.status = 'firing'
+           AND a.endpoint_id IS NOT NULL
+           AND a.severity IN ('critical', 'warning')
+           AND a.alert_name = ANY (alert_names)
+           AND l.response_time > a.starts_at
+    ), recovered AS (
+        SELECT latest.id
+          FROM latest
+         WHERE NOT EXISTS (
+                SELECT 1
+                  FROM dict_rate_limit_states b
+                 WHERE b.endpoint_id = latest.endpoint_id
+                   AND b.response_time BETWEEN latest.response_time - grace AND latest.response_time
+                   AND b.remaining_ratio * 100 <= latest.threshold_percent)
+    )
+    UPDATE dict_rate_limit_alerts a
+       SET status = 'resolved',
+           resolved_at = now(),
+           resolved_by = 'auto_resolve',
+           updated_at = now(),
+           (available_tokens, capacity, utilization_percent, recovery_eta_seconds,
+            exhaustion_projection_seconds) =
+               (SELECT v.available_tokens, v.capacity, v.utilization_percent, v.recovery_eta_seconds,
+                       v.exhaustion_projection_seconds
+                  FROM dict_rate_limit_latest_values(a.endpoint_id) v)
+      FROM recovered
+     WHERE a.id = recovered.id AND a.status = 'firing';
+    GET DIAGNOSTICS resolved = ROW_COUNT;
+    RETURN resolved;
+END;
+$$;
+
+COMMENT ON FUNCTION auto_resolve_alerts(interval, text[]) IS
+    'Resolves (resolved_by = auto_resolve) firing threshold alerts whose policy is back above the threshold for grace.';
+

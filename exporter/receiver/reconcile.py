@@ -34,22 +34,25 @@ import aiohttp
 from psycopg_pool import AsyncConnectionPool
 
 from exporter.receiver.identity import label_fingerprint, without_replica_labels
-from exporter.receiver.store import VALUES_COLUMNS, VALUES_NOW, RecordResult, Transition
+from exporter.receiver.store import RecordResult, Transition
 
 log = logging.getLogger(__name__)
 
 FIRING = "SELECT id, fingerprint, alertmanager_url FROM dict_rate_limit_alerts WHERE status = 'firing'"
-# The resolution carries the bucket values of its own moment (no annotations here: the latest snapshot).
-RESOLVE = f"""
-UPDATE dict_rate_limit_alerts
+# The resolution records the bucket values of its own moment: the policy's latest snapshot (sql/0007).
+RESOLVE = """
+UPDATE dict_rate_limit_alerts a
    SET status = 'resolved', ends_at = now(), resolved_at = now(), resolved_by = 'reconciled',
-       updated_at = now(), ({VALUES_COLUMNS}) = {VALUES_NOW}
- WHERE id = ANY(%(ids)s) AND status = 'firing'
-RETURNING endpoint_id, severity, psp_category
+       updated_at = now(),
+       (available_tokens, capacity, utilization_percent, recovery_eta_seconds,
+        exhaustion_projection_seconds) =
+       (SELECT v.available_tokens, v.capacity, v.utilization_percent, v.recovery_eta_seconds,
+               v.exhaustion_projection_seconds
+          FROM (SELECT 1) AS one
+          LEFT JOIN LATERAL dict_rate_limit_latest_values(a.endpoint_id) v ON true)
+ WHERE a.id = ANY(%s) AND a.status = 'firing'
+RETURNING a.endpoint_id, a.severity, a.psp_category
 """
-NO_ANNOTATIONS = dict.fromkeys(
-    ("available_tokens", "capacity", "utilization_percent", "recovery_eta_seconds", "exhaustion_projection_seconds")
-)
 HTTP_TIMEOUT_SECONDS = 10.0
 
 
@@ -161,7 +164,7 @@ class Reconciler:
                 del self._absent_since[row]
             if due:
                 async with conn.transaction():
-                    resolved = await (await conn.execute(RESOLVE, {"ids": due, **NO_ANNOTATIONS})).fetchall()
+                    resolved = await (await conn.execute(RESOLVE, [due])).fetchall()
                 for endpoint_id, severity, category in resolved:
                     transition = Transition("resolved", endpoint_id or "", severity, category or "")
                     result.transitions.append(transition)

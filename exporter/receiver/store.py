@@ -20,7 +20,8 @@ For each alert of a notification:
 The outbox rows are written by the trigger inside the same transaction, so "recorded" and "will be
 published" commit together, each outbox row with the bucket values of its own change (``sql/0007``).
 Bucket values come from the alert's numeric annotations, else from the policy's latest plausible snapshot
-in ``dict_rate_limit_states`` at that moment (firing: when recorded; resolution: when resolved). Statements use only ``%s`` parameters.
+in ``dict_rate_limit_states`` at that moment (firing: when recorded; resolution: when resolved).
+Statements use only ``%s`` parameters.
 """
 
 from __future__ import annotations
@@ -65,35 +66,24 @@ SELECT %(fingerprint)s, %(alert_name)s, %(severity)s, %(endpoint_id)s::text, %(p
 ON CONFLICT (fingerprint, starts_at) DO NOTHING
 RETURNING id
 """
-# The bucket values of the moment of a change, for UPDATE ... SET (columns) = (this): the alert's numeric
-# annotations when the rules provide them, else the policy's latest plausible snapshot now (a row dated
-# 9999 is never "latest"), else NULL. Correlated on the updated row's endpoint_id; a resolution that kept
-# the firing values would publish numbers nobody observed at the resolution (issue 12).
-VALUES_COLUMNS = (
-    "available_tokens, capacity, utilization_percent, recovery_eta_seconds, exhaustion_projection_seconds"
-)
-VALUES_NOW = """
-(SELECT coalesce(%(available_tokens)s::bigint, s.available_tokens),
-        coalesce(%(capacity)s::bigint, s.capacity),
-        coalesce(%(utilization_percent)s::float8, s.utilization_percent),
-        coalesce(%(recovery_eta_seconds)s::float8, s.recovery_eta_seconds),
-        coalesce(%(exhaustion_projection_seconds)s::float8, s.exhaustion_projection_seconds)
-   FROM (SELECT 1) AS one
-   LEFT JOIN LATERAL (
-         SELECT st.available_tokens, st.capacity, st.utilization_percent, st.recovery_eta_seconds,
-                st.exhaustion_projection_seconds
-           FROM dict_rate_limit_states st
-          WHERE st.endpoint_id = dict_rate_limit_alerts.endpoint_id
-            AND st.response_time <= now() + interval '1 day'
-          ORDER BY st.response_time DESC
-          LIMIT 1) s ON true)
-"""
-RESOLVE = f"""
-UPDATE dict_rate_limit_alerts
+# A resolution records the bucket values of its own moment: the resolved alert's numeric annotations,
+# else the policy's latest plausible snapshot now (sql/0007), else NULL. Keeping the firing values would
+# publish numbers nobody observed at the resolution (issue 12).
+RESOLVE = """
+UPDATE dict_rate_limit_alerts a
    SET status = 'resolved', ends_at = %(ends_at)s, resolved_at = now(), resolved_by = %(resolved_by)s,
-       payload = %(payload)s, updated_at = now(), ({VALUES_COLUMNS}) = {VALUES_NOW}
- WHERE id = %(id)s AND status = 'firing'
-RETURNING id
+       payload = %(payload)s, updated_at = now(),
+       (available_tokens, capacity, utilization_percent, recovery_eta_seconds,
+        exhaustion_projection_seconds) =
+       (SELECT coalesce(%(available_tokens)s::bigint, v.available_tokens),
+               coalesce(%(capacity)s::bigint, v.capacity),
+               coalesce(%(utilization_percent)s::float8, v.utilization_percent),
+               coalesce(%(recovery_eta_seconds)s::float8, v.recovery_eta_seconds),
+               coalesce(%(exhaustion_projection_seconds)s::float8, v.exhaustion_projection_seconds)
+          FROM (SELECT 1) AS one
+          LEFT JOIN LATERAL dict_rate_limit_latest_values(a.endpoint_id) v ON true)
+ WHERE a.id = %(id)s AND a.status = 'firing'
+RETURNING a.id
 """
 LOCK = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 28554171))"
 # The episode a notification belongs to: same fingerprint, started within the tolerance, not ended
