@@ -91,6 +91,4 @@ ALTER TABLE dict_rate_limit_alert_outbox
     DROP COLUMN capacity,
     DROP COLUMN utilization_percent,
     DROP COLUMN recovery_eta_seconds,
-    DROP COLUMN exhaustion_projection_seconds,
-    DROP COLUMN summary,
-    DROP COLUMN description;
+    DROP COLUMN exhaustion_projection_seconds;

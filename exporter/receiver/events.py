@@ -35,8 +35,8 @@ def event_id_for(fingerprint: str, starts_at: datetime, event_type: str) -> uuid
 class OutboxRow:
     """An unsent outbox row joined with its alert: what the relay reads (column names = field names).
 
-    The bucket values, summary and description are the outbox row's own (``sql/0007``): those of the
-    change the event publishes, not the alert row's current ones.
+    The bucket values are the outbox row's own (``sql/0007``): those of the change the event publishes,
+    not the alert row's current ones.
     """
 
     id: int
