@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-#: Bumped when a field changes meaning or is removed; adding optional fields keeps the version.
-SCHEMA_VERSION = "1.0"
+#: Major: a field changes meaning or is removed. Minor: a field is added (1.1: ``rule_description``, and
+#: ``message`` built from the event's own numbers).
+SCHEMA_VERSION = "1.1"
 CREATED = "rate_limit.alert.created"
 RESOLVED = "rate_limit.alert.resolved"
 EVENT_TYPES = (CREATED, RESOLVED)
@@ -32,7 +33,11 @@ def event_id_for(fingerprint: str, starts_at: datetime, event_type: str) -> uuid
 
 @dataclass(frozen=True, slots=True)
 class OutboxRow:
-    """An unsent outbox row joined with its alert: what the relay reads (column names = field names)."""
+    """An unsent outbox row joined with its alert: what the relay reads (column names = field names).
+
+    The bucket values are the outbox row's own (``sql/0007``): those of the change the event publishes,
+    not the alert row's current ones.
+    """
 
     id: int
     event_id: uuid.UUID
@@ -78,6 +83,7 @@ class AlertEvent:
     starts_at: str
     ends_at: str | None
     resolved_by: str | None
+    rule_description: str | None
 
     @classmethod
     def from_row(cls, row: OutboxRow) -> AlertEvent:
@@ -103,6 +109,7 @@ class AlertEvent:
             starts_at=_rfc3339(row.starts_at),
             ends_at=_rfc3339(when) if resolved else None,
             resolved_by=row.resolved_by if resolved else None,
+            rule_description=_one_line(row.description),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,11 +147,53 @@ _RESOLUTION_CAUSES = {
 }
 
 
+def _one_line(text: str | None) -> str | None:
+    joined = " ".join((text or "").split())
+    return joined or None
+
+
 def _message(row: OutboxRow, resolved: bool) -> str:
-    # The rules' description names the policy and its numbers; the summary is the static fallback.
-    text = " ".join((row.description or row.summary or row.alert_name).split()) or row.alert_name
+    """The human summary of the event, its numbers taken from the event's own fields.
+
+    The rules' description is rendered by Prometheus at its evaluation from its own projection (and a
+    resolved notification repeats the last firing one), so its numbers disagree with the event's: it
+    travels apart, as ``rule_description``. Health alerts carry no bucket values: their description is
+    the message, as before.
+    """
+    headline = _one_line(row.summary) or row.alert_name
+    if row.endpoint_id is None:
+        text = _one_line(row.description) or headline
+    else:
+        text = f"{headline} {bucket_values(row)}"
     if not resolved:
         return text
     # A resolution is not always a recovery: say so, consumers must not read "the bucket is fine".
     cause = _RESOLUTION_CAUSES.get(row.resolved_by or "", "")
     return f"Resolved{cause}: {text}"
+
+
+def bucket_values(row: OutboxRow) -> str:
+    """``ENTRIES_WRITE: 3628 of 36000 tokens left, 89.92 % used; empty in 34s; full again in 27m 52s.``"""
+    if row.available_tokens is None or row.capacity is None:
+        return f"{row.endpoint_id}: bucket values unknown."
+    parts = [f"{row.endpoint_id}: {row.available_tokens} of {row.capacity} tokens left"]
+    if row.utilization_percent is not None:
+        parts[0] += f", {row.utilization_percent:.2f} % used"
+    if row.exhaustion_projection_seconds is None:
+        parts.append("not draining")
+    else:
+        parts.append(f"empty in {duration(row.exhaustion_projection_seconds)} at the current rate")
+    if row.recovery_eta_seconds is not None:
+        parts.append(f"full again in {duration(row.recovery_eta_seconds)} if traffic stops")
+    return "; ".join(parts) + "."
+
+
+def duration(seconds: float) -> str:
+    """Whole seconds as ``1d 2h 3m 4s`` (zero parts left out; ``0s`` for nothing left)."""
+    left = max(0, round(seconds))
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        count, left = divmod(left, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return " ".join(parts) or "0s"

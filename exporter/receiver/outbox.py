@@ -42,10 +42,12 @@ log = logging.getLogger(__name__)
 #: Session advisory lock of the relay leader (ascii "drlrely").
 RELAY_LOCK = 28554171249207673
 STATS_INTERVAL = 1.0
+# The bucket values of each change are the outbox row's (sql/0007): the alert row holds only the latest.
+# The texts are the alert row's: written once, by the notification that first recorded the alert.
 SELECT_UNSENT = """
 SELECT o.id, o.event_id, o.event_type, a.alert_name, a.fingerprint, a.severity, a.endpoint_id,
-       a.psp_category, a.status, a.starts_at, a.ends_at, a.resolved_at, a.resolved_by, a.available_tokens,
-       a.capacity, a.utilization_percent, a.recovery_eta_seconds, a.exhaustion_projection_seconds,
+       a.psp_category, a.status, a.starts_at, a.ends_at, a.resolved_at, a.resolved_by, o.available_tokens,
+       o.capacity, o.utilization_percent, o.recovery_eta_seconds, o.exhaustion_projection_seconds,
        left(a.summary, %(summary)s) AS summary, left(a.description, %(description)s) AS description
   FROM dict_rate_limit_alert_outbox o
   JOIN dict_rate_limit_alerts a ON a.id = o.alert_id

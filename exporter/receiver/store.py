@@ -12,14 +12,16 @@ For each alert of a notification:
 - firing, known instance: nothing (a retry, a peer of an Alertmanager cluster, the other Prometheus
   replica's copy, a repeat notification, or a late firing after the resolution: a resolved row is final);
 - resolved, firing row: mark it resolved (``ends_at``, ``resolved_at``, ``resolved_by`` = ``alertmanager``
-  for a recovery, ``data_lost`` when the rules last held the alert on missing data; the trigger queues
-  ``resolved``);
+  for a recovery, ``data_lost`` when the rules last held the alert on missing data) with the bucket values
+  of the resolution (the firing values are replaced); the trigger queues ``resolved`` with them;
 - resolved, unknown instance (its firing notification was lost): insert it resolved (trigger: both events);
 - resolved, resolved row: nothing.
 
 The outbox rows are written by the trigger inside the same transaction, so "recorded" and "will be
-published" commit together. Bucket values come from the alert's numeric annotations, else from the
-policy's latest snapshot in ``dict_rate_limit_states``. Statements use only ``%s`` parameters.
+published" commit together, each outbox row with the bucket values of its own change (``sql/0007``).
+Bucket values come from the alert's numeric annotations, else from the policy's latest plausible snapshot
+in ``dict_rate_limit_states`` at that moment (firing: when recorded; resolution: when resolved).
+Statements use only ``%s`` parameters.
 """
 
 from __future__ import annotations
@@ -64,13 +66,25 @@ SELECT %(fingerprint)s, %(alert_name)s, %(severity)s, %(endpoint_id)s::text, %(p
 ON CONFLICT (fingerprint, starts_at) DO NOTHING
 RETURNING id
 """
-RESOLVE = (
-    "UPDATE dict_rate_limit_alerts"
-    "   SET status = 'resolved', ends_at = %s, resolved_at = now(), resolved_by = %s,"
-    "       payload = %s, updated_at = now()"
-    " WHERE id = %s AND status = 'firing'"
-    " RETURNING id"
-)
+# A resolution records the bucket values of its own moment: the resolved alert's numeric annotations,
+# else the policy's latest plausible snapshot now (sql/0007), else NULL. Keeping the firing values would
+# publish numbers nobody observed at the resolution (issue 12).
+RESOLVE = """
+UPDATE dict_rate_limit_alerts a
+   SET status = 'resolved', ends_at = %(ends_at)s, resolved_at = now(), resolved_by = %(resolved_by)s,
+       payload = %(payload)s, updated_at = now(),
+       (available_tokens, capacity, utilization_percent, recovery_eta_seconds,
+        exhaustion_projection_seconds) =
+       (SELECT coalesce(%(available_tokens)s::bigint, v.available_tokens),
+               coalesce(%(capacity)s::bigint, v.capacity),
+               coalesce(%(utilization_percent)s::float8, v.utilization_percent),
+               coalesce(%(recovery_eta_seconds)s::float8, v.recovery_eta_seconds),
+               coalesce(%(exhaustion_projection_seconds)s::float8, v.exhaustion_projection_seconds)
+          FROM (SELECT 1) AS one
+          LEFT JOIN LATERAL dict_rate_limit_latest_values(a.endpoint_id) v ON true)
+ WHERE a.id = %(id)s AND a.status = 'firing'
+RETURNING a.id
+"""
 LOCK = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 28554171))"
 # The episode a notification belongs to: same fingerprint, started within the tolerance, not ended
 # before this copy started (a new episode starts after the previous one's end).
@@ -131,11 +145,7 @@ def _insert_params(alert: AlertNotification, source: str) -> dict[str, Any]:
         "ends_at": alert.ends_at if resolved else None,
         "resolved": resolved,
         "resolved_by": resolved_by(alert) if resolved else None,
-        "available_tokens": to_bigint(alert.number("available_tokens")),
-        "capacity": to_bigint(alert.number("capacity")),
-        "utilization_percent": alert.number("utilization_percent"),
-        "recovery_eta_seconds": alert.number("recovery_eta_seconds"),
-        "exhaustion_projection_seconds": alert.number("exhaustion_projection_seconds"),
+        **_numbers(alert),
         "summary": alert.annotations.get("summary"),
         "description": alert.annotations.get("description"),
         "labels": Jsonb(dict(alert.labels)),
@@ -143,6 +153,26 @@ def _insert_params(alert: AlertNotification, source: str) -> dict[str, Any]:
         "payload": Jsonb(alert.raw, dumps=_dumps),
         "generator_url": alert.generator_url or None,
         "alertmanager_url": source or None,
+    }
+
+
+def _numbers(alert: AlertNotification) -> dict[str, Any]:
+    return {
+        "available_tokens": to_bigint(alert.number("available_tokens")),
+        "capacity": to_bigint(alert.number("capacity")),
+        "utilization_percent": alert.number("utilization_percent"),
+        "recovery_eta_seconds": alert.number("recovery_eta_seconds"),
+        "exhaustion_projection_seconds": alert.number("exhaustion_projection_seconds"),
+    }
+
+
+def _resolve_params(alert: AlertNotification, row_id: int) -> dict[str, Any]:
+    return {
+        "id": row_id,
+        "ends_at": alert.ends_at,
+        "resolved_by": resolved_by(alert),
+        "payload": Jsonb(alert.raw, dumps=_dumps),
+        **_numbers(alert),
     }
 
 
@@ -176,8 +206,7 @@ async def _record_one(
     if found is not None:
         row_id, status = found
         if alert.status == "resolved" and status == "firing":
-            params = [alert.ends_at, resolved_by(alert), Jsonb(alert.raw, dumps=_dumps), row_id]
-            cursor = await conn.execute(RESOLVE, params)
+            cursor = await conn.execute(RESOLVE, _resolve_params(alert, row_id))
             if await cursor.fetchone() is not None:
                 result.transitions.append(_transition("resolved", alert))
                 return

@@ -79,8 +79,39 @@ def test_created_event_carries_the_seed_fields_and_validates() -> None:
     assert body["event_type"] == "rate_limit.alert.created"
     assert body["timestamp"] == "2026-11-23T09:00:00.123456Z"
     assert body["available_tokens"] == -15
-    assert body["message"] == "ENTRIES_WRITE (category A) has -15 of 36000 tokens."
+    # Built from the event's own numbers (the seed row: -15 of 36000, 100.04 %, 0 s, 1800.75 s), the
+    # rule's description apart.
+    assert body["message"] == (
+        "A DICT rate-limit bucket is at or below its CRITICAL threshold. ENTRIES_WRITE: -15 of 36000 tokens"
+        " left, 100.04 % used; empty in 0s at the current rate; full again in 30m 1s if traffic stops."
+    )
+    assert body["rule_description"] == "ENTRIES_WRITE (category A) has -15 of 36000 tokens."
     assert body["ends_at"] is None
+
+
+def test_message_numbers_follow_the_fields_not_the_rules_description() -> None:
+    # The description says 55 minutes (Prometheus's projection); the event's field says 34 s.
+    event = AlertEvent.from_row(
+        row(
+            available_tokens=3628,
+            utilization_percent=89.92222,
+            exhaustion_projection_seconds=34.4,
+            recovery_eta_seconds=3718.6,
+            description="ENTRIES_WRITE has 2888 of 36000 tokens left. Empty in 55m at the current rate.",
+        )
+    )
+    assert event.message.endswith(
+        "ENTRIES_WRITE: 3628 of 36000 tokens left, 89.92 % used; empty in 34s at the current rate;"
+        " full again in 1h 1m 59s if traffic stops."
+    )
+    assert "55m" not in event.message
+    assert "2888" not in event.message
+    assert event.rule_description is not None
+    assert "55m" in event.rule_description
+    not_draining = AlertEvent.from_row(row(exhaustion_projection_seconds=None, utilization_percent=None))
+    assert "-15 of 36000 tokens left; not draining; full again in 30m 1s" in not_draining.message
+    unknown = AlertEvent.from_row(row(available_tokens=None))
+    assert unknown.message.endswith("ENTRIES_WRITE: bucket values unknown.")
 
 
 def test_resolved_event_is_timed_at_the_end_and_validates() -> None:
@@ -90,7 +121,8 @@ def test_resolved_event_is_timed_at_the_end_and_validates() -> None:
     assert body["timestamp"] == "2026-11-23T09:05:00.000000Z"
     assert body["ends_at"] == body["timestamp"]
     assert body["resolved_by"] == "alertmanager"
-    assert body["message"].startswith("Resolved: ENTRIES_WRITE")
+    assert body["message"].startswith("Resolved: A DICT rate-limit bucket")
+    assert "ENTRIES_WRITE: -15 of 36000 tokens left" in body["message"]
 
 
 def test_health_alert_event_without_policy_validates_and_is_keyed_by_alert_name() -> None:

@@ -139,7 +139,7 @@ async def test_relay_publishes_in_order_per_policy_with_key_properties_and_marks
         assert item.properties["event_type"] == item.event["event_type"]
         assert item.properties["severity"] == "warning"
         assert item.properties["psp_category"] == "A"
-        assert item.properties["schema_version"] == "1.0"
+        assert item.properties["schema_version"] == "1.1"
     assert rows(database_url, "SELECT count(*) FROM dict_rate_limit_alert_outbox WHERE sent_at IS NULL") == [
         (0,)
     ]

@@ -115,8 +115,9 @@ async def test_a_6_mb_description_accepted_by_the_webhook_is_published_bounded(
     metrics = ReceiverMetrics()
     async with running_relay(database_url, pulsar_broker.url, topic, metrics):
         [item] = await asyncio.to_thread(consumer.receive, 1, 30)
-    assert len(item.event["message"]) <= MAX_DESCRIPTION_CHARS
-    assert item.event["message"].startswith("tokens low tokens low")
+    assert len(item.event["rule_description"]) <= MAX_DESCRIPTION_CHARS
+    assert item.event["rule_description"].startswith("tokens low tokens low")
+    assert item.event["message"] == "s ENTRIES_WRITE: bucket values unknown."
     assert sample(metrics, "dict_rate_limit_outbox_set_aside_events_total", reason="MessageTooBig") == 0
     # The full text stays in the audit table.
     assert rows(database_url, "SELECT length(description) FROM dict_rate_limit_alerts") == [

@@ -15,6 +15,7 @@ from typing import Any
 from devstack.embedded import EmbeddedPulsar
 from exporter.receiver.identity import label_fingerprint
 from exporter.receiver.metrics import ReceiverMetrics
+from tests.receiver.test_event_values import store_snapshot
 from tests.receiver.test_receiver_alertmanager import (
     alertmanager_config,
     eventually,
@@ -197,9 +198,15 @@ async def test_without_alertmanager_url_the_notifying_alertmanager_is_asked(
                 ("DICTRateLimitExhausted", "firing", None, manager.url),
             ]
             assert await eventually(query, database_url, expected, 20) == expected
+            store_snapshot(database_url, 3628, 34.4)  # the bucket now: what the resolution records
             manager.post(am_alert(LABELS, starts_at=starts, resolved=True))  # inhibited: not delivered
             expected[0] = ("DICTRateLimitCritical", "resolved", "reconciled", manager.url)
             assert await eventually(query, database_url, expected, 20) == expected
+    resolution = (
+        "SELECT o.available_tokens, o.exhaustion_projection_seconds FROM dict_rate_limit_alert_outbox o"
+        " WHERE o.event_type = 'rate_limit.alert.resolved'"
+    )
+    assert rows(database_url, resolution) == [(3628, 34.4)]
 
 
 async def test_no_reconciliation_while_alertmanager_cannot_be_asked(
