@@ -51,6 +51,11 @@ TIMINGS = Timings(
 )
 GROUP_WAIT = 1.0  # devstack.alertmanager_config.FAST_TIMINGS
 LONGEST_WAITS = TIMINGS.poll_interval + TIMINGS.evaluation_interval + FOR_SECONDS + GROUP_WAIT
+#: The earliest an event can arrive. The Critical rule (bundle 2) has no fixed ``for:``: it fires when half
+#: the samples of its hysteresis window are below, and a window the dip has only just entered holds few
+#: samples, so the first evaluation that sees the dip may fire it (1.93 and 1.98 s were measured, against
+#: 3.8 s at other times). What always stands between the dip and the event is Alertmanager's group_wait.
+EARLIEST = GROUP_WAIT
 
 pytestmark = pytest.mark.slow
 
@@ -107,7 +112,7 @@ def test_threshold_crossing_reaches_pulsar_within_its_longest_waits_and_recovery
             f"+ evaluation {TIMINGS.evaluation_interval:g} + for {FOR_SECONDS:g} + group_wait {GROUP_WAIT:g}"
             f" (an upper bound, not a minimum); limit {LONGEST_WAITS + 2:g} s"
         )
-        assert FOR_SECONDS <= latency <= LONGEST_WAITS + 2.0
+        assert EARLIEST <= latency <= LONGEST_WAITS + 2.0
         assert created["severity"] == "critical"
         assert created["psp_category"] == "A"
         # The bucket's values travel with the event (from the exporter's history in the same database).
