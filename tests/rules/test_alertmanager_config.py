@@ -38,6 +38,7 @@ ROUTING_CASES: dict[str, list[str]] = {
     "DICTRateLimitReceiverDown": [WEBHOOK, CHAT],
     "DICTRateLimitPulsarPublishFailing": [WEBHOOK, CHAT],
     "DICTRateLimitOutboxBacklog": [WEBHOOK, CHAT],
+    "DICTRateLimitOutboxEventSetAside": [WEBHOOK, CHAT],
     "DICTRateLimitPolicyMissing": [WEBHOOK, CHAT],
     "DICTRateLimitReceiverFailing": [WEBHOOK, CHAT],
     "DICTRateLimitAlertDeliveryFailing": [WEBHOOK, CHAT],
