@@ -116,12 +116,15 @@ def _refuse_newer(applied: dict[int, str], migrations: list[Migration]) -> None:
 def apply(database_url: str, to: int | None = None, directory: Path | None = None) -> list[int]:
     """Apply the pending migrations up to ``to`` (default: all); return the versions applied.
 
-    Also ensures the partitions of the current month, the 12 before and the 2 after exist, so a
-    re-run months later still leaves the invariant true.
+    All of them in one transaction, with the partitions of the current month, the 12 before and the 2
+    after: an exporter writing while ``migrate`` runs sees the old schema or the whole new one, never a
+    table without its partitions (a "no partition" error is a data error, and would set its snapshot
+    aside). A migration that fails leaves the database as it was. A re-run months later still leaves
+    the partition invariant true.
     """
     migrations = discover(directory)
     done: list[int] = []
-    with _locked(database_url) as conn:
+    with _locked(database_url) as conn, conn.transaction():
         applied = _applied(conn)
         _refuse_newer(applied, migrations)
         for migration in migrations:
@@ -131,17 +134,16 @@ def apply(database_url: str, to: int | None = None, directory: Path | None = Non
                 continue
             if to is not None and migration.version > to:
                 break
-            with conn.transaction():
-                conn.execute(migration.up.read_bytes())
-                conn.execute(
-                    "INSERT INTO dict_rate_limit_schema_migrations (version, name, checksum)"
-                    " VALUES (%s, %s, %s)",
-                    [migration.version, migration.name, migration.checksum],
-                )
-            log.info("applied migration %s", migration.up.name)
+            conn.execute(migration.up.read_bytes())
+            conn.execute(
+                "INSERT INTO dict_rate_limit_schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+                [migration.version, migration.name, migration.checksum],
+            )
             done.append(migration.version)
         if conn.execute("SELECT to_regproc('ensure_dict_rate_limit_state_partitions')").fetchone() != (None,):
             conn.execute("SELECT ensure_dict_rate_limit_state_partitions()")
+    for version in done:
+        log.info("applied migration %s", next(m.up.name for m in migrations if m.version == version))
     return done
 
 

@@ -149,6 +149,21 @@ def test_concurrent_migrators_apply_each_migration_exactly_once(database_url: st
     assert scalar(database_url, "SELECT count(*) FROM dict_rate_limit_schema_migrations") == len(versions)
 
 
+def test_a_failing_migration_leaves_the_database_as_it_was(database_url: str, tmp_path: Path) -> None:
+    # One transaction for every pending migration and the partitions: an exporter writing during
+    # ``migrate`` never sees the tables without their partitions (or half a release's schema).
+    for path in migrations.sql_dir().glob("*.sql"):
+        shutil.copy(path, tmp_path / path.name)
+    (tmp_path / "0999_broken.up.sql").write_text("SELECT 1 / 0;")
+    (tmp_path / "0999_broken.down.sql").write_text("SELECT 1;")
+    before = schema(database_url)
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        migrations.apply(database_url, directory=tmp_path)
+    assert schema(database_url) == before
+    assert scalar(database_url, "SELECT count(*) FROM dict_rate_limit_schema_migrations") == 0
+    assert migrations.apply(database_url) == [m.version for m in migrations.discover()]
+
+
 def test_a_migration_without_its_down_file_is_refused(tmp_path: Path) -> None:
     source = migrations.sql_dir()
     shutil.copy(source / "0001_history.up.sql", tmp_path / "0001_history.up.sql")
