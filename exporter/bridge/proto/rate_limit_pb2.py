@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&exporter/bridge/proto/rate_limit.proto\x12\x11\x64ict.ratelimit.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x1d\n\x1bGetRateLimitPoliciesRequest\"0\n\x19GetRateLimitPolicyRequest\x12\x13\n\x0bpolicy_name\x18\x01 \x01(\t\"\xad\x01\n\x0fRateLimitPolicy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x18\n\x10\x61vailable_tokens\x18\x02 \x01(\x03\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\x03\x12\x15\n\rrefill_tokens\x18\x04 \x01(\x03\x12\x19\n\x11refill_period_sec\x18\x05 \x01(\x03\x12\x1b\n\x0e\x65rror_404_rate\x18\x06 \x01(\x01H\x00\x88\x01\x01\x42\x11\n\x0f_error_404_rate\"\xb1\x01\n\x1cGetRateLimitPoliciesResponse\x12\x31\n\rresponse_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x63orrelation_id\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\x34\n\x08policies\x18\x04 \x03(\x0b\x32\".dict.ratelimit.v1.RateLimitPolicy\"\xad\x01\n\x1aGetRateLimitPolicyResponse\x12\x31\n\rresponse_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x63orrelation_id\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\x32\n\x06policy\x18\x04 \x01(\x0b\x32\".dict.ratelimit.v1.RateLimitPolicy2\xfe\x01\n\x10RateLimitService\x12w\n\x14GetRateLimitPolicies\x12..dict.ratelimit.v1.GetRateLimitPoliciesRequest\x1a/.dict.ratelimit.v1.GetRateLimitPoliciesResponse\x12q\n\x12GetRateLimitPolicy\x12,.dict.ratelimit.v1.GetRateLimitPolicyRequest\x1a-.dict.ratelimit.v1.GetRateLimitPolicyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&exporter/bridge/proto/rate_limit.proto\x12\x11\x64ict.ratelimit.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"7\n\x1bGetRateLimitPoliciesRequest\x12\x18\n\x10participant_ispb\x18\x01 \x01(\t\"J\n\x19GetRateLimitPolicyRequest\x12\x13\n\x0bpolicy_name\x18\x01 \x01(\t\x12\x18\n\x10participant_ispb\x18\x02 \x01(\t\",\n\rResponseCount\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\"\xe8\x01\n\x0fRateLimitPolicy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x18\n\x10\x61vailable_tokens\x18\x02 \x01(\x03\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\x03\x12\x15\n\rrefill_tokens\x18\x04 \x01(\x03\x12\x19\n\x11refill_period_sec\x18\x05 \x01(\x03\x12\x1b\n\x0e\x65rror_404_rate\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x39\n\x0fresponse_counts\x18\x07 \x03(\x0b\x32 .dict.ratelimit.v1.ResponseCountB\x11\n\x0f_error_404_rate\"\xcb\x01\n\x1cGetRateLimitPoliciesResponse\x12\x31\n\rresponse_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x63orrelation_id\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\x34\n\x08policies\x18\x04 \x03(\x0b\x32\".dict.ratelimit.v1.RateLimitPolicy\x12\x18\n\x10participant_ispb\x18\x05 \x01(\t\"\xc7\x01\n\x1aGetRateLimitPolicyResponse\x12\x31\n\rresponse_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x63orrelation_id\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\x32\n\x06policy\x18\x04 \x01(\x0b\x32\".dict.ratelimit.v1.RateLimitPolicy\x12\x18\n\x10participant_ispb\x18\x05 \x01(\t2\xfe\x01\n\x10RateLimitService\x12w\n\x14GetRateLimitPolicies\x12..dict.ratelimit.v1.GetRateLimitPoliciesRequest\x1a/.dict.ratelimit.v1.GetRateLimitPoliciesResponse\x12q\n\x12GetRateLimitPolicy\x12,.dict.ratelimit.v1.GetRateLimitPolicyRequest\x1a-.dict.ratelimit.v1.GetRateLimitPolicyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,15 +33,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'exporter.bridge.proto.rate_
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETRATELIMITPOLICIESREQUEST']._serialized_start=94
-  _globals['_GETRATELIMITPOLICIESREQUEST']._serialized_end=123
-  _globals['_GETRATELIMITPOLICYREQUEST']._serialized_start=125
-  _globals['_GETRATELIMITPOLICYREQUEST']._serialized_end=173
-  _globals['_RATELIMITPOLICY']._serialized_start=176
-  _globals['_RATELIMITPOLICY']._serialized_end=349
-  _globals['_GETRATELIMITPOLICIESRESPONSE']._serialized_start=352
-  _globals['_GETRATELIMITPOLICIESRESPONSE']._serialized_end=529
-  _globals['_GETRATELIMITPOLICYRESPONSE']._serialized_start=532
-  _globals['_GETRATELIMITPOLICYRESPONSE']._serialized_end=705
-  _globals['_RATELIMITSERVICE']._serialized_start=708
-  _globals['_RATELIMITSERVICE']._serialized_end=962
+  _globals['_GETRATELIMITPOLICIESREQUEST']._serialized_end=149
+  _globals['_GETRATELIMITPOLICYREQUEST']._serialized_start=151
+  _globals['_GETRATELIMITPOLICYREQUEST']._serialized_end=225
+  _globals['_RESPONSECOUNT']._serialized_start=227
+  _globals['_RESPONSECOUNT']._serialized_end=271
+  _globals['_RATELIMITPOLICY']._serialized_start=274
+  _globals['_RATELIMITPOLICY']._serialized_end=506
+  _globals['_GETRATELIMITPOLICIESRESPONSE']._serialized_start=509
+  _globals['_GETRATELIMITPOLICIESRESPONSE']._serialized_end=712
+  _globals['_GETRATELIMITPOLICYRESPONSE']._serialized_start=715
+  _globals['_GETRATELIMITPOLICYRESPONSE']._serialized_end=914
+  _globals['_RATELIMITSERVICE']._serialized_start=917
+  _globals['_RATELIMITSERVICE']._serialized_end=1171
 # @@protoc_insertion_point(module_scope)
