@@ -5,8 +5,13 @@ docs/web-configuration.md): ``tls_server_config``, ``http_server_config`` and ``
 (bcrypt hashes). What Python's ``ssl`` cannot honour is refused with one line naming the field, never
 ignored silently: a security setting that is not applied must not look applied.
 
-Relative file names are read relative to the file's directory, as the toolkit does. Unlike the toolkit,
-the file is read once at start-up (certificates are not reloaded per request): restart to rotate.
+Relative file names are read relative to the file's directory, as the toolkit does. Like the toolkit,
+which reads the file per request, a change is applied without a restart (cert-manager rotates certificates
+in place): the file and the certificate, key and CA files it names are checked at most once a second,
+re-read when one changed, and the new settings serve the next request and the next TLS handshake. A file
+that no longer loads keeps the previous settings (logged): a half-written rotation must not open the port
+or take it down. What a running TLS listener cannot change (TLS on or off, client_auth_type, versions,
+ciphers) is refused the same way, naming the field: restart to apply it.
 """
 
 from __future__ import annotations
@@ -15,10 +20,13 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import logging
+import os
 import re
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +100,10 @@ BCRYPT_HASH = re.compile(r"^\$2[aby]?\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{5
 FAKE_HASH = b"$2b$10$QOauhQNbBCuQDKes6eFzPeMqBSjb7Mr5DUmpZ/VcEd00UAV/LDeSi"
 #: Paths never behind basic auth or client-SAN checks: the kubelet's probes carry no credentials.
 HEALTH_PREFIX = "/health/"
+#: Seconds between two looks at the files' stamps (a stat each; the toolkit re-reads on every request).
+RELOAD_CHECK_SECONDS = 1.0
+
+log = logging.getLogger(__name__)
 
 
 def _fail(reason: str) -> ConfigError:
@@ -108,6 +120,12 @@ class WebConfig:
     client_allowed_sans: frozenset[str] = frozenset()
     users: Mapping[str, bytes] = field(default_factory=dict)
     headers: Mapping[str, str] = field(default_factory=dict)
+    #: The TLS settings a running listener keeps (versions, ciphers): a reload may not change them.
+    tls_fixed: tuple[tuple[str, str], ...] = ()
+    #: The files the settings came from (the YAML first): a reload is due when one of them changes.
+    files: tuple[str, ...] = ()
+    #: Applies later changes of the files (None for the open server).
+    live: LiveWebConfig | None = field(default=None, compare=False, repr=False)
 
     @property
     def requires_client_cert(self) -> bool:
@@ -115,13 +133,26 @@ class WebConfig:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.tls or self.users or self.headers)
+        # A file, even one that sets nothing yet, is followed: users or headers added later apply.
+        return bool(self.path or self.tls or self.users or self.headers)
 
 
 def load(path: str | None) -> WebConfig:
-    """Reads and checks the file; any problem raises ConfigError(WEB_CONFIG_FILE, one line)."""
+    """Reads and checks the file; any problem raises ConfigError(WEB_CONFIG_FILE, one line).
+
+    The result follows later changes of the files (:class:`LiveWebConfig`): its TLS context switches each
+    new handshake to the newest certificates, and :func:`middleware` reads the newest users and headers.
+    """
     if not path:
         return WebConfig()
+    config = _read(path)
+    live = LiveWebConfig(config)
+    if config.tls is not None:
+        config.tls.sni_callback = live.switch_context
+    return replace(config, live=live)
+
+
+def _read(path: str) -> WebConfig:
     try:
         loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
@@ -145,7 +176,97 @@ def load(path: str | None) -> WebConfig:
         client_allowed_sans=frozenset(sans),
         users=_users(loaded.get("basic_auth_users")),
         headers=_headers(_section(loaded, "http_server_config")),
+        tls_fixed=_tls_fixed(tls_section),
+        files=(path, *_named_files(tls_section, directory)),
     )
+
+
+def _tls_fixed(section: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    if not section:
+        return ()
+    return tuple(
+        (name, repr(section.get(name)))
+        for name in ("min_version", "max_version", "cipher_suites", "prefer_server_cipher_suites")
+    )
+
+
+def _named_files(section: Mapping[str, Any], directory: Path) -> list[str]:
+    names = (section.get(name) for name in ("cert_file", "key_file", "client_ca_file"))
+    return [str(directory / name) for name in names if isinstance(name, str) and name]
+
+
+def _stamps(files: Iterable[str]) -> tuple[object, ...]:
+    """What changes when a file is rewritten or replaced (a Kubernetes Secret swaps a symlink)."""
+    stamps: list[object] = []
+    for name in files:
+        try:
+            stat = os.stat(name)
+        except OSError as exc:
+            stamps.append(exc.errno)
+        else:
+            stamps.append((stat.st_ino, stat.st_size, stat.st_mtime_ns))
+    return tuple(stamps)
+
+
+class LiveWebConfig:
+    """The newest settings of a web configuration file, re-read when one of its files changes.
+
+    Checked lazily, from requests and handshakes (at most once per ``check_seconds``): no thread, no
+    timer. A change that does not load, or that a running listener cannot apply, keeps the previous
+    settings and is logged once.
+    """
+
+    def __init__(self, config: WebConfig, *, check_seconds: float = RELOAD_CHECK_SECONDS) -> None:
+        self._config = config
+        self._check_seconds = check_seconds
+        self._checked = time.monotonic()
+        self._stamps = _stamps(config.files)
+        self.reloads = 0
+        self.failures = 0
+
+    def current(self) -> WebConfig:
+        now = time.monotonic()
+        if now - self._checked >= self._check_seconds:
+            self._checked = now
+            self._reload_if_changed()
+        return self._config
+
+    def switch_context(
+        self, ssl_object: ssl.SSLObject, _server_name: str | None, context: ssl.SSLContext
+    ) -> None:
+        """The listener's ``sni_callback`` (called with or without SNI): hand over the newest certificates."""
+        newest = self.current().tls
+        if newest is not None and newest is not context:
+            ssl_object.context = newest
+
+    def _reload_if_changed(self) -> None:
+        stamps = _stamps(self._config.files)
+        if stamps == self._stamps:
+            return
+        self._stamps = stamps
+        assert self._config.path is not None  # a LiveWebConfig is made only for a file
+        try:
+            config = _read(self._config.path)
+            _refuse_fixed_changes(self._config, config)
+        except ConfigError as exc:
+            self.failures += 1
+            log.error("%s: %s; the previous web configuration stays in force", exc.key, exc.reason)
+            return
+        self._config = config
+        self._stamps = _stamps(config.files)  # the new file may name other certificate files
+        self.reloads += 1
+        log.info("web configuration reloaded from %s", config.path)
+
+
+def _refuse_fixed_changes(old: WebConfig, new: WebConfig) -> None:
+    # A handshake can switch certificates and CAs, not the mode, versions or ciphers it was set up with.
+    if (old.tls is None) != (new.tls is None):
+        raise _fail("tls_server_config added or removed: restart to apply")
+    if old.client_auth != new.client_auth:
+        raise _fail("tls_server_config.client_auth_type changed: restart to apply")
+    for (name, before), (_same, after) in zip(old.tls_fixed, new.tls_fixed, strict=True):
+        if before != after:
+            raise _fail(f"tls_server_config.{name} changed: restart to apply")
 
 
 def _section(loaded: Mapping[str, Any], name: str) -> dict[str, Any]:
@@ -298,7 +419,7 @@ class BasicAuth:
     MAX_ENTRIES = 1024
 
     def __init__(self, users: Mapping[str, bytes]) -> None:
-        self._users = dict(users)
+        self.users: Mapping[str, bytes] = users
         self._cache: dict[bytes, bool] = {}
         self._lock = asyncio.Lock()
         self.bcrypt_checks = 0
@@ -308,7 +429,7 @@ class BasicAuth:
         if credentials is None:
             return False
         user, password = credentials
-        hashed = self._users.get(user)
+        hashed = self.users.get(user)
         known = hashed is not None
         stored = hashed if hashed is not None else FAKE_HASH
         key = hashlib.sha256(b"\0".join((user.encode(), stored, password))).digest()
@@ -353,19 +474,21 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def middleware(config: WebConfig, *, exempt: Iterable[str] = ()) -> Any:
     """aiohttp middleware: the file's headers on every response; basic auth and client-SAN checks on
     every path but ``/health/*`` and ``exempt`` (the webhook's ``/alerts`` keeps its bearer token)."""
-    auth = BasicAuth(config.users) if config.users else None
+    auth = BasicAuth(config.users)
     exempt_paths = frozenset(exempt)
 
     @web.middleware
     async def secure(request: web.Request, handler: Handler) -> web.StreamResponse:
+        current = config.live.current() if config.live is not None else config
+        auth.users = current.users
         open_path = request.path.startswith(HEALTH_PREFIX) or request.path in exempt_paths
         if not open_path:
-            denied = await _deny(request, config, auth)
+            denied = await _deny(request, current, auth if current.users else None)
             if denied is not None:
-                denied.headers.update(config.headers)
+                denied.headers.update(current.headers)
                 return denied
         response = await handler(request)
-        response.headers.update(config.headers)
+        response.headers.update(current.headers)
         return response
 
     secure.basic_auth = auth  # type: ignore[attr-defined]  # the benchmark reads bcrypt_checks

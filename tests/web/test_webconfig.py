@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
+import shutil
 import ssl
 import subprocess
 import sys
@@ -428,3 +430,102 @@ async def test_client_allowed_sans_admit_only_the_listed_certificates(
         assert await status(http, url, ssl=client_context(pki, with_cert=True)) == expected
     finally:
         await service.stop()
+
+
+# --- changes of the file while serving (the toolkit re-reads it; cert-manager rotates in place)
+
+
+async def handshake_ok(port: int, ca: str) -> bool:
+    """A new TLS connection (no SNI: an IP address, as Prometheus scraping a pod) trusting only ``ca``."""
+    try:
+        _reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=ssl.create_default_context(cafile=ca)
+        )
+    except (ssl.SSLError, ConnectionResetError):
+        return False
+    writer.close()
+    return True
+
+
+def install(source: Pki, directory: Path) -> None:
+    directory.mkdir(exist_ok=True)
+    for name in ("server.pem", "server.key"):
+        shutil.copy(Path(source.server_cert).parent / name, directory / name)
+
+
+async def test_a_rotated_certificate_serves_the_next_handshake_without_a_restart(
+    tmp_path: Path, sim: SimulatorServer
+) -> None:
+    old, new = make_pki(_made(tmp_path / "old")), make_pki(_made(tmp_path / "new"))
+    install(old, tmp_path / "live")
+    path = write_config(
+        tmp_path, {"tls_server_config": {"cert_file": "live/server.pem", "key_file": "live/server.key"}}
+    )
+    service = await start_exporter(sim, path)
+    try:
+        port = service.ports["metrics"]
+        assert await handshake_ok(port, old.ca)
+        assert not await handshake_ok(port, new.ca)
+        install(new, tmp_path / "live")
+        await asyncio.sleep(webconfig.RELOAD_CHECK_SECONDS + 0.2)
+        assert await handshake_ok(port, new.ca)
+        assert not await handshake_ok(port, old.ca)
+    finally:
+        await service.stop()
+
+
+async def test_changed_users_apply_to_the_next_request_and_a_broken_rewrite_keeps_them(
+    tmp_path: Path, sim: SimulatorServer, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write_config(tmp_path, {"basic_auth_users": {USER: HASH}})
+    service = await start_exporter(sim, path)
+    try:
+        url = f"http://127.0.0.1:{service.ports['metrics']}/metrics"
+        assert await status(http, url, headers=basic(USER, PASSWORD)) == 200
+        rotated = bcrypt.hashpw(b"rotated", bcrypt.gensalt(4)).decode()
+        write_config(tmp_path, {"basic_auth_users": {USER: rotated}})
+        await asyncio.sleep(webconfig.RELOAD_CHECK_SECONDS + 0.2)
+        assert await status(http, url, headers=basic(USER, PASSWORD)) == 401
+        assert await status(http, url, headers=basic(USER, "rotated")) == 200
+        # Half-written: the previous users stay in force (neither open nor locked out), and it is logged.
+        await asyncio.to_thread(Path(path).write_text, "basic_auth_users: {prometheus: [", "utf-8")
+        await asyncio.sleep(webconfig.RELOAD_CHECK_SECONDS + 0.2)
+        assert await status(http, url, headers=basic(USER, "rotated")) == 200
+        assert await status(http, url) == 401
+        assert "WEB_CONFIG_FILE" in caplog.text
+        assert "previous web configuration stays" in caplog.text
+    finally:
+        await service.stop()
+
+
+def test_what_a_running_listener_cannot_change_is_refused_until_a_restart(tmp_path: Path, pki: Pki) -> None:
+    tls = {"cert_file": "server.pem", "key_file": "server.key"}
+    path = write_config(tmp_path, {"tls_server_config": tls})
+    config = webconfig.load(path)
+    live = webconfig.LiveWebConfig(config, check_seconds=0)
+    changes = [
+        {"tls_server_config": {**tls, "min_version": "TLS13"}},
+        {
+            "tls_server_config": {
+                **tls,
+                "client_ca_file": "ca.pem",
+                "client_auth_type": "VerifyClientCertIfGiven",
+            }
+        },
+        {"basic_auth_users": {USER: HASH}},  # TLS removed
+    ]
+    for number, content in enumerate(changes, start=1):
+        write_config(tmp_path, content)
+        os.utime(path, ns=(number * 10**9, number * 10**9))  # a new stamp even within the clock's tick
+        assert live.current().tls is config.tls, content
+        assert live.failures == number
+    assert live.reloads == 0
+    write_config(tmp_path, {"tls_server_config": tls, "basic_auth_users": {USER: HASH}})
+    os.utime(path, ns=(9 * 10**9, 9 * 10**9))
+    assert live.current().users == {USER: HASH.encode()}  # what it can change, it applies
+    assert live.reloads == 1
+
+
+def _made(directory: Path) -> Path:
+    directory.mkdir()
+    return directory
