@@ -60,6 +60,10 @@ def _break(response: pb.GetRateLimitPoliciesResponse, kind: str) -> None:
     elif kind == "nan_404":
         for policy in response.policies:
             policy.error_404_rate = math.nan
+    elif kind == "bad_counts":
+        for policy in response.policies:
+            policy.response_counts.add(code=404, count=1)
+            policy.response_counts.add(code=404, count=2)
     elif kind == "nul_name" and response.policies:
         response.policies[0].name += "\x00"
 

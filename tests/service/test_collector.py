@@ -35,7 +35,12 @@ def fixed_snapshot() -> DerivedSnapshot:
         (
             PolicyReading("ENTRIES_WRITE", 30_000, 36_000, 1200, 60),
             PolicyReading(
-                "ENTRIES_READ_PARTICIPANT_ANTISCAN", 10, 50_000, 25_000, 60, ((200, 1000), (404, 50), (429, 0))
+                "ENTRIES_READ_PARTICIPANT_ANTISCAN",
+                10,
+                50_000,
+                25_000,
+                60,
+                ((200, 1000), (404, 50), (429, 0)),
             ),
             PolicyReading("KEYS_CHECK", 70, 70, 70, 60),
         ),
@@ -47,7 +52,12 @@ def fixed_snapshot() -> DerivedSnapshot:
         (
             PolicyReading("ENTRIES_WRITE", 29_000, 36_000, 1200, 60),
             PolicyReading(
-                "ENTRIES_READ_PARTICIPANT_ANTISCAN", -20, 50_000, 25_000, 60, ((200, 1090), (404, 58), (429, 2))
+                "ENTRIES_READ_PARTICIPANT_ANTISCAN",
+                -20,
+                50_000,
+                25_000,
+                60,
+                ((200, 1090), (404, 58), (429, 2)),
             ),
             PolicyReading("KEYS_CHECK", 70, 70, 70, 60),
         ),
@@ -102,7 +112,9 @@ def test_answer_counts_are_passed_through_as_counters_with_the_code_as_a_string(
 
 def test_the_help_of_the_404_share_states_its_window() -> None:
     text = render_buckets(fixed_snapshot(), SETTINGS.threshold_for, 900.0).decode()
-    (help_line,) = [line for line in text.splitlines() if line.startswith("# HELP dict_rate_limit_error_404_rate")]
+    (help_line,) = [
+        line for line in text.splitlines() if line.startswith("# HELP dict_rate_limit_error_404_rate")
+    ]
     assert "over the last 900 s" in help_line
 
 
