@@ -265,7 +265,7 @@ class BucketEngine:
         bucket.refill_to(self.clock.time())
         return PolicyReading(
             bucket.name, bucket.available, bucket.capacity, bucket.refill_tokens, bucket.refill_period_sec,
-            self.response_counts(bucket.name),
+            self._counts(bucket.name),
         )  # fmt: skip
 
     def _count(self, policy: str, code: int, answers: int) -> None:
@@ -276,6 +276,10 @@ class BucketEngine:
     def response_counts(self, policy: str) -> tuple[tuple[int, int], ...]:
         """DICT's answers to ``policy`` since the simulated Bridge started, by status (200, 404, 429 always
         listed, 0 until the first); what the gRPC answer's response_counts carry."""
+        self.advance()
+        return self._counts(policy)
+
+    def _counts(self, policy: str) -> tuple[tuple[int, int], ...]:
         counts = dict.fromkeys(COUNTED_CODES, 0) | self._answers.get(policy, {})
         return tuple(sorted(counts.items()))
 

@@ -464,6 +464,7 @@ async def test_the_bridges_deprecated_404_ratio_is_ignored_even_nan_and_never_a_
                          ("REFUNDS_READ", 1e308), ("CLAIMS_WRITE", 0.25)):  # fmt: skip
         sim.engine.set_error_404_rate(policy, rate)
     running = await start(settings_for(sim.address))
+
     # The share comes from the counts: the list calls are the only answers the simulator counts here.
     async def share_exported() -> bool:
         return await running.value("dict_rate_limit_error_404_rate", **_labels("POLICIES_LIST")) is not None
