@@ -77,7 +77,8 @@ async def test_list_returns_all_30_policies_with_dict_limits(client: BridgeClien
     # The simulator lists 200, 404 and 429 from the start; the one list call so far is a 200 of POLICIES_LIST.
     assert write.response_counts == ((200, 0), (404, 0), (429, 0))
     listing = snapshot.policy(dp.POLICIES_LIST)
-    assert listing is not None and listing.count_of(200) == 1
+    assert listing is not None
+    assert listing.count_of(200) == 1
 
 
 async def test_response_time_is_the_simulator_clock_in_utc_with_milliseconds(client: BridgeClient) -> None:
@@ -639,7 +640,8 @@ async def test_an_answer_about_another_participant_is_refused_whole(single: bool
     with pytest.raises(BridgeMalformedError) as caught:
         await _ask(_Echo("87654321"), "12345678", single=single)
     assert caught.value.reason == "participant_mismatch"
-    assert "87654321" in str(caught.value) and "12345678" in str(caught.value)
+    assert "87654321" in str(caught.value)
+    assert "12345678" in str(caught.value)
 
 
 async def test_an_old_bridge_that_names_no_participant_is_accepted_for_the_one_asked() -> None:

@@ -130,7 +130,8 @@ async def test_participants_are_selected_by_ispb_each_with_its_category_and_buck
     assert second[2][dp.ANTISCAN] == {200: 0, 404: 0, 429: 0}
     # Each participant spends its own POLICIES_LIST: 2 calls on the first (one before its answer was
     # read, as DICT charges the call itself), 1 on the second.
-    assert first[2][dp.POLICIES_LIST][200] == 1 and default[2][dp.POLICIES_LIST][200] == 2
+    assert first[2][dp.POLICIES_LIST][200] == 1
+    assert default[2][dp.POLICIES_LIST][200] == 2
     assert second[2][dp.POLICIES_LIST][200] == 1
 
 
