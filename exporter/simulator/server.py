@@ -290,6 +290,7 @@ async def _serve(
                 "seed": settings.simulator_seed,
                 "refill": settings.simulator_refill,
                 "transport": _transport(settings),
+                "participants": [ispb for ispb in server.engines if ispb] or "any ISPB",
             }
         },
     )

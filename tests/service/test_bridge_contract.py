@@ -73,11 +73,11 @@ class Exporter:
         raise AssertionError(f"condition not met within {within} s")
 
     async def polled_at(self, moment: datetime) -> None:
-        """Waits until the snapshot served is the simulator's answer at ``moment``."""
+        """Waits until /metrics serves the simulator's answer at ``moment`` (rendered after the poll)."""
+        key = ("dict_rate_limit_snapshot_response_time_seconds", frozenset())
 
         async def served() -> bool:
-            latest = self.service.poller.latest
-            return latest is not None and latest.snapshot.response_time == moment
+            return (await self.samples()).get(key) == moment.timestamp()
 
         await self.until(served)
 
@@ -125,8 +125,13 @@ async def test_an_old_and_a_new_bridge_against_the_same_exporter(legacy: bool, s
         await exporter.polled_at(utc_ms(clock))
         after = dict(server.engine.response_counts(dp.ANTISCAN))
         samples = await exporter.samples()
+        async with exporter.http.get(exporter.base + "/api/v1/policies") as response:
+            api = await response.json()
     finally:
         await server.stop()
+    antiscan = next(p for p in api["policies"] if p["name"] == dp.ANTISCAN)
+    # The exporter asked for 12345678: the new Bridge names it, the old one names nobody (the one asked).
+    assert api["participant_ispb"] == "12345678"
     # Both: the buckets, the Bridge up, the same policies.
     assert samples[("dict_rate_limit_bridge_up", frozenset())] == 1.0
     assert ("dict_rate_limit_available_tokens", _labels(dp.ANTISCAN)) in samples
@@ -134,13 +139,16 @@ async def test_an_old_and_a_new_bridge_against_the_same_exporter(legacy: bool, s
         # Nothing made up: no counter, and no 404 share (the deprecated ratio it sends is not read).
         assert _of(samples, RESPONSES) == {}
         assert _of(samples, SHARE) == {}
+        assert (antiscan["response_counts"], antiscan["error_404_rate"]) == (None, None)
         return
+    assert antiscan["response_counts"] == {str(code): count for code, count in after.items()}
     for code in (200, 404, 429):
         assert samples[(RESPONSES, _labels(dp.ANTISCAN, code=str(code)))] == after[code]
     counted = sum(after.values()) - sum(before.values())
     share = samples[(SHARE, _labels(dp.ANTISCAN))]
     assert share == (after[404] - before[404]) / counted
     assert share == pytest.approx(0.15, abs=0.01)  # the storm: well above the manual's 7 %
+    assert antiscan["error_404_rate"] == share
     # A policy nobody used has its zero counters (the Bridge lists them) and no share (never a 0).
     assert samples[(RESPONSES, _labels("ENTRIES_UPDATE", code="429"))] == 0
     assert (SHARE, _labels("ENTRIES_UPDATE")) not in samples
