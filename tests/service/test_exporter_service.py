@@ -584,6 +584,8 @@ async def test_step_refill_counter_follows_true_consumption_and_projection_holds
             polls = running.service.poller.attempted
             clock.advance(30.0)
             await running.until(lambda p=polls: asyncio.sleep(0, running.service.poller.attempted > p))
+            # `attempted` counts the poll before its snapshot is rendered: wait for /metrics to serve it.
+            await running.until(lambda: _serves(running, clock.time()))
             projections.append(await running.value("dict_rate_limit_exhaustion_projection_seconds", **write))
         true = sim.engine.consumed("ENTRIES_WRITE") - first_true
         counter = await running.value("dict_rate_limit_consumed_tokens_total", **write)
@@ -595,6 +597,12 @@ async def test_step_refill_counter_follows_true_consumption_and_projection_holds
     # "never" once a whole period is seen (per interval it alternated between about 700 s and "never").
     assert all(p is not None and 2_900 < p < 3_700 for p in projections[1:]), projections
     assert projections[-1] < projections[1]
+
+
+async def _serves(running: Running, moment: float) -> bool:
+    """True once /metrics serves the snapshot of the simulator's time ``moment`` (milliseconds)."""
+    served = await running.value("dict_rate_limit_snapshot_response_time_seconds")
+    return served is not None and abs(served - int(moment * 1000) / 1000) < 1e-6
 
 
 async def test_poison_answers_never_reach_history_and_the_next_good_one_does(
