@@ -121,6 +121,20 @@ def _category(raw: Any) -> str:
     return value
 
 
+_ISPB = re.compile(r"[0-9]{8}")
+
+
+def _opt_ispb(raw: Any) -> str | None:
+    """A participant's ISPB: exactly 8 digits, leading zeros kept (Banco do Brasil's is 00000000)."""
+    if not isinstance(raw, str):
+        # YAML reads an unquoted 00038166 as the number 38166: only a string keeps the ISPB intact.
+        raise ValueError(f"must be a quoted string of exactly 8 digits (got {raw!r})")
+    value = raw.strip()
+    if value and not _ISPB.fullmatch(value):
+        raise ValueError(f"must be exactly 8 digits, the participant's ISPB (got {raw!r})")
+    return value or None
+
+
 def _ratio(raw: Any) -> float:
     return float(_number(float, 0.0, 1.0)(raw))
 
@@ -368,6 +382,13 @@ class BridgeKeys(_Keys):
         _number(float, 1.0),
         "Reject answers whose ResponseTime is further than this from the local clock.",
     )
+    participant_ispb: str | None = key(
+        None,
+        _opt_ispb,
+        "ISPB (8 digits) of the participant to ask the Bridge about (DICT's PI-RequestingParticipant); "
+        "answers about another participant are refused. Unset: the Bridge's own participant.",
+        flags=("--bridge.participant-ispb",),
+    )
 
     def _check(self) -> None:
         _require_pair(
@@ -403,9 +424,21 @@ class PollKeys(_Keys):
     stale_after_intervals: int = key(
         3, _number(int, 1), "Withdraw bucket series after this many intervals without a successful poll."
     )
+    error_404_window_seconds: float = key(
+        300.0,
+        _number(float, 1.0, 86400.0),
+        "Window of dict_rate_limit_error_404_rate: the share of 404s among the DICT answers the Bridge "
+        "counted over about this many seconds (at least one poll interval).",
+    )
 
     def _check(self) -> None:
         check_budget(self.poll_interval_seconds, self.poll_budget_override)
+        if self.error_404_window_seconds < self.poll_interval_seconds:
+            raise ConfigError(
+                "ERROR_404_WINDOW_SECONDS",
+                f"{self.error_404_window_seconds:g} s is shorter than POLL_INTERVAL_SECONDS "
+                f"({self.poll_interval_seconds:g} s): a share needs two snapshots inside the window",
+            )
 
 
 @dataclass(frozen=True)

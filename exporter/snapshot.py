@@ -21,6 +21,10 @@ DICT_POLICY_NAMES = frozenset(
         "FRAUD_MARKERS_LIST", "PERSONS_STATISTICS_READ", "POLICIES_READ", "POLICIES_LIST",
     }
 )  # fmt: skip
+#: HTTP statuses a Bridge may count (RFC 9110 defines 100-599); anything else is a broken counter.
+MIN_HTTP_STATUS, MAX_HTTP_STATUS = 100, 599
+#: (HTTP status, cumulative count since the Bridge started), one per status, sorted by status.
+ResponseCounts = tuple[tuple[int, int], ...]
 #: Names DICT used before and replaced (manual v8.0): a threshold naming one is most likely orphaned.
 RENAMED_POLICIES = {"KEYS_READ": "KEYS_CHECK", "STATISTICS_READ": "ENTRIES_STATISTICS_READ"}
 
@@ -34,8 +38,13 @@ class PolicyReading:
     capacity: int
     refill_tokens: int
     refill_period_sec: int
-    #: Share of 404 answers (0..1) when the Bridge counts it; None when it does not (never a fake 0).
-    error_404_rate: float | None = None
+    #: DICT's answers to this policy's requests the Bridge relayed, by HTTP status, cumulative since the
+    #: Bridge started; None when the Bridge does not count them (never a fake set of zeros).
+    response_counts: ResponseCounts | None = None
+
+    def count_of(self, code: int) -> int:
+        """The cumulative count of answers with status ``code`` (0 if the Bridge has seen none)."""
+        return next((count for status, count in self.response_counts or () if status == code), 0)
 
     @property
     def refill_rate_per_second(self) -> float:
@@ -55,6 +64,9 @@ class Snapshot:
     correlation_id: str
     category: str
     policies: tuple[PolicyReading, ...]
+    #: The ISPB the answer is about: the one the Bridge names, else the one asked for, else "" (an old
+    #: Bridge asked for its own participant).
+    participant_ispb: str = ""
 
     def policy(self, name: str) -> PolicyReading | None:
         for reading in self.policies:

@@ -57,6 +57,15 @@ def test_flags_beat_environment_which_beats_the_yaml_file(tmp_path: Path) -> Non
         ({"BRIDGE_TLS_CERT_FILE": "/nope.pem"}, "BRIDGE_TLS_CERT_FILE", "needs both"),
         ({"BRIDGE_TLS_CA_FILE": "/nope.pem"}, "BRIDGE_TLS_CA_FILE", "does not exist"),
         ({"DATABASE_URL_FILE": "/nonexistent/secret"}, "DATABASE_URL_FILE", "cannot read secret file"),
+        ({"PARTICIPANT_ISPB": "1234567"}, "PARTICIPANT_ISPB", "exactly 8 digits"),
+        ({"PARTICIPANT_ISPB": "123456789"}, "PARTICIPANT_ISPB", "exactly 8 digits"),
+        ({"PARTICIPANT_ISPB": "1234567a"}, "PARTICIPANT_ISPB", "exactly 8 digits"),
+        ({"ERROR_404_WINDOW_SECONDS": "0"}, "ERROR_404_WINDOW_SECONDS", "must be >= 1.0"),
+        (
+            {"ERROR_404_WINDOW_SECONDS": "20"},
+            "ERROR_404_WINDOW_SECONDS",
+            "shorter than POLL_INTERVAL_SECONDS",
+        ),
     ],
 )
 def test_an_invalid_value_names_its_key_and_the_reason(
@@ -286,3 +295,29 @@ def test_help_lists_both_spellings_with_the_variable_and_default() -> None:
         assert pair in text
     assert "[env POLL_INTERVAL_SECONDS; default 30.0]" in text
     assert "--database-url" not in text
+
+
+def test_the_participant_ispb_keeps_its_leading_zeros_and_is_quoted_in_yaml(tmp_path: Path) -> None:
+    assert config.load("exporter", environ={}).participant_ispb is None  # the Bridge's own participant
+    assert config.load("exporter", environ={"PARTICIPANT_ISPB": " 00000000 "}).participant_ispb == "00000000"
+    flagged = config.load("exporter", flags={"cfg_participant_ispb": "00038166"}, environ={})
+    assert flagged.participant_ispb == "00038166"
+    quoted = tmp_path / "quoted.yaml"
+    quoted.write_text('participant_ispb: "00038166"\n')
+    assert (
+        config.load("exporter", flags={"config_file": str(quoted)}, environ={}).participant_ispb == "00038166"
+    )
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("participant_ispb: 00012345\n")  # YAML 1.1 reads the octal number 5349
+    with pytest.raises(ConfigError) as caught:
+        config.load("exporter", flags={"config_file": str(bare)}, environ={})
+    assert caught.value.key == "participant_ispb"
+    assert "quoted string" in caught.value.reason
+
+
+def test_the_404_window_defaults_to_five_minutes_and_has_its_flags() -> None:
+    assert config.load("exporter", environ={}).error_404_window_seconds == 300.0
+    done = _cli("exporter", "--help")
+    text = " ".join(done.stdout.split())
+    assert "--bridge.participant-ispb PARTICIPANT_ISPB, --participant-ispb PARTICIPANT_ISPB" in text
+    assert "[env ERROR_404_WINDOW_SECONDS; default 300.0]" in text

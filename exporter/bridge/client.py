@@ -28,7 +28,14 @@ from exporter.bridge.budget import CallBudget
 from exporter.bridge.proto import rate_limit_pb2 as pb
 from exporter.bridge.proto import rate_limit_pb2_grpc as pb_grpc
 from exporter.config import BridgeKeys
-from exporter.snapshot import CATEGORIES, PolicyReading, Snapshot
+from exporter.snapshot import (
+    CATEGORIES,
+    MAX_HTTP_STATUS,
+    MIN_HTTP_STATUS,
+    PolicyReading,
+    ResponseCounts,
+    Snapshot,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +70,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 #: What a correlation id may keep (DICT sends 32 hex characters); other characters are removed.
 _CORRELATION_DISALLOWED = re.compile(r"[^0-9A-Za-z_.:-]")
 MAX_CORRELATION_ID_LENGTH = 64
+_ISPB = re.compile(r"[0-9]{8}")
 
 Response = TypeVar("Response")
 
@@ -140,14 +148,39 @@ def _policy_rejection(policy: pb.RateLimitPolicy) -> str | None:
     return next((reason for failed, reason in checks if failed), None)
 
 
-def _error_404_rate(policy: pb.RateLimitPolicy) -> tuple[float | None, str | None]:
-    """The 404 share if usable; NaN, infinities and values outside 0..1 drop the field, not the policy."""
-    if not policy.HasField("error_404_rate"):
-        return None, None
-    value = policy.error_404_rate
-    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
-        return None, "invalid_error_404_rate"
-    return value, None
+def _response_counts(policy: pb.RateLimitPolicy) -> tuple[ResponseCounts | None, str | None]:
+    """The policy's cumulative answer counts, sorted by status, or None with the reason they were dropped.
+
+    All or nothing: a status outside 100..599, a status listed twice or a count beyond 2^53 make the whole
+    set untrustworthy (which of two counts of 404 is the real one?), so the policy keeps its bucket values
+    and exports no count and no 404 share this poll.
+    """
+    counts = policy.response_counts
+    if not counts:
+        return None, None  # a Bridge that does not count (or predates the field)
+    if any(not MIN_HTTP_STATUS <= entry.code <= MAX_HTTP_STATUS for entry in counts):
+        return None, "invalid_response_code"
+    if len({entry.code for entry in counts}) != len(counts):
+        return None, "duplicate_response_code"
+    if any(entry.count > MAX_TOKENS for entry in counts):
+        return None, "response_count_out_of_range"
+    return tuple(sorted((entry.code, entry.count) for entry in counts)), None
+
+
+def _participant(answered: str, asked: str | None) -> str:
+    """The ISPB the answer is about; BridgeMalformedError when it names another participant than asked.
+
+    An empty answer ISPB comes from a Bridge that predates the field: it answered for the participant it
+    was asked about (or its own). Never mixing participants matters more than one poll: the answer is
+    refused whole, its buckets never reach the series of the participant this exporter watches.
+    """
+    if asked and answered and answered != asked:
+        shown = _CONTROL.sub("?", answered[:16])
+        raise BridgeMalformedError(
+            f"the Bridge answered about participant {shown!r}, not {asked!r} as asked",
+            reason="participant_mismatch",
+        )
+    return asked or (answered if _ISPB.fullmatch(answered) else "")
 
 
 def _category(raw: str) -> tuple[str, str | None]:
@@ -177,12 +210,15 @@ def _response_time(response: pb.GetRateLimitPoliciesResponse | pb.GetRateLimitPo
 def _to_snapshot(
     response: pb.GetRateLimitPoliciesResponse | pb.GetRateLimitPolicyResponse,
     policies: Iterable[pb.RateLimitPolicy],
+    asked_ispb: str | None = None,
 ) -> BridgeResult:
     """The usable part of an answer and every reason something was left out or cleaned.
 
     An unusable category leaves ``snapshot.category`` empty (the poller keeps the previous one or fails
-    the poll): the policies themselves are still good.
+    the poll): the policies themselves are still good. The deprecated ``error_404_rate`` ratio is not
+    read: the exporter computes the 404 share from ``response_counts``.
     """
+    participant = _participant(response.participant_ispb, asked_ispb)
     response_time = _response_time(response)
     rejected: list[Rejection] = []
     category, reason = _category(response.category)
@@ -207,7 +243,7 @@ def _to_snapshot(
             )
             continue
         seen.add(policy.name)
-        rate_404, reason = _error_404_rate(policy)
+        counts, reason = _response_counts(policy)
         if reason is not None:
             rejected.append(Rejection(policy.name, reason))
             log.warning("Bridge field rejected", extra={"ctx": {"policy": policy.name, "reason": reason}})
@@ -218,7 +254,7 @@ def _to_snapshot(
                 capacity=policy.capacity,
                 refill_tokens=policy.refill_tokens,
                 refill_period_sec=policy.refill_period_sec,
-                error_404_rate=rate_404,
+                response_counts=counts,
             )
         )
     snapshot = Snapshot(
@@ -226,6 +262,7 @@ def _to_snapshot(
         correlation_id=correlation_id,
         category=category,
         policies=tuple(readings),
+        participant_ispb=participant,
     )
     return BridgeResult(snapshot=snapshot, rejected=tuple(rejected))
 
@@ -262,8 +299,11 @@ class BridgeClient:
         timeout: float = 5.0,
         on_attempt: Callable[[str], None] | None = None,
         budget: CallBudget | None = None,
+        participant_ispb: str | None = None,
     ) -> None:
         self.address = address
+        #: Sent in every request (the Bridge's PI-RequestingParticipant); answers about another are refused.
+        self.participant_ispb = participant_ispb
         self.tls = tls or bool(ca_file or cert_file)
         # Read at construction so a missing or unreadable file fails at start-up, not at the first poll.
         self._ca = _read(ca_file)
@@ -302,6 +342,7 @@ class BridgeClient:
             timeout=settings.bridge_timeout_seconds,
             on_attempt=on_attempt,
             budget=budget,
+            participant_ispb=settings.participant_ispb,
         )
 
     def _stub_or_open(self) -> Any:
@@ -320,26 +361,28 @@ class BridgeClient:
     async def list_policies(self, *, deadline: float | None = None) -> BridgeResult:
         """Every policy (GetRateLimitPolicies). ``deadline``: time.monotonic() by which retries must end."""
         stub = self._stub_or_open()
+        request = pb.GetRateLimitPoliciesRequest(participant_ispb=self.participant_ispb or "")
         response: pb.GetRateLimitPoliciesResponse = await self._call(
-            lambda timeout: stub.GetRateLimitPolicies(pb.GetRateLimitPoliciesRequest(), timeout=timeout),
+            lambda timeout: stub.GetRateLimitPolicies(request, timeout=timeout),
             deadline,
             self.budget,
         )
-        return _to_snapshot(response, response.policies)
+        return _to_snapshot(response, response.policies, self.participant_ispb)
 
     async def get_policy(self, name: str, *, deadline: float | None = None) -> BridgeResult:
         """One policy (GetRateLimitPolicy): a snapshot holding that policy, or none if it was rejected."""
         stub = self._stub_or_open()
         response: pb.GetRateLimitPolicyResponse = await self._call(
             lambda timeout: stub.GetRateLimitPolicy(
-                pb.GetRateLimitPolicyRequest(policy_name=name), timeout=timeout
+                pb.GetRateLimitPolicyRequest(policy_name=name, participant_ispb=self.participant_ispb or ""),
+                timeout=timeout,
             ),
             deadline,
             None,
         )
         if not response.HasField("policy"):
             raise BridgeMalformedError("Bridge answered without the policy", reason="missing_field")
-        return _to_snapshot(response, [response.policy])
+        return _to_snapshot(response, [response.policy], self.participant_ispb)
 
     async def close(self) -> None:
         if self._channel is not None:

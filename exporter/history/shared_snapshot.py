@@ -71,6 +71,7 @@ def encode(derived: DerivedSnapshot) -> dict[str, Any]:
         "response_time": snapshot.response_time.isoformat(),
         "correlation_id": snapshot.correlation_id,
         "category": snapshot.category,
+        "participant_ispb": snapshot.participant_ispb,
         "category_changed": derived.category_changed,
         "states": [{**_plain(state), "reading": _plain(state.reading)} for state in derived.states],
         "missing": list(derived.missing),
@@ -108,6 +109,7 @@ def decode(document: dict[str, Any]) -> DerivedSnapshot:
             correlation_id=document["correlation_id"],
             category=document["category"],
             policies=tuple(state.reading for state in states),
+            participant_ispb=str(document.get("participant_ispb", "")),
         )
         changed = bool(document["category_changed"])
         missing = tuple(str(name) for name in document.get("missing", ()))

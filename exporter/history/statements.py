@@ -138,7 +138,7 @@ def _state_values(state: PolicyState, category: str) -> tuple[Any, ...]:
         r.name, category, r.available_tokens, r.capacity, r.refill_tokens, r.refill_period_sec,
         state.utilization_percent, state.remaining_ratio, state.consumption_rate_per_minute,
         state.consumed_tokens, state.recovery_eta_seconds, state.exhaustion_projection_seconds,
-        r.error_404_rate,
+        state.error_404_share,  # the exporter's share over ERROR_404_WINDOW_SECONDS (issue 15)
     )  # fmt: skip
 
 

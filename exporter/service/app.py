@@ -121,11 +121,12 @@ class ExporterService:
             budget=self.budget,
             max_skew=settings.bridge_max_clock_skew_seconds,
             thresholds=settings.policy_thresholds,
+            error_404_window=settings.error_404_window_seconds,
         )
         _warn_unknown_thresholds(settings)
         #: With DATABASE_URL, replicas share one poller through PostgreSQL (exporter.service.leader).
         self.lease: PollerLease | None = None
-        self._rendered = RenderedBuckets(None, settings.threshold_for)
+        self._rendered = RenderedBuckets(None, settings.threshold_for, settings.error_404_window_seconds)
         self._withdrawn = self._rendered
         self.history: History | None = None
         self._history_open = False
@@ -265,7 +266,9 @@ class ExporterService:
             self.history.submit(derived)
         # Rendered once here; every scrape until the next poll serves these bytes. In a worker thread:
         # 10,000 series take ~0.1-0.2 s of Python, during which scrapes keep being answered (old bytes).
-        self._rendered = await asyncio.to_thread(RenderedBuckets, derived, self.settings.threshold_for)
+        self._rendered = await asyncio.to_thread(
+            RenderedBuckets, derived, self.settings.threshold_for, self.settings.error_404_window_seconds
+        )
 
     # --- what the HTTP handlers read (no I/O)
 
@@ -293,6 +296,7 @@ class ExporterService:
             "response_time": snapshot.response_time.astimezone(UTC).isoformat(timespec="milliseconds"),
             "correlation_id": snapshot.correlation_id,
             "category": snapshot.category,
+            "participant_ispb": snapshot.participant_ispb or None,
             "stale": self.poller.is_stale(),
             "age_seconds": round(age, 3) if age is not None else None,
             "bridge_up": self.poller.consecutive_failures == 0,
@@ -355,7 +359,11 @@ def _policy_json(state: Any, settings: ExporterSettings) -> dict[str, Any]:
         "refill_tokens": reading.refill_tokens,
         "refill_period_sec": reading.refill_period_sec,
         "refill_rate_per_second": reading.refill_rate_per_second,
-        "error_404_rate": reading.error_404_rate,
+        "error_404_rate": state.error_404_share,
+        # {"404": 12, ...}: the Bridge's cumulative counts, JSON object keys being strings; null without.
+        "response_counts": None
+        if reading.response_counts is None
+        else {str(code): count for code, count in reading.response_counts},
         "remaining_ratio": state.remaining_ratio,
         "utilization_percent": state.utilization_percent,
         "consumed_tokens": state.consumed_tokens,

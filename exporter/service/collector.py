@@ -5,6 +5,7 @@ Sample of what :class:`BucketCollector` exports for one policy (values cached fr
     dict_rate_limit_available_tokens{endpoint_id="ENTRIES_WRITE",psp_category="A"} 35000.0
     dict_rate_limit_capacity{endpoint_id="ENTRIES_WRITE",psp_category="A"} 36000.0
     dict_rate_limit_consumed_tokens_total{endpoint_id="ENTRIES_WRITE",psp_category="A"} 1600.0
+    dict_rate_limit_dict_responses_total{endpoint_id="ENTRIES_WRITE",psp_category="A",code="429"} 12.0
     dict_rate_limit_psp_category_info{psp_category="A"} 1.0
 """
 
@@ -19,9 +20,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from exporter.config import PolicyThreshold
-from exporter.service.derivation import DerivedSnapshot, PolicyState
+from exporter.service.derivation import DEFAULT_ERROR_404_WINDOW_SECONDS, DerivedSnapshot, PolicyState
 
 LABELS = ("endpoint_id", "psp_category")
+RESPONSE_LABELS = (*LABELS, "code")
 CACHED = " Cached from the last successful poll of the Bridge."
 Family = GaugeMetricFamily | CounterMetricFamily
 ThresholdLookup = Callable[[str], PolicyThreshold]
@@ -100,8 +102,11 @@ SERIES: tuple[_Series, ...] = (
     ),
     _Series(
         "dict_rate_limit_error_404_rate",
-        "Share (0..1) of 404 answers as the Bridge counts them; only for policies whose Bridge supplies it.",
-        lambda s, _t: s.reading.error_404_rate,
+        "Share (0..1) of 404 among DICT's answers to this policy's requests over the last {window} s "
+        "(ERROR_404_WINDOW_SECONDS; less until that much was counted), from the Bridge's answer counts "
+        "(Bridge restarts handled as counter resets); absent when the Bridge sends no counts or counted "
+        "no answer in the window.",
+        lambda s, _t: s.error_404_share,
     ),
     _Series(
         "dict_rate_limit_warning_remaining_ratio",
@@ -123,13 +128,20 @@ SERIES: tuple[_Series, ...] = (
 class BucketCollector(Collector):
     """Every bucket and participant series of one derived snapshot (nothing at all for ``None``)."""
 
-    def __init__(self, derived: DerivedSnapshot | None, thresholds: ThresholdLookup) -> None:
+    def __init__(
+        self,
+        derived: DerivedSnapshot | None,
+        thresholds: ThresholdLookup,
+        error_404_window: float = DEFAULT_ERROR_404_WINDOW_SECONDS,
+    ) -> None:
         self._derived = derived
         self._thresholds = thresholds
+        self._window = error_404_window
 
     def describe(self) -> Iterator[Family]:
         for spec in SERIES:
-            yield _family(spec)
+            yield _family(spec, self._window)
+        yield _responses(None)
         yield from self._participant(None)
 
     def collect(self) -> Iterator[Family]:
@@ -139,12 +151,13 @@ class BucketCollector(Collector):
         category = derived.snapshot.category
         thresholds = [self._thresholds(state.reading.name) for state in derived.states]
         for spec in SERIES:
-            family = _family(spec)
+            family = _family(spec, self._window)
             for state, threshold in zip(derived.states, thresholds, strict=True):
                 value = spec.value(state, threshold)
                 if value is not None:
                     family.add_metric([state.reading.name, category], float(value))
             yield family
+        yield _responses(derived)
         yield from self._participant(derived)
 
     @staticmethod
@@ -178,19 +191,46 @@ class BucketCollector(Collector):
         yield missing
 
 
-def _family(spec: _Series) -> Family:
-    help_text = spec.help + CACHED if spec.cached else spec.help
+def _responses(derived: DerivedSnapshot | None) -> CounterMetricFamily:
+    """The Bridge's cumulative answer counts, passed through as they come.
+
+    Passed through, not accumulated here: every replica (and an exporter restarted) exports the same value
+    the Bridge holds, and a Bridge restart is an ordinary counter reset that rate() and increase() handle.
+    """
+    family = CounterMetricFamily(
+        "dict_rate_limit_dict_responses",
+        "DICT's answers to this policy's requests the Bridge relayed, by HTTP status (code), cumulative "
+        "since the Bridge started: a Bridge restart resets it (use rate()/increase()); only for policies "
+        "whose Bridge counts them." + CACHED,
+        labels=list(RESPONSE_LABELS),
+    )
+    if derived is None:
+        return family
+    category = derived.snapshot.category
+    for state in derived.states:
+        for code, count in state.reading.response_counts or ():
+            family.add_metric([state.reading.name, category, str(code)], float(count))
+    return family
+
+
+def _family(spec: _Series, window: float = DEFAULT_ERROR_404_WINDOW_SECONDS) -> Family:
+    text = spec.help.format(window=f"{window:g}") if "{window}" in spec.help else spec.help
+    help_text = text + CACHED if spec.cached else text
     if spec.counter:
         return CounterMetricFamily(spec.name, help_text, labels=LABELS)
     return GaugeMetricFamily(spec.name, help_text, labels=LABELS)
 
 
-def render_buckets(derived: DerivedSnapshot | None, thresholds: ThresholdLookup) -> bytes:
+def render_buckets(
+    derived: DerivedSnapshot | None,
+    thresholds: ThresholdLookup,
+    error_404_window: float = DEFAULT_ERROR_404_WINDOW_SECONDS,
+) -> bytes:
     """The text exposition of one snapshot's bucket series (empty for ``None``)."""
     if derived is None:
         return b""
     registry = CollectorRegistry()
-    registry.register(BucketCollector(derived, thresholds))
+    registry.register(BucketCollector(derived, thresholds, error_404_window))
     return generate_latest(registry)
 
 
@@ -201,9 +241,14 @@ class RenderedBuckets:
     to a byte boundary, and each scrape continues a copy of that compressor with its small health part.
     """
 
-    def __init__(self, derived: DerivedSnapshot | None, thresholds: ThresholdLookup) -> None:
+    def __init__(
+        self,
+        derived: DerivedSnapshot | None,
+        thresholds: ThresholdLookup,
+        error_404_window: float = DEFAULT_ERROR_404_WINDOW_SECONDS,
+    ) -> None:
         self.derived = derived
-        self.text = render_buckets(derived, thresholds)
+        self.text = render_buckets(derived, thresholds, error_404_window)
         self._gzip_prefix: bytes | None = None
         self._compressor: zlib._Compress | None = None
         # The last body of each variant by its tail: between polls the tail rarely changes, and reusing

@@ -13,6 +13,10 @@ how DICT refills (continuously, or ``RefillTokens`` at once every ``RefillPeriod
   decreasing, never negative), and the rate is measured over a window as close as possible to a whole
   number of refill periods, which holds exactly the same number of steps as the continuous formula
   credits: the projection does not alternate between "soon" and "never".
+* **Answer counts.** The Bridge's ``response_counts`` are cumulative since the Bridge started and go back
+  to 0 when it restarts. They are exported as they come (Prometheus handles the reset); the 404 share
+  needs their increase, computed per status as Prometheus' ``increase()`` does: a count lower than the
+  previous one was reset, and its whole value is the increase since.
 * **Limit changes.** When capacity or refill differs from the previous snapshot (a category change, a new
   API version), the balance was clamped or re-based by DICT, not consumed: that interval yields no
   consumption, no rate and no projection, and measurement restarts from the new snapshot.
@@ -20,10 +24,11 @@ how DICT refills (continuously, or ``RefillTokens`` at once every ``RefillPeriod
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
-from exporter.snapshot import PolicyReading, Snapshot
+from exporter.snapshot import PolicyReading, ResponseCounts, Snapshot
 
 #: Longest span of past snapshots kept per policy to measure the rate over (seconds of DICT's clock).
 MAX_WINDOW_SECONDS = 900.0
@@ -34,6 +39,15 @@ ALIGNMENT_TOLERANCE = 0.02
 
 #: (ResponseTime as Unix seconds, signed running sum) of one past snapshot of a policy.
 WindowPoint = tuple[float, float]
+#: (ResponseTime as Unix seconds, answers counted, of which 404) since the exporter began counting, reset
+#: corrected: a running sum of per-interval increases, so a Bridge restart never makes it go back.
+CountPoint = tuple[float, float, float]
+#: Default window of the 404 share (ERROR_404_WINDOW_SECONDS).
+DEFAULT_ERROR_404_WINDOW_SECONDS = 300.0
+#: The count window keeps about this many points per window however short the poll interval: a point
+#: younger than window/COUNT_POINTS_PER_WINDOW after the one before replaces the last instead of adding.
+COUNT_POINTS_PER_WINDOW = 256
+NOT_FOUND = 404
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +74,11 @@ class PolicyState:
     window: tuple[WindowPoint, ...] = ()
     #: True when capacity or refill differ from the previous snapshot's: nothing was measured.
     limits_changed: bool = False
+    #: Share (0..1) of 404 among the answers counted over the 404 window; None without counts, before a
+    #: second snapshot with counts, or when no answer was counted in the window (never a made-up 0).
+    error_404_share: float | None = None
+    #: Reset-corrected count totals of past snapshots (oldest first, this one last) the share is over.
+    count_window: tuple[CountPoint, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,8 +177,15 @@ def _misalignment(age: float, period: float) -> float:
     return abs(periods - round(periods))
 
 
-def derive(current: Snapshot, previous: DerivedSnapshot | None) -> DerivedSnapshot:
-    """Derives every policy of ``current`` against the previous derived snapshot (None at start-up)."""
+def derive(
+    current: Snapshot,
+    previous: DerivedSnapshot | None,
+    *,
+    error_404_window: float = DEFAULT_ERROR_404_WINDOW_SECONDS,
+) -> DerivedSnapshot:
+    """Derives every policy of ``current`` against the previous derived snapshot (None at start-up).
+
+    ``error_404_window``: seconds of answer counts the 404 share is computed over."""
     elapsed = 0.0
     previous_states: dict[str, PolicyState] = {}
     if previous is not None:
@@ -167,7 +193,12 @@ def derive(current: Snapshot, previous: DerivedSnapshot | None) -> DerivedSnapsh
         previous_states = {state.reading.name: state for state in previous.states}
     at = current.response_time.timestamp()
     states = tuple(
-        _derive_policy(reading, previous_states.get(reading.name), elapsed, at)
+        _with_counts(
+            _derive_policy(reading, previous_states.get(reading.name), elapsed, at),
+            previous_states.get(reading.name),
+            at,
+            error_404_window,
+        )
         for reading in current.policies
     )
     changed = previous is not None and previous.snapshot.category != current.category
@@ -197,6 +228,76 @@ def _derive_policy(
     window = _trim((*previous.window, (at, signed)), reading.refill_period_sec)
     rate = window_rate(window, reading.refill_period_sec)
     return _state(reading, new_total - total, new_total, signed, window, rate)
+
+
+def counts_increase(previous: ResponseCounts, current: ResponseCounts) -> tuple[int, int]:
+    """(answers, of which 404) counted between two readings, each status reset-corrected on its own.
+
+    As Prometheus' ``increase()``: a count below the previous one means the Bridge restarted and counted
+    it again from 0, so its whole value is the increase; a status not listed before counts from 0.
+    """
+    before = dict(previous)
+    answers = not_found = 0
+    for code, count in current:
+        earlier = before.get(code, 0)
+        increase = count - earlier if count >= earlier else count
+        answers += increase
+        if code == NOT_FOUND:
+            not_found += increase
+    return answers, not_found
+
+
+def error_404_share(window: tuple[CountPoint, ...], seconds: float) -> float | None:
+    """404s / answers between the window's last point and the youngest one at least ``seconds`` older
+    (the oldest while the window is not full yet); None when no answer was counted in between."""
+    if len(window) < 2:
+        return None
+    now, answers, not_found = window[-1]
+    anchors = [point for point in window[:-1] if now - point[0] >= seconds]
+    _, answers_then, not_found_then = anchors[-1] if anchors else window[0]
+    counted = answers - answers_then
+    if counted <= 0:
+        return None
+    return (not_found - not_found_then) / counted
+
+
+def _with_counts(state: PolicyState, previous: PolicyState | None, at: float, seconds: float) -> PolicyState:
+    """The state with its count window and 404 share (see :func:`error_404_share`)."""
+    counts = state.reading.response_counts
+    if counts is None:
+        return state  # no counts this time: the window starts again when they come back
+    before = previous.reading.response_counts if previous is not None else None
+    if previous is None or before is None or not previous.count_window:
+        return _replace_counts(state, ((at, 0.0, 0.0),), None)
+    last = previous.count_window[-1]
+    if at <= last[0]:
+        # ResponseTime did not advance: nothing new to measure, the previous share stands.
+        return _replace_counts(state, previous.count_window, previous.error_404_share)
+    answers, not_found = counts_increase(before, counts)
+    point = (at, last[1] + answers, last[2] + not_found)
+    window = _trim_counts(previous.count_window, point, seconds)
+    return _replace_counts(state, window, error_404_share(window, seconds))
+
+
+def _trim_counts(window: tuple[CountPoint, ...], point: CountPoint, seconds: float) -> tuple[CountPoint, ...]:
+    """``window`` plus ``point``, without the points the share over ``seconds`` no longer needs: the
+    youngest point at least ``seconds`` old is kept as the anchor, older ones go. Points are kept at least
+    seconds/COUNT_POINTS_PER_WINDOW apart (a last point closer than that to the one before is replaced),
+    so a fast poll and a long window keep a bounded window, at the cost of an anchor at most that much
+    further back than it would otherwise be."""
+    step = seconds / COUNT_POINTS_PER_WINDOW
+    points = list(window)
+    if len(points) >= 2 and points[-1][0] - points[-2][0] < step:
+        points[-1] = point  # the last point came too soon after the one before: the new one replaces it
+    else:
+        points.append(point)
+    now = point[0]
+    anchors = [index for index, past in enumerate(points[:-1]) if now - past[0] >= seconds]
+    return tuple(points[anchors[-1] :] if anchors else points)
+
+
+def _replace_counts(state: PolicyState, window: tuple[CountPoint, ...], share: float | None) -> PolicyState:
+    return dataclasses.replace(state, count_window=window, error_404_share=share)
 
 
 def _trim(window: tuple[WindowPoint, ...], period: float) -> tuple[WindowPoint, ...]:

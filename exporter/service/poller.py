@@ -17,7 +17,7 @@ from typing import Protocol
 
 from exporter.bridge.budget import CallBudget
 from exporter.bridge.client import BridgeConfigError, BridgeError, BridgeMalformedError, BridgeResult
-from exporter.service.derivation import DerivedSnapshot, derive
+from exporter.service.derivation import DEFAULT_ERROR_404_WINDOW_SECONDS, DerivedSnapshot, derive
 from exporter.service.selfmetrics import SelfMetrics
 from exporter.snapshot import Snapshot
 
@@ -88,6 +88,7 @@ class Poller:
         thresholds: Iterable[str] = (),
         known_policies: Iterable[str] = (),
         gate: PollGate | None = None,
+        error_404_window: float = DEFAULT_ERROR_404_WINDOW_SECONDS,
     ) -> None:
         self._fetch = fetch
         self._metrics = metrics
@@ -109,6 +110,8 @@ class Poller:
         #: The same ceiling the Bridge client spends from: a poll that could not call is skipped, not run.
         self.budget = budget
         self.max_skew = max_skew
+        #: Seconds of answer counts the 404 share is computed over (ERROR_404_WINDOW_SECONDS).
+        self.error_404_window = error_404_window
         #: Monotonic time before which no call is made (the Bridge passed DICT's Retry-After).
         self.not_before: float | None = None
         self.skipped = 0
@@ -164,7 +167,7 @@ class Poller:
             for rejection in result.rejected:
                 self._metrics.record_invalid(rejection.reason)
             snapshot = self._accept(result)
-            derived = derive(snapshot, self.latest)
+            derived = derive(snapshot, self.latest, error_404_window=self.error_404_window)
             missing = tuple(sorted(self.known - {reading.name for reading in snapshot.policies}))
             derived = dataclasses.replace(derived, missing=missing)
         except BridgeMalformedError as exc:

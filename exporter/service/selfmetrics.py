@@ -29,14 +29,18 @@ INVALID_REASONS = (
     # Field by field (issue 12/17): the policy or the snapshot is kept, the field cleaned or dropped.
     "invalid_name",
     "value_out_of_range",
-    "invalid_error_404_rate",
     "invalid_correlation_id",
     "category_normalized",
+    # A policy's response_counts (issue 15): dropped whole, the bucket values kept.
+    "invalid_response_code",
+    "duplicate_response_code",
+    "response_count_out_of_range",
     # Whole answers that cannot be served: the poll fails.
     "no_usable_policy",
     "no_usable_category",
     "implausible_response_time",
     "response_time_backwards",
+    "participant_mismatch",
 )
 #: Operations of dict_rate_limit_monitoring_duration_seconds timed inside the exporter.
 OPERATIONS = ("poll", "bridge_call", "history_write", "maintenance")

@@ -20,6 +20,11 @@ log = logging.getLogger(__name__)
 
 #: 404 shares are reported over this many seconds of simulated traffic.
 NOT_FOUND_WINDOW_SECONDS = 60.0
+#: DICT's answers the simulated Bridge counts: served, key not found (lookups), bucket empty.
+OK, NOT_FOUND, TOO_MANY = 200, 404, 429
+#: Statuses every policy lists from the start (count 0), as a Bridge should: a series that exists before
+#: its first event lets Prometheus' increase() see that first event.
+COUNTED_CODES = (OK, NOT_FOUND, TOO_MANY)
 
 
 @dataclass
@@ -70,6 +75,8 @@ class BucketEngine:
         self._window: dict[str, deque[tuple[int, int]]] = {}
         self._tick_counts: dict[str, tuple[int, int]] = {}
         self._404_override: dict[str, float | None] = {}
+        #: policy -> HTTP status -> answers since the (simulated) Bridge started; see restart_counts().
+        self._answers: dict[str, dict[int, int]] = {}
         self._latency = (0.0, math.inf)
         self._error_window: tuple[str, float] | None = None
         self._error_queue: deque[str] = deque()
@@ -135,6 +142,9 @@ class BucketEngine:
         bucket.refill_to(now)
         served = bucket.admit(requests - not_found)
         served_404 = bucket.admit(not_found, dp.NOT_FOUND_COST)
+        self._count(stream.policy, OK, served)
+        self._count(stream.policy, NOT_FOUND, served_404)
+        self._count(stream.policy, TOO_MANY, requests - served - served_404)
         # Once a policy sees lookups that can be 404, all its traffic counts in the share's denominator.
         if stream.not_found > 0 or stream.policy in self._window:
             window_ticks = max(1, round(NOT_FOUND_WINDOW_SECONDS / self.tick))
@@ -158,6 +168,9 @@ class BucketEngine:
             case sc.Burst():
                 bucket = self._live(action.policy, s)
                 served = bucket.admit(action.requests, action.cost) if bucket else 0
+                if bucket is not None:
+                    self._count(action.policy, OK, served)
+                    self._count(action.policy, TOO_MANY, action.requests - served)
                 detail = {"policy": action.policy, "requests": action.requests, "served": served}
             case sc.Drain():
                 rate = action.rate if action.rate is not None else self._drain_rate(action, s, end)
@@ -185,6 +198,9 @@ class BucketEngine:
                 detail = {"seconds": action.seconds}
             case sc.InjectError() | sc.Fault():
                 detail = self._schedule(action, end)
+            case sc.BridgeRestart():
+                self._answers.clear()
+                detail = {"counts": "reset"}
         log.info(
             "scenario event",
             extra={"ctx": {"at_s": round(cycle_at - end, 3), "event": type(action).__name__, **detail}},
@@ -249,8 +265,31 @@ class BucketEngine:
         bucket.refill_to(self.clock.time())
         return PolicyReading(
             bucket.name, bucket.available, bucket.capacity, bucket.refill_tokens, bucket.refill_period_sec,
-            self.error_404_rate(bucket.name),
+            self._counts(bucket.name),
         )  # fmt: skip
+
+    def _count(self, policy: str, code: int, answers: int) -> None:
+        if answers > 0:
+            counts = self._answers.setdefault(policy, {})
+            counts[code] = counts.get(code, 0) + answers
+
+    def response_counts(self, policy: str) -> tuple[tuple[int, int], ...]:
+        """DICT's answers to ``policy`` since the simulated Bridge started, by status (200, 404, 429 always
+        listed, 0 until the first); what the gRPC answer's response_counts carry."""
+        self.advance()
+        return self._counts(policy)
+
+    def _counts(self, policy: str) -> tuple[tuple[int, int], ...]:
+        counts = dict.fromkeys(COUNTED_CODES, 0) | self._answers.get(policy, {})
+        return tuple(sorted(counts.items()))
+
+    def restart_counts(self) -> None:
+        """The simulated Bridge restarts: every answer count goes back to 0 (buckets are DICT's: kept)."""
+        self.advance()
+        self._answers.clear()
+        log.info(
+            "simulated Bridge restart: answer counts reset", extra={"ctx": {"at_s": self._ticks * self.tick}}
+        )
 
     def error_404_rate(self, policy: str) -> float | None:
         if policy in self._404_override:
@@ -275,7 +314,9 @@ class BucketEngine:
         if bucket is None:
             return True
         bucket.refill_to(self.clock.time())
-        return bucket.admit(1) == 1
+        admitted = bucket.admit(1) == 1
+        self._count(policy, OK if admitted else TOO_MANY, 1)
+        return admitted
 
     def next_error(self) -> str | None:
         """The status the next call must fail with, if any (a queued count first, then a time window)."""

@@ -25,6 +25,8 @@ BUILTIN = (
     "empty-policies-list",
     "invalid-answers",
     "policy-disappears",
+    "404_storm",
+    "429_on_one_policy",
 )
 #: What a ``fault`` event makes the list answers look like (a broken Bridge or DICT, as seen by the exporter).
 FAULT_KINDS = frozenset(
@@ -35,6 +37,7 @@ FAULT_KINDS = frozenset(
         "future_time",  # ResponseTime 9999-12-31
         "nan_404",  # error_404_rate NaN on every policy
         "nul_name",  # the first policy's name carries a NUL
+        "bad_counts",  # every policy's response_counts list 404 twice
     }
 )
 _NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
@@ -130,6 +133,11 @@ class Fault:
     until: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class BridgeRestart:
+    """The simulated Bridge restarts: its answer counts go back to 0 (DICT's buckets are not touched)."""
+
+
 Action = (
     Traffic
     | Burst
@@ -141,6 +149,7 @@ Action = (
     | Latency
     | InjectError
     | Fault
+    | BridgeRestart
 )
 
 
@@ -148,6 +157,18 @@ Action = (
 class ScenarioEvent:
     at: float
     action: Action
+
+
+@dataclass(frozen=True, slots=True)
+class Participant:
+    """One participant the simulator serves: its ISPB, its category, and its own traffic and events."""
+
+    ispb: str
+    #: None: the simulator's --category.
+    category: str | None = None
+    #: None: the scenario's top-level traffic; events likewise.
+    traffic: tuple[Traffic, ...] | None = None
+    events: tuple[ScenarioEvent, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +180,19 @@ class Scenario:
     repeat: float | None = None
     #: "continuous" or "period" to fix the refill mode whatever --refill says; None: --refill decides.
     refill: str | None = None
+    #: The participants served, selected by the request's ISPB; the first answers an empty ISPB. Empty:
+    #: one participant that answers for whichever ISPB it is asked about.
+    participants: tuple[Participant, ...] = ()
+
+    def for_participant(self, participant: Participant) -> Scenario:
+        """The single-participant scenario one participant plays (its traffic and events, else these)."""
+        return Scenario(
+            name=f"{self.name}[{participant.ispb}]",
+            traffic=self.traffic if participant.traffic is None else participant.traffic,
+            events=self.events if participant.events is None else participant.events,
+            repeat=self.repeat,
+            refill=self.refill,
+        )
 
 
 class _Reader:
@@ -339,6 +373,11 @@ def _parse_fault(r: _Reader, node: Node, key: str, at: float) -> Action:
     return Fault(kind, until=r.until(items, key, at))
 
 
+def _parse_bridge_restart(r: _Reader, node: Node, key: str, at: float) -> Action:
+    r.mapping(node, key, set(), set())  # `bridge_restart: {}`: nothing to say but when
+    return BridgeRestart()
+
+
 #: Event kind (its YAML key) -> parser of its body.
 _PARSERS: dict[str, Callable[[_Reader, Node, str, float], Action]] = {
     "traffic": _parse_traffic,
@@ -351,23 +390,55 @@ _PARSERS: dict[str, Callable[[_Reader, Node, str, float], Action]] = {
     "latency": _parse_latency,
     "error": _parse_error,
     "fault": _parse_fault,
+    "bridge_restart": _parse_bridge_restart,
 }
 ACTIONS = tuple(_PARSERS)
 
 
-def _events(r: _Reader, node: Node) -> list[ScenarioEvent]:
+def _events(r: _Reader, node: Node, prefix: str = "") -> list[ScenarioEvent]:
     if not isinstance(node, SequenceNode):
-        r.fail(node, "events", "must be a list of events")
+        r.fail(node, f"{prefix}events", "must be a list of events")
     events = []
     for index, event_node in enumerate(node.value):
-        key = f"events[{index}]"
+        key = f"{prefix}events[{index}]"
         items = r.mapping(event_node, key, {"at", *ACTIONS}, {"at"})
         at = float(r.number(items.pop("at"), f"{key}.at", 0.0))
         if len(items) != 1:
             r.fail(event_node, key, f"needs exactly one action ({', '.join(ACTIONS)})")
         ((kind, action_node),) = items.items()
         events.append(ScenarioEvent(at, _PARSERS[kind](r, action_node, f"{key}.{kind}", at)))
-    return events
+    return sorted(events, key=lambda e: e.at)
+
+
+_ISPB = re.compile(r"^[0-9]{8}$")
+
+
+def _participants(r: _Reader, node: Node) -> list[Participant]:
+    if not isinstance(node, SequenceNode) or not node.value:
+        r.fail(node, "participants", "must be a non-empty list of {ispb, category, traffic, events}")
+    found: list[Participant] = []
+    for index, item in enumerate(node.value):
+        key = f"participants[{index}]"
+        items = r.mapping(item, key, {"ispb", "category", "traffic", "events"}, {"ispb"})
+        ispb = r.scalar(items["ispb"], f"{key}.ispb")
+        if not isinstance(ispb, str) or not _ISPB.match(ispb):
+            r.fail(items["ispb"], f"{key}.ispb", f"must be a quoted string of 8 digits (got {ispb!r})")
+        if any(p.ispb == ispb for p in found):
+            r.fail(items["ispb"], f"{key}.ispb", f"{ispb} is listed twice")
+        category = None
+        if "category" in items:
+            category = _parse_category(r, items["category"], f"{key}.category", 0.0)
+        events = _events(r, items["events"], f"{key}.") if "events" in items else None
+        traffic = _traffic_table(r, items["traffic"], f"{key}.") if "traffic" in items else None
+        found.append(
+            Participant(
+                ispb=ispb,
+                category=category.category if isinstance(category, CategoryChange) else None,
+                traffic=None if traffic is None else tuple(traffic),
+                events=None if events is None else tuple(events),
+            )
+        )
+    return found
 
 
 def parse_scenario(text: str, source: str) -> Scenario:
@@ -381,33 +452,44 @@ def parse_scenario(text: str, source: str) -> Scenario:
         raise ScenarioError(source, line, "(yaml)", str(getattr(exc, "problem", exc))) from None
     if root is None:
         raise ScenarioError(source, 1, "(file)", "is empty")
-    items = r.mapping(root, "", {"name", "description", "repeat", "refill", "traffic", "events"}, set())
+    allowed = {"name", "description", "repeat", "refill", "traffic", "events", "participants"}
+    items = r.mapping(root, "", allowed, set())
     # Events first: add_policy there makes a new name valid in traffic too.
-    events = sorted(_events(r, items["events"]) if "events" in items else [], key=lambda e: e.at)
+    events = _events(r, items["events"]) if "events" in items else []
+    participants = _participants(r, items["participants"]) if "participants" in items else []
     traffic = _traffic_table(r, items["traffic"]) if "traffic" in items else []
     repeat = float(r.number(items["repeat"], "repeat", 0.0, above=True)) if "repeat" in items else None
-    if repeat is not None and events and events[-1].at >= repeat:
-        r.fail(items["repeat"], "repeat", f"must be after the last event ({events[-1].at:g} s)")
+    last = max((e.at for p in participants for e in p.events or ()), default=None)
+    last = max(last if last is not None else -1.0, events[-1].at if events else -1.0)
+    if repeat is not None and last >= repeat:
+        r.fail(items["repeat"], "repeat", f"must be after the last event ({last:g} s)")
     name = str(r.scalar(items["name"], "name")) if "name" in items else Path(source).stem
     refill = None
     if "refill" in items:
         refill = r.scalar(items["refill"], "refill")
         if refill not in ("continuous", "period"):
             r.fail(items["refill"], "refill", f"must be continuous or period (got {refill!r})")
-    return Scenario(name=name, traffic=tuple(traffic), events=tuple(events), repeat=repeat, refill=refill)
+    return Scenario(
+        name=name,
+        traffic=tuple(traffic),
+        events=tuple(events),
+        repeat=repeat,
+        refill=refill,
+        participants=tuple(participants),
+    )
 
 
-def _traffic_table(r: _Reader, node: Node) -> list[Traffic]:
+def _traffic_table(r: _Reader, node: Node, prefix: str = "") -> list[Traffic]:
     if not isinstance(node, MappingNode):
-        r.fail(node, "traffic", "must be a mapping of policy name to {rate, jitter, not_found}")
+        r.fail(node, f"{prefix}traffic", "must be a mapping of policy name to {rate, jitter, not_found}")
     seen: set[str] = set()
     table = []
     for key_node, value_node in node.value:
-        policy = r.name(key_node, f"traffic.{key_node.value}")
+        policy = r.name(key_node, f"{prefix}traffic.{key_node.value}")
         if policy in seen:
-            r.fail(key_node, f"traffic.{policy}", "duplicate key")
+            r.fail(key_node, f"{prefix}traffic.{policy}", "duplicate key")
         seen.add(policy)
-        table.append(_traffic(r, policy, value_node, f"traffic.{policy}"))
+        table.append(_traffic(r, policy, value_node, f"{prefix}traffic.{policy}"))
     return table
 
 

@@ -27,7 +27,7 @@ from exporter.snapshot import PolicyReading
 log = logging.getLogger(__name__)
 
 
-def _policy_message(reading: PolicyReading) -> pb.RateLimitPolicy:
+def _policy_message(reading: PolicyReading, engine: BucketEngine, *, legacy: bool) -> pb.RateLimitPolicy:
     message = pb.RateLimitPolicy(
         name=reading.name,
         available_tokens=reading.available_tokens,
@@ -35,8 +35,14 @@ def _policy_message(reading: PolicyReading) -> pb.RateLimitPolicy:
         refill_tokens=reading.refill_tokens,
         refill_period_sec=reading.refill_period_sec,
     )
-    if reading.error_404_rate is not None:
-        message.error_404_rate = reading.error_404_rate
+    # The deprecated ratio is still sent, as Bridges written before response_counts do: the exporter
+    # ignores it, and the contract tests prove that.
+    rate = engine.error_404_rate(reading.name)
+    if rate is not None:
+        message.error_404_rate = rate
+    if not legacy:
+        for code, count in reading.response_counts or ():
+            message.response_counts.add(code=code, count=count)
     return message
 
 
@@ -54,25 +60,47 @@ def _break(response: pb.GetRateLimitPoliciesResponse, kind: str) -> None:
     elif kind == "nan_404":
         for policy in response.policies:
             policy.error_404_rate = math.nan
+    elif kind == "bad_counts":
+        for policy in response.policies:
+            policy.response_counts.add(code=404, count=1)
+            policy.response_counts.add(code=404, count=2)
     elif kind == "nul_name" and response.policies:
         response.policies[0].name += "\x00"
 
 
 class _Servicer(pb_grpc.RateLimitServiceServicer):
-    """Answers as DICT would: each call spends its own bucket and is refused (429) when it is empty."""
+    """Answers as DICT would: each call spends its own bucket and is refused (429) when it is empty.
+
+    The participant is the request's ISPB (DICT's PI-RequestingParticipant): empty selects the default
+    participant, an ISPB the simulator does not serve is refused with PERMISSION_DENIED, as DICT refuses
+    a participant the caller may not act for (403).
+    """
 
     def __init__(self, server: SimulatorServer) -> None:
         self._server = server
-        self._engine = server.engine
 
-    async def _gate(self, context: grpc.aio.ServicerContext[object, object], bucket: str) -> None:
-        latency = self._engine.latency()
+    async def _engine(
+        self, ispb: str, context: grpc.aio.ServicerContext[object, object]
+    ) -> tuple[BucketEngine, str]:
+        engine = self._server.engine_for(ispb)
+        if engine is None:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"participant {ispb[:16]!r} is not served by this simulator (DICT would answer 403)",
+            )
+            raise AssertionError("abort raises")  # pragma: no cover - keeps the type checker honest
+        return engine, self._server.answered_ispb(ispb)
+
+    async def _gate(
+        self, engine: BucketEngine, context: grpc.aio.ServicerContext[object, object], bucket: str
+    ) -> None:
+        latency = engine.latency()
         if latency > 0:
             await asyncio.sleep(latency)
-        code = self._engine.next_error()
+        code = engine.next_error()
         if code is not None:
             await context.abort(grpc.StatusCode[code], f"{code} injected by the simulator")
-        if not self._engine.charge_call(bucket):
+        if not engine.charge_call(bucket):
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, f"{bucket} has no tokens left (DICT would answer 429)"
             )
@@ -82,14 +110,17 @@ class _Servicer(pb_grpc.RateLimitServiceServicer):
     ) -> pb.GetRateLimitPoliciesResponse:
         self._server.list_calls += 1
         self._server.list_call_times.append(time.monotonic())
-        await self._gate(context, dp.POLICIES_LIST)
+        engine, ispb = await self._engine(request.participant_ispb, context)
+        await self._gate(engine, context, dp.POLICIES_LIST)
+        legacy = self._server.legacy
         response = pb.GetRateLimitPoliciesResponse(
-            correlation_id=self._engine.correlation_id(),
-            category=self._engine.category,
-            policies=[_policy_message(reading) for reading in self._engine.readings()],
+            correlation_id=engine.correlation_id(),
+            category=engine.category,
+            policies=[_policy_message(reading, engine, legacy=legacy) for reading in engine.readings()],
+            participant_ispb="" if legacy else ispb,
         )
-        response.response_time.FromDatetime(self._engine.response_time())
-        fault = self._engine.next_fault()
+        response.response_time.FromDatetime(engine.response_time())
+        fault = engine.next_fault()
         if fault is not None:
             _break(response, fault)
         return response
@@ -100,17 +131,20 @@ class _Servicer(pb_grpc.RateLimitServiceServicer):
         self._server.read_calls += 1
         if not request.policy_name:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "policy_name is required")
-        await self._gate(context, dp.POLICIES_READ)
-        reading = self._engine.reading(request.policy_name)
+        engine, ispb = await self._engine(request.participant_ispb, context)
+        await self._gate(engine, context, dp.POLICIES_READ)
+        reading = engine.reading(request.policy_name)
         if reading is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such policy")
             raise AssertionError("abort raises")  # pragma: no cover - keeps the type checker honest
+        legacy = self._server.legacy
         response = pb.GetRateLimitPolicyResponse(
-            correlation_id=self._engine.correlation_id(),
-            category=self._engine.category,
-            policy=_policy_message(reading),
+            correlation_id=engine.correlation_id(),
+            category=engine.category,
+            policy=_policy_message(reading, engine, legacy=legacy),
+            participant_ispb="" if legacy else ispb,
         )
-        response.response_time.FromDatetime(self._engine.response_time())
+        response.response_time.FromDatetime(engine.response_time())
         return response
 
 
@@ -129,10 +163,28 @@ class SimulatorServer:
         tls_cert_file: str | None = None,
         tls_key_file: str | None = None,
         tls_client_ca_file: str | None = None,
+        legacy: bool = False,
     ) -> None:
-        self.engine = BucketEngine(
-            category=category, scenario=scenario, seed=seed, refill=refill, clock=clock
-        )
+        #: ISPB -> the engine of that participant; "" (no participants list) answers for any ISPB.
+        self.engines: dict[str, BucketEngine] = {}
+        participants = scenario.participants if scenario is not None else ()
+        for index, participant in enumerate(participants):
+            self.engines[participant.ispb] = BucketEngine(
+                category=participant.category or category,
+                scenario=scenario.for_participant(participant) if scenario is not None else None,
+                seed=seed + index,  # participants do not draw the same traffic
+                refill=refill,
+                clock=clock,
+            )
+        if not self.engines:
+            self.engines[""] = BucketEngine(
+                category=category, scenario=scenario, seed=seed, refill=refill, clock=clock
+            )
+        #: The default participant's engine (the first listed): what an empty ISPB selects.
+        self.engine = next(iter(self.engines.values()))
+        self.default_ispb = next(iter(self.engines))
+        #: An old-style Bridge: answers carry neither response_counts nor participant_ispb.
+        self.legacy = legacy
         self.listen = listen
         self.list_calls = 0
         #: time.monotonic() of every list call received, answered or refused (budget checks in tests).
@@ -145,6 +197,21 @@ class SimulatorServer:
         self._server: grpc.aio.Server | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._port: int | None = None
+
+    def engine_for(self, ispb: str) -> BucketEngine | None:
+        """The engine answering for ``ispb``: empty is the default participant; None: not served."""
+        if not ispb or "" in self.engines:
+            return self.engine
+        return self.engines.get(ispb)
+
+    def answered_ispb(self, ispb: str) -> str:
+        """The ISPB an answer names: the one asked about, else the default participant's (may be "")."""
+        return ispb or self.default_ispb
+
+    def restart_counts(self) -> None:
+        """A simulated Bridge restart: every participant's answer counts go back to 0."""
+        for engine in self.engines.values():
+            engine.restart_counts()
 
     @property
     def address(self) -> str:
@@ -175,7 +242,8 @@ class SimulatorServer:
 
     async def _tick(self) -> None:
         while True:
-            self.engine.advance()
+            for engine in self.engines.values():
+                engine.advance()
             await asyncio.sleep(self.engine.tick)
 
     async def stop(self) -> None:
@@ -222,6 +290,7 @@ async def _serve(
                 "seed": settings.simulator_seed,
                 "refill": settings.simulator_refill,
                 "transport": _transport(settings),
+                "participants": [ispb for ispb in server.engines if ispb] or "any ISPB",
             }
         },
     )

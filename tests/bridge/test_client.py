@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -73,7 +74,11 @@ async def test_list_returns_all_30_policies_with_dict_limits(client: BridgeClien
     antiscan = snapshot.policy("ENTRIES_READ_PARTICIPANT_ANTISCAN")
     assert antiscan is not None
     assert (antiscan.capacity, antiscan.refill_tokens) == (50000, 25000)
-    assert write.error_404_rate is None  # the simulator counts no 404s here: absent, not 0
+    # The simulator lists 200, 404 and 429 from the start; the one list call so far is a 200 of POLICIES_LIST.
+    assert write.response_counts == ((200, 0), (404, 0), (429, 0))
+    listing = snapshot.policy(dp.POLICIES_LIST)
+    assert listing is not None
+    assert listing.count_of(200) == 1
 
 
 async def test_response_time_is_the_simulator_clock_in_utc_with_milliseconds(client: BridgeClient) -> None:
@@ -276,7 +281,11 @@ def _response(category: str = "A", *policies: pb.RateLimitPolicy) -> pb.GetRateL
     return response
 
 
-def _policy(name: str, **fields: float) -> pb.RateLimitPolicy:
+def _count(code: int, count: int) -> pb.ResponseCount:
+    return pb.ResponseCount(code=code, count=count)
+
+
+def _policy(name: str, **fields: Any) -> pb.RateLimitPolicy:
     values = {"available_tokens": 5, "capacity": 10, "refill_tokens": 1, "refill_period_sec": 60}
     return pb.RateLimitPolicy(name=name, **{**values, **fields})
 
@@ -303,14 +312,14 @@ async def test_bad_policies_are_rejected_one_by_one_with_a_reason() -> None:
         _policy("NEGATIVE_REFILL", refill_tokens=-1),
         _policy(""),
         _policy("GOOD", available_tokens=9),
-        _policy("EVENT_LIST", error_404_rate=0.0),
+        _policy("EVENT_LIST", response_counts=[pb.ResponseCount(code=200, count=0)]),
     )
     result = await _call_canned(response)
     assert [p.name for p in result.snapshot.policies] == ["GOOD", "EVENT_LIST"]
     good, event_list = result.snapshot.policies
     assert good.available_tokens == -15  # negative balances are DICT's truth, never clamped
-    assert good.error_404_rate is None
-    assert event_list.error_404_rate == 0.0  # present and zero is not absent
+    assert good.response_counts is None
+    assert event_list.response_counts == ((200, 0),)  # present and zero is not absent
     assert result.rejected == (
         Rejection("ZERO_CAPACITY", "capacity_not_positive"),
         Rejection("ZERO_PERIOD", "refill_period_not_positive"),
@@ -344,19 +353,22 @@ async def test_values_postgresql_or_prometheus_cannot_hold_are_rejected_field_by
         _policy("HUGE_PERIOD", refill_period_sec=2**31),
         _policy("HUGE_CAPACITY", capacity=2**53, available_tokens=2**53),
         _policy("HUGE_DEBT", available_tokens=-(2**62)),
-        _policy("NAN_404", error_404_rate=float("nan")),
-        _policy("INF_404", error_404_rate=float("inf")),
-        _policy("NEGATIVE_404", error_404_rate=-1.0),
-        _policy("HUGE_404", error_404_rate=1e308),
-        _policy("GOOD_404", error_404_rate=0.07),
+        _policy("CODE_99", response_counts=[_count(200, 5), _count(99, 1)]),
+        _policy("CODE_600", response_counts=[_count(600, 1)]),
+        _policy("TWO_404", response_counts=[_count(404, 1), _count(200, 3), _count(404, 2)]),
+        _policy("HUGE_COUNT", response_counts=[_count(200, 2**53)]),
+        _policy("GOOD_COUNTS", response_counts=[_count(429, 2), _count(200, 2**53 - 1), _count(100, 0)]),
+        _policy("NAN_404", error_404_rate=float("nan")),  # the deprecated ratio is not read at all
         _policy("N" * 128, refill_period_sec=366 * 86400),
     )
     response.correlation_id = "abc\x00def\n" + "0" * 80
     result = await _call_canned(response)
     kept = {p.name: p for p in result.snapshot.policies}
-    assert list(kept) == ["NAN_404", "INF_404", "NEGATIVE_404", "HUGE_404", "GOOD_404", "N" * 128]
-    assert [kept[n].error_404_rate for n in ("NAN_404", "INF_404", "NEGATIVE_404", "HUGE_404")] == [None] * 4
-    assert kept["GOOD_404"].error_404_rate == 0.07
+    bad_counts = ["CODE_99", "CODE_600", "TWO_404", "HUGE_COUNT"]
+    assert list(kept) == [*bad_counts, "GOOD_COUNTS", "NAN_404", "N" * 128]
+    assert [kept[n].response_counts for n in bad_counts] == [None] * 4  # the policies stay, their counts go
+    assert kept["GOOD_COUNTS"].response_counts == ((100, 0), (200, 2**53 - 1), (429, 2))  # sorted by code
+    assert kept["NAN_404"].response_counts is None
     assert result.snapshot.correlation_id == ("abcdef" + "0" * 80)[:64]
     assert result.rejected == (
         Rejection("", "invalid_correlation_id"),
@@ -366,10 +378,10 @@ async def test_values_postgresql_or_prometheus_cannot_hold_are_rejected_field_by
         Rejection("HUGE_PERIOD", "value_out_of_range"),
         Rejection("HUGE_CAPACITY", "value_out_of_range"),
         Rejection("HUGE_DEBT", "value_out_of_range"),
-        Rejection("NAN_404", "invalid_error_404_rate"),
-        Rejection("INF_404", "invalid_error_404_rate"),
-        Rejection("NEGATIVE_404", "invalid_error_404_rate"),
-        Rejection("HUGE_404", "invalid_error_404_rate"),
+        Rejection("CODE_99", "invalid_response_code"),
+        Rejection("CODE_600", "invalid_response_code"),
+        Rejection("TWO_404", "duplicate_response_code"),
+        Rejection("HUGE_COUNT", "response_count_out_of_range"),
     )
 
 
@@ -566,3 +578,86 @@ async def test_plaintext_client_to_a_tls_server_fails(pki: Pki) -> None:
         await server.stop()
     assert caught.value.code == "UNAVAILABLE"
     assert server.list_calls == 0
+
+
+# --- the participant (ISPB): sent in every request, checked in every answer
+
+
+class _Echo(pb_grpc.RateLimitServiceServicer):
+    """Records the ISPB of each request and answers about ``answer_ispb`` (None: the one asked about)."""
+
+    def __init__(self, answer_ispb: str | None) -> None:
+        self.answer_ispb = answer_ispb
+        self.asked: list[str] = []
+
+    def _answer(self, asked: str) -> str:
+        self.asked.append(asked)
+        return asked if self.answer_ispb is None else self.answer_ispb
+
+    async def GetRateLimitPolicies(
+        self, request: pb.GetRateLimitPoliciesRequest, context: object
+    ) -> pb.GetRateLimitPoliciesResponse:
+        response = _response("A", _policy("ENTRIES_WRITE"))
+        response.participant_ispb = self._answer(request.participant_ispb)
+        return response
+
+    async def GetRateLimitPolicy(
+        self, request: pb.GetRateLimitPolicyRequest, context: object
+    ) -> pb.GetRateLimitPolicyResponse:
+        listed = _response("A")
+        return pb.GetRateLimitPolicyResponse(
+            response_time=listed.response_time,
+            correlation_id="c" * 32,
+            category="A",
+            policy=_policy(request.policy_name),
+            participant_ispb=self._answer(request.participant_ispb),
+        )
+
+
+async def _ask(servicer: _Echo, asked: str | None, *, single: bool = False) -> BridgeResult:
+    server = grpc.aio.server()
+    pb_grpc.add_RateLimitServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    bridge = BridgeClient(f"127.0.0.1:{port}", timeout=2.0, participant_ispb=asked)
+    try:
+        return await (bridge.get_policy("ENTRIES_WRITE") if single else bridge.list_policies())
+    finally:
+        await bridge.close()
+        await server.stop(None)
+
+
+@pytest.mark.parametrize("single", [False, True])
+async def test_the_configured_ispb_is_sent_and_an_answer_naming_it_is_accepted(single: bool) -> None:
+    servicer = _Echo(None)
+    result = await _ask(servicer, "12345678", single=single)
+    assert servicer.asked == ["12345678"]
+    assert result.snapshot.participant_ispb == "12345678"
+
+
+@pytest.mark.parametrize("single", [False, True])
+async def test_an_answer_about_another_participant_is_refused_whole(single: bool) -> None:
+    with pytest.raises(BridgeMalformedError) as caught:
+        await _ask(_Echo("87654321"), "12345678", single=single)
+    assert caught.value.reason == "participant_mismatch"
+    assert "87654321" in str(caught.value)
+    assert "12345678" in str(caught.value)
+
+
+async def test_an_old_bridge_that_names_no_participant_is_accepted_for_the_one_asked() -> None:
+    result = await _ask(_Echo(""), "12345678")
+    assert result.snapshot.participant_ispb == "12345678"
+
+
+async def test_without_a_configured_ispb_the_bridge_is_asked_for_its_own_and_its_answer_kept() -> None:
+    servicer = _Echo("00000000")
+    result = await _ask(servicer, None)
+    assert servicer.asked == [""]  # empty: the Bridge's own participant
+    assert result.snapshot.participant_ispb == "00000000"
+    garbled = await _ask(_Echo("not-an-ispb"), None)
+    assert garbled.snapshot.participant_ispb == ""  # nothing to check it against: not kept either
+
+
+def test_the_ispb_comes_from_settings() -> None:
+    settings = ExporterSettings(participant_ispb="00038166")
+    assert BridgeClient.from_settings(settings).participant_ispb == "00038166"

@@ -72,12 +72,15 @@ def _thresholds(name: str) -> PolicyThreshold:
 
 def storm() -> list[DerivedSnapshot]:
     """25 minutes at 30 s: P2's capacity changes at 8 min, the category changes at 16 min, P3 leaves at
-    20 min; negative balances, a 404 rate, a replay of an older snapshot, and the same snapshot twice."""
+    20 min; negative balances, a 404 share, a replay of an older snapshot, and the same snapshot twice."""
     result: list[DerivedSnapshot] = []
     previous: DerivedSnapshot | None = None
     for i in range(50):
         readings = [
-            PolicyReading("P1", 900 - 37 * i, 1000, 20, 60, 0.25 if i % 3 else None),
+            # Counts two snapshots in three: a 404 share (1/4) in some rows, NULL in the others.
+            PolicyReading(
+                "P1", 900 - 37 * i, 1000, 20, 60, ((200, 30 * i), (404, 10 * i)) if i % 3 else None
+            ),
             PolicyReading("P2", 500, 2000 if i >= 16 else 1000, 20, 60),
         ]
         if i < 40:

@@ -24,14 +24,24 @@ SETTINGS = ExporterSettings(policy_thresholds={"KEYS_CHECK": PolicyThreshold(0.5
 
 
 def fixed_snapshot() -> DerivedSnapshot:
-    """Two polls 30 s apart of three policies: draining, negative (with a 404 share), and steady."""
+    """Two polls 30 s apart of three policies: draining, negative (with answer counts), and steady.
+
+    The antiscan counts grow by 90 answered 200, 8 answered 404 and 2 answered 429: a 404 share of
+    8 / 100 over the interval."""
     first = Snapshot(
         T0,
         "0" * 32,
         "A",
         (
             PolicyReading("ENTRIES_WRITE", 30_000, 36_000, 1200, 60),
-            PolicyReading("ENTRIES_READ_PARTICIPANT_ANTISCAN", 10, 50_000, 25_000, 60, 0.05),
+            PolicyReading(
+                "ENTRIES_READ_PARTICIPANT_ANTISCAN",
+                10,
+                50_000,
+                25_000,
+                60,
+                ((200, 1000), (404, 50), (429, 0)),
+            ),
             PolicyReading("KEYS_CHECK", 70, 70, 70, 60),
         ),
     )
@@ -41,7 +51,14 @@ def fixed_snapshot() -> DerivedSnapshot:
         "A",
         (
             PolicyReading("ENTRIES_WRITE", 29_000, 36_000, 1200, 60),
-            PolicyReading("ENTRIES_READ_PARTICIPANT_ANTISCAN", -20, 50_000, 25_000, 60, 0.0825),
+            PolicyReading(
+                "ENTRIES_READ_PARTICIPANT_ANTISCAN",
+                -20,
+                50_000,
+                25_000,
+                60,
+                ((200, 1090), (404, 58), (429, 2)),
+            ),
             PolicyReading("KEYS_CHECK", 70, 70, 70, 60),
         ),
     )
@@ -78,7 +95,27 @@ def test_negative_balance_is_exported_negative_with_zero_projection() -> None:
     assert r.get_sample_value("dict_rate_limit_available_tokens", antiscan) == -20
     assert r.get_sample_value("dict_rate_limit_utilization_percent", antiscan) == pytest.approx(100.04)
     assert r.get_sample_value("dict_rate_limit_exhaustion_projection_seconds", antiscan) == 0
-    assert r.get_sample_value("dict_rate_limit_error_404_rate", antiscan) == 0.0825
+    assert r.get_sample_value("dict_rate_limit_error_404_rate", antiscan) == 0.08
+
+
+def test_answer_counts_are_passed_through_as_counters_with_the_code_as_a_string() -> None:
+    r = registry_of(fixed_snapshot())
+    for code, count in (("200", 1090), ("404", 58), ("429", 2)):
+        labels = {"endpoint_id": "ENTRIES_READ_PARTICIPANT_ANTISCAN", "psp_category": "A", "code": code}
+        assert r.get_sample_value("dict_rate_limit_dict_responses_total", labels) == count
+    # A policy whose Bridge sends no counts has no counter series at all (not zeros).
+    text = render_buckets(fixed_snapshot(), SETTINGS.threshold_for).decode()
+    counted = [line for line in text.splitlines() if line.startswith("dict_rate_limit_dict_responses_total{")]
+    assert len(counted) == 3
+    assert all("ANTISCAN" in line for line in counted)
+
+
+def test_the_help_of_the_404_share_states_its_window() -> None:
+    text = render_buckets(fixed_snapshot(), SETTINGS.threshold_for, 900.0).decode()
+    (help_line,) = [
+        line for line in text.splitlines() if line.startswith("# HELP dict_rate_limit_error_404_rate")
+    ]
+    assert "over the last 900 s" in help_line
 
 
 def test_absent_values_are_absent_not_zero() -> None:

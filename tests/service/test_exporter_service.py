@@ -457,25 +457,36 @@ async def test_a_policy_that_disappears_is_reported_missing(sim: SimulatorServer
     assert samples[("dict_rate_limit_policy_missing", write)] == 0.0
 
 
-async def test_nan_and_out_of_range_404_rates_are_rejected_fields_never_a_500(
+async def test_the_bridges_deprecated_404_ratio_is_ignored_even_nan_and_never_a_500(
     sim: SimulatorServer, start: Any
 ) -> None:
     for policy, rate in (("ENTRIES_WRITE", math.nan), ("CLAIMS_READ", math.inf), ("KEYS_CHECK", -1.0),
                          ("REFUNDS_READ", 1e308), ("CLAIMS_WRITE", 0.25)):  # fmt: skip
         sim.engine.set_error_404_rate(policy, rate)
     running = await start(settings_for(sim.address))
-    await running.until(lambda: running.value("dict_rate_limit_bridge_up"))
+
+    # The share comes from the counts: the list calls are the only answers the simulator counts here.
+    async def share_exported() -> bool:
+        return await running.value("dict_rate_limit_error_404_rate", **_labels("POLICIES_LIST")) is not None
+
+    await running.until(share_exported)
     status, body = await running.status("/api/v1/policies")
     assert status == 200
     rates = {p["name"]: p["error_404_rate"] for p in body["policies"]}
-    assert [rates[n] for n in ("ENTRIES_WRITE", "CLAIMS_READ", "KEYS_CHECK", "REFUNDS_READ")] == [None] * 4
-    assert rates["CLAIMS_WRITE"] == 0.25
-    assert await running.value("dict_rate_limit_invalid_policies_total", reason="invalid_error_404_rate") >= 4
+    assert [
+        rates[n] for n in ("ENTRIES_WRITE", "CLAIMS_READ", "KEYS_CHECK", "REFUNDS_READ", "CLAIMS_WRITE")
+    ] == [None] * 5
     samples = await running.samples()
     exported = {
-        dict(labels)["endpoint_id"] for name, labels in samples if name == "dict_rate_limit_error_404_rate"
+        dict(labels)["endpoint_id"]: value
+        for (name, labels), value in samples.items()
+        if name == "dict_rate_limit_error_404_rate"
     }
-    assert exported == {"CLAIMS_WRITE"}
+    assert exported == {"POLICIES_LIST": 0.0}  # answered 200 every time: a true 0, from the counts
+
+
+def _labels(policy: str, **more: str) -> dict[str, str]:
+    return {"endpoint_id": policy, "psp_category": "A", **more}
 
 
 async def test_category_change_with_clamping_adds_no_consumption_and_history_says_so(
@@ -573,6 +584,8 @@ async def test_step_refill_counter_follows_true_consumption_and_projection_holds
             polls = running.service.poller.attempted
             clock.advance(30.0)
             await running.until(lambda p=polls: asyncio.sleep(0, running.service.poller.attempted > p))
+            # `attempted` counts the poll before its snapshot is rendered: wait for /metrics to serve it.
+            await running.until(lambda: _serves(running, clock.time()))
             projections.append(await running.value("dict_rate_limit_exhaustion_projection_seconds", **write))
         true = sim.engine.consumed("ENTRIES_WRITE") - first_true
         counter = await running.value("dict_rate_limit_consumed_tokens_total", **write)
@@ -586,27 +599,36 @@ async def test_step_refill_counter_follows_true_consumption_and_projection_holds
     assert projections[-1] < projections[1]
 
 
+async def _serves(running: Running, moment: float) -> bool:
+    """True once /metrics serves the snapshot of the simulator's time ``moment`` (milliseconds)."""
+    served = await running.value("dict_rate_limit_snapshot_response_time_seconds")
+    return served is not None and abs(served - int(moment * 1000) / 1000) < 1e-6
+
+
 async def test_poison_answers_never_reach_history_and_the_next_good_one_does(
     sim: SimulatorServer, start: Any, database_url: str
 ) -> None:
-    """A ResponseTime of 9999-12-31, a NUL in a policy name and a NaN 404 share: refused or cleaned at the
-    edge, counted, and the next good answer is stored within an interval."""
+    """A ResponseTime of 9999-12-31, a NUL in a policy name and broken answer counts: refused or cleaned
+    at the edge, counted, and the next good answer is stored within an interval."""
     from exporter.history import migrations
 
     await asyncio.to_thread(migrations.apply, database_url)
-    sim.engine.set_error_404_rate("ENTRIES_WRITE", 0.02)
     sim.engine.inject_fault("future_time", 1)
     sim.engine.inject_fault("nul_name", 1)
-    sim.engine.inject_fault("nan_404", 1)
+    sim.engine.inject_fault("bad_counts", 1)
     running = await start(settings_for(sim.address, database_url=database_url))
     policies = len(sim.engine.policy_names())
-    # Poll 1 refused, polls 2 (29 policies) and 3 stored, then at least one good one more.
-    await running.until(lambda: _rows_written_at_least(running, 3 * policies + 29), within=15)
+    # Poll 1 refused, polls 2 (29 policies) and 3 (no counts) stored, then 4 (a new count window) and 5
+    # (the first share since).
+    await running.until(lambda: _rows_written_at_least(running, 4 * policies + 29), within=15)
     assert (
         await running.value("dict_rate_limit_invalid_policies_total", reason="implausible_response_time") == 1
     )
     assert await running.value("dict_rate_limit_invalid_policies_total", reason="invalid_name") == 1
-    assert await running.value("dict_rate_limit_invalid_policies_total", reason="invalid_error_404_rate") >= 1
+    assert (
+        await running.value("dict_rate_limit_invalid_policies_total", reason="duplicate_response_code")
+        == policies
+    )
     status, body = await running.status("/health/ready")
     assert (status, body["checks"]["database"]) == (200, "ok")
     import psycopg
@@ -618,10 +640,13 @@ async def test_poison_answers_never_reach_history_and_the_next_good_one_does(
         )
         far_future, snapshots = await cursor.fetchone() or (None, None)
         cursor = await conn.execute(
-            "SELECT count(*) FROM dict_rate_limit_states WHERE endpoint_id = 'ENTRIES_WRITE' "
-            "AND error_404_rate IS NULL"
+            "SELECT array_agg(error_404_rate ORDER BY response_time) FROM dict_rate_limit_states "
+            "WHERE endpoint_id = 'POLICIES_LIST'"
         )
-        (nan_rows,) = await cursor.fetchone() or (None,)
+        (shares,) = await cursor.fetchone() or (None,)
     assert far_future is False
-    assert snapshots >= 3
-    assert nan_rows == 1  # the NaN answer's row: stored without the field, not refused
+    assert snapshots >= 4
+    # The computed share is what history stores: none for the first snapshot, the one whose counts were
+    # dropped and the one after (a new window), then the list calls' true 0.
+    assert shares[:3] == [None, None, None]
+    assert shares[3] == 0.0

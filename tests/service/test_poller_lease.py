@@ -23,11 +23,11 @@ from tests.support.tcp_proxy import TcpProxy
 
 def _snapshot(seconds: float, tokens: int) -> Snapshot:
     policies = (
-        PolicyReading("ENTRIES_WRITE", tokens, 36000, 1200, 60, 0.25),
+        PolicyReading("ENTRIES_WRITE", tokens, 36000, 1200, 60, ((200, tokens), (404, 7), (429, 0))),
         PolicyReading("NEVER_REFILLS", -3, 10, 0, 60),  # infinite recovery ETA, negative balance
     )
     at = datetime(2026, 12, 1, 12, 0, tzinfo=UTC) + timedelta(seconds=seconds)
-    return Snapshot(at, "c0ffee" * 5 + "00", "B", policies)
+    return Snapshot(at, "c0ffee" * 5 + "00", "B", policies, participant_ispb="00038166")
 
 
 def test_the_shared_snapshot_round_trips_every_derived_value_through_json() -> None:
@@ -38,6 +38,10 @@ def test_the_shared_snapshot_round_trips_every_derived_value_through_json() -> N
     assert restored == second
     assert math.isinf(restored.states[1].recovery_eta_seconds)
     assert restored.states[0].consumed_tokens_total == second.states[0].consumed_tokens_total > 0
+    # The answer counts, the count window and the participant travel too (a follower exports the same).
+    assert restored.states[0].reading.response_counts == ((200, 20000), (404, 7), (429, 0))
+    assert restored.states[0].count_window == second.states[0].count_window
+    assert restored.snapshot.participant_ispb == "00038166"
 
 
 def _timing() -> LeaseTiming:

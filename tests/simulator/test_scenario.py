@@ -182,6 +182,6 @@ def test_the_example_in_docs_simulator_md_is_valid() -> None:
     assert scenario.name == "incident-42"
     assert {type(e.action).__name__ for e in scenario.events} == {
         "Drain", "Burst", "Storm404", "CategoryChange", "AddPolicy", "RemovePolicy", "Traffic", "Latency",
-        "InjectError", "Fault",
+        "InjectError", "Fault", "BridgeRestart",
     }  # fmt: skip
     assert scenario.refill == "period"

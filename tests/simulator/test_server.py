@@ -129,14 +129,21 @@ async def test_policies_can_be_added_and_removed(client: BridgeClient, simulator
     assert len(names) == 30
 
 
-async def test_error_404_rate_is_sent_only_when_set(client: BridgeClient, simulator: SimulatorServer) -> None:
+async def test_the_deprecated_404_ratio_is_still_on_the_wire_for_old_exporters(
+    simulator: SimulatorServer,
+) -> None:
+    import grpc.aio
+
+    from exporter.bridge.proto import rate_limit_pb2 as pb
+    from exporter.bridge.proto import rate_limit_pb2_grpc as pb_grpc
+
     simulator.engine.set_error_404_rate(dp.ANTISCAN, 0.08)
-    simulator.engine.set_error_404_rate("ENTRIES_WRITE", 0.0)
-    snapshot = (await client.list_policies()).snapshot
-    rates = {p.name: p.error_404_rate for p in snapshot.policies}
-    assert rates[dp.ANTISCAN] == pytest.approx(0.08)
-    assert rates["ENTRIES_WRITE"] == 0.0
-    assert rates["CLAIMS_READ"] is None
+    async with grpc.aio.insecure_channel(simulator.address) as channel:
+        stub = pb_grpc.RateLimitServiceStub(channel)  # type: ignore[no-untyped-call]
+        response = await stub.GetRateLimitPolicies(pb.GetRateLimitPoliciesRequest(), timeout=2)
+    policies = {p.name: p for p in response.policies}
+    assert policies[dp.ANTISCAN].error_404_rate == pytest.approx(0.08)
+    assert not policies["CLAIMS_READ"].HasField("error_404_rate")
 
 
 async def test_response_time_follows_the_simulator_clock(client: BridgeClient, clock: ManualClock) -> None:
@@ -204,7 +211,7 @@ async def test_fault_injection_breaks_list_answers_as_told(
     from exporter.bridge.client import Rejection
 
     engine = simulator.engine
-    for kind in ("empty", "zero_capacity", "bad_category", "nan_404", "nul_name", "future_time"):
+    for kind in ("empty", "zero_capacity", "bad_category", "bad_counts", "nul_name", "future_time"):
         engine.inject_fault(kind)
     empty = await client.list_policies()
     assert (empty.snapshot.policies, empty.rejected) == ((), ())
@@ -214,10 +221,11 @@ async def test_fault_injection_breaks_list_answers_as_told(
     bad = await client.list_policies()
     assert bad.snapshot.category == ""
     assert Rejection("", "unknown_category") in bad.rejected
-    engine.set_error_404_rate("ENTRIES_WRITE", 0.1)
-    nan = await client.list_policies()
-    assert nan.snapshot.policy("ENTRIES_WRITE") is not None
-    assert Rejection("ENTRIES_WRITE", "invalid_error_404_rate") in nan.rejected
+    counts = await client.list_policies()
+    write = counts.snapshot.policy("ENTRIES_WRITE")
+    assert write is not None
+    assert write.response_counts is None  # the policy stays, its counts go
+    assert Rejection("ENTRIES_WRITE", "duplicate_response_code") in counts.rejected
     nul = await client.list_policies()
     assert len(nul.snapshot.policies) == len(engine.policy_names()) - 1
     assert [r.reason for r in nul.rejected] == ["invalid_name"]
