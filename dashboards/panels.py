@@ -357,14 +357,8 @@ def answer_panels() -> list[cogbuilder.Builder[dm.Panel]]:
         "percentunit",
         "Share of the key lookups DICT answered over the last 24 hours that were 404 (key not found), per "
         "participant; the dashed line is DICTRateLimitLookupNotFoundShareHigh's threshold (DICT manual "
-        f"§13.2, {LOOKUP_404_SHARE_MAX:.0%} by default; the alert also needs 100 lookups in the window). "
-        "The thin lines are the exporter's short-window share per policy (dict_rate_limit_error_404_rate).",
+        f"§13.2, {LOOKUP_404_SHARE_MAX:.0%} by default; the alert also needs 100 lookups in the window).",
         promql(f"deployment:dict_rate_limit_dict_lookup_404:ratio24h{{{ID}}}", legend="24 h {{participant}}"),
-        promql(
-            f"max without (instance, pod) (dict_rate_limit_error_404_rate{{{SEL}}})",
-            legend="short window {{endpoint_id}} {{participant}}",
-            ref_id="B",
-        ),
     ).thresholds(steps("green", (LOOKUP_404_SHARE_MAX, "red")))
     share = share.thresholds_style(
         common.GraphThresholdsStyleConfig().mode(cm.GraphThresholdsStyleMode.DASHED)
