@@ -15,7 +15,15 @@ from grafana_foundation_sdk.cog import builder as cogbuilder
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import dashboard as dm
 from panel_kit import ID, PG, PROM, RUNBOOKS
-from panels import alert_panels, bucket_panels, danger_table, firing_stat, health_panels, history_panels
+from panels import (
+    alert_panels,
+    answer_panels,
+    bucket_panels,
+    danger_table,
+    firing_stat,
+    health_panels,
+    history_panels,
+)
 
 OUTPUT = Path(__file__).resolve().parent / "dict-rate-limit.json"
 #: The copy the Kubernetes base turns into the Grafana sidecar's ConfigMap (kustomize reads only files
@@ -62,6 +70,15 @@ def variables() -> list[cogbuilder.Builder[dm.VariableModel]]:
             'label_values(up{job=~"$job", cluster=~"$cluster"}, namespace)',
             all_value=".*",
         ),
+        # participant: in an exporter serving several participants; ".*" for All matches a single-participant
+        # exporter, whose series have no participant label (the list is then empty, All still works).
+        label_values(
+            "participant",
+            "Participant",
+            'label_values(dict_rate_limit_available_tokens{job=~"$job", cluster=~"$cluster",'
+            ' namespace=~"$namespace"}, participant)',
+            all_value=".*",
+        ),
         label_values(
             "category",
             "Category",
@@ -88,6 +105,7 @@ def layout() -> list[Row]:
     rows = [
         ("Buckets in danger", danger, "14x9 5x9 5x9"),
         ("Buckets", bucket_panels(), "12x8 12x8 12x8 12x8 12x9 12x9"),
+        ("What DICT answered", answer_panels(), "12x8 12x8"),
         ("Alerts", alert_panels(), "12x8 12x8 24x9"),
         ("Monitoring health", health_panels(), "4x6 4x6 16x6 8x7 8x7 8x7"),
         ("History beyond Prometheus retention (PostgreSQL)", history_panels(), "12x8 12x8"),

@@ -12,6 +12,7 @@ from grafana_foundation_sdk.models import dashboard as dm
 from grafana_foundation_sdk.models import prometheus as pm
 
 from exporter.config import ThresholdKeys
+from exporter.rules.render import DEFAULT_LOOKUP_404_SHARE_MAX
 
 # Panel links point at the runbook anchors the alert rules' runbook_url use (same base).
 RUNBOOKS = "https://github.com/dict-rate-limit-exporter/dict-rate-limit-exporter/blob/main/docs/runbooks.md"
@@ -21,16 +22,32 @@ PROM = dm.DataSourceRef(type_val="prometheus", uid="${prometheus_datasource}")
 PG = dm.DataSourceRef(type_val="grafana-postgresql-datasource", uid="${postgres_datasource}")
 # The identifying labels every selector carries: the Prometheus job, and the deployment labels the alert
 # rules group by (cluster, namespace; absent labels match the ".*" of "All").
-ID = 'job=~"$job", cluster=~"$cluster", namespace=~"$namespace"'
+SHARED_ID = 'job=~"$job", cluster=~"$cluster", namespace=~"$namespace"'
+# Series of one participant (buckets, the Bridge polls, DICT's answers) carry `participant` in an exporter
+# that serves several; a single-participant exporter has no such label, which the ".*" of "All" matches.
+# The exporter's shared parts (history queue) and the receiver's series have no participant: SHARED_ID.
+ID = SHARED_ID + ', participant=~"$participant"'
 SEL = ID + ', endpoint_id=~"$policy", psp_category=~"$category"'
+SHARED_SEL = SHARED_ID + ', endpoint_id=~"$policy", psp_category=~"$category"'
 # The recording rules carry no psp_category (rules bundle 2: not part of an alert's identity): select
 # them by policy and keep the policies of the chosen categories with a join on the raw series.
 RULE_SEL = ID + ', endpoint_id=~"$policy"'
-IN_CATEGORY = f" and on (endpoint_id) group by (endpoint_id) (dict_rate_limit_capacity{{{SEL}}})"
+IN_CATEGORY = (
+    " and on (participant, endpoint_id) group by (participant, endpoint_id)"
+    f" (dict_rate_limit_capacity{{{SEL}}})"
+)
+# The same for the DICT-answer rules: the per-end-user policies have answers but no bucket series. The
+# counter is only there for its labels; increase() keeps the linter's counter rule (and is as cheap).
+ANSWERS_IN_CATEGORY = (
+    " and on (participant, endpoint_id) group by (participant, endpoint_id)"
+    f" (increase(dict_rate_limit_dict_responses_total{{{SEL}}}[$__rate_interval]))"
+)
 # One source for the alert thresholds: the exporter's defaults, which the rules compare against.
 WARN = ThresholdKeys().warning_remaining_ratio
 CRIT = ThresholdKeys().critical_remaining_ratio
 EXHAUSTION_SOON_SECONDS = 3600.0  # DICTRateLimitExhaustionSoon: projection below one hour
+# DICTRateLimitLookupNotFoundShareHigh's default (rules render --lookup-404-share-max): one source.
+LOOKUP_404_SHARE_MAX = DEFAULT_LOOKUP_404_SHARE_MAX
 
 
 @dataclass(frozen=True)
@@ -61,7 +78,7 @@ class SqlQuery(cogbuilder.Builder[cogvariants.Dataquery]):
 
 
 def promql(
-    expr: str, legend: str = "{{endpoint_id}}", ref_id: str = "A", *, instant: bool = False
+    expr: str, legend: str = "{{endpoint_id}} {{participant}}", ref_id: str = "A", *, instant: bool = False
 ) -> prometheus.Dataquery:
     query = prometheus.Dataquery().expr(expr).legend_format(legend).ref_id(ref_id).datasource(PROM)
     if instant:

@@ -7,14 +7,18 @@ from grafana_foundation_sdk.cog import builder as cogbuilder
 from grafana_foundation_sdk.models import common as cm
 from grafana_foundation_sdk.models import dashboard as dm
 from panel_kit import (
+    ANSWERS_IN_CATEGORY,
     CRIT,
     EXHAUSTION_SOON_SECONDS,
     ID,
     IN_CATEGORY,
+    LOOKUP_404_SHARE_MAX,
     PG,
     PROM,
     RULE_SEL,
     SEL,
+    SHARED_ID,
+    SHARED_SEL,
     WARN,
     SqlQuery,
     bars,
@@ -32,7 +36,7 @@ from panel_kit import (
 def danger_table() -> table.Panel:
     # Recording rules fold exporter replicas (instance, pod) the way the alerts do.
     top = f"bottomk(10, endpoint:dict_rate_limit_remaining:ratio{{{RULE_SEL}}}{IN_CATEGORY})"
-    join = f" and on (endpoint_id) {top}"
+    join = f" and on (participant, endpoint_id) {top}"
     available = f"min without (instance, pod) (dict_rate_limit_available_tokens{{{SEL}}}){join}"
     eta = f"max without (instance, pod) (dict_rate_limit_recovery_eta_seconds{{{SEL}}}){join}"
     return (
@@ -64,6 +68,7 @@ def danger_table() -> table.Panel:
                 options={
                     "excludeByName": {"Time": True, "__name__": True, "instance": True, "job": True},
                     "renameByName": {
+                        "participant": "Participant",
                         "endpoint_id": "Policy",
                         "psp_category": "Category",
                         "Value #A": "Remaining",
@@ -197,11 +202,13 @@ def alert_panels() -> list[cogbuilder.Builder[dm.Panel]]:
         "short",
         "Alert lifecycle events recorded by the receiver (and published to Pulsar), per severity.",
         promql(
-            f"sum by (severity) (increase(dict_rate_limit_alerts_created_total{{{SEL}}}[$__rate_interval]))",
+            "sum by (severity) "
+            f"(increase(dict_rate_limit_alerts_created_total{{{SHARED_SEL}}}[$__rate_interval]))",
             legend="created {{severity}}",
         ),
         promql(
-            f"sum by (severity) (increase(dict_rate_limit_alerts_resolved_total{{{SEL}}}[$__rate_interval]))",
+            "sum by (severity) "
+            f"(increase(dict_rate_limit_alerts_resolved_total{{{SHARED_SEL}}}[$__rate_interval]))",
             legend="resolved {{severity}}",
             ref_id="B",
         ),
@@ -237,7 +244,7 @@ def health_panels() -> list[cogbuilder.Builder[dm.Panel]]:
         .title("Bridge up")
         .description("1 when the exporter's last poll of the Bridge succeeded (per exporter replica).")
         .datasource(PROM)
-        .with_target(promql(f"dict_rate_limit_bridge_up{{{ID}}}", legend="{{instance}}"))
+        .with_target(promql(f"dict_rate_limit_bridge_up{{{ID}}}", legend="{{instance}} {{participant}}"))
         .unit("bool_yes_no")
         .thresholds(steps("red", (1, "green")))
         .links([runbook("Bridge down", "dictratelimitbridgedown")])
@@ -251,7 +258,10 @@ def health_panels() -> list[cogbuilder.Builder[dm.Panel]]:
         )
         .datasource(PROM)
         .with_target(
-            promql(f"time() - dict_rate_limit_last_success_timestamp_seconds{{{ID}}}", legend="{{instance}}")
+            promql(
+                f"time() - dict_rate_limit_last_success_timestamp_seconds{{{ID}}}",
+                legend="{{instance}} {{participant}}",
+            )
         )
         .unit("s")
         .thresholds(steps("green", (60, "orange"), (90, "red")))
@@ -265,21 +275,23 @@ def health_panels() -> list[cogbuilder.Builder[dm.Panel]]:
             "s",
             "95th percentile of one poll's wall time, retries included.",
             promql(
-                "histogram_quantile(0.95, sum by (le, instance) "
+                "histogram_quantile(0.95, sum by (le, instance, participant) "
                 f"(rate(dict_rate_limit_poll_duration_seconds_bucket{{{ID}}}[$__rate_interval])))",
-                legend="{{instance}}",
+                legend="{{instance}} {{participant}}",
             ),
         ),
         series_panel(
             "History queue",
             "short",
             "Snapshots waiting for PostgreSQL, its capacity, and snapshots dropped because it was full.",
-            promql(f"dict_rate_limit_history_queue_depth{{{ID}}}", legend="queued {{instance}}"),
+            promql(f"dict_rate_limit_history_queue_depth{{{SHARED_ID}}}", legend="queued {{instance}}"),
             promql(
-                f"dict_rate_limit_history_queue_capacity{{{ID}}}", legend="capacity {{instance}}", ref_id="B"
+                f"dict_rate_limit_history_queue_capacity{{{SHARED_ID}}}",
+                legend="capacity {{instance}}",
+                ref_id="B",
             ),
             promql(
-                f"increase(dict_rate_limit_history_dropped_total{{{ID}}}[$__rate_interval])",
+                f"increase(dict_rate_limit_history_dropped_total{{{SHARED_ID}}}[$__rate_interval])",
                 legend="dropped {{instance}}",
                 ref_id="C",
             ),
@@ -288,13 +300,13 @@ def health_panels() -> list[cogbuilder.Builder[dm.Panel]]:
             "Pulsar backlog (outbox)",
             "short",
             "Alert events committed by the receiver but not yet acknowledged by Pulsar.",
-            promql(f"dict_rate_limit_outbox_backlog{{{ID}}}", legend="{{instance}}"),
+            promql(f"dict_rate_limit_outbox_backlog{{{SHARED_ID}}}", legend="{{instance}}"),
         ).links([runbook("events not reaching Pulsar", "dictratelimitoutboxbacklog")]),
         series_panel(
             "Oldest unsent event",
             "s",
             "Age of the oldest alert event still waiting for Pulsar (0 when none).",
-            promql(f"dict_rate_limit_outbox_oldest_age_seconds{{{ID}}}", legend="{{instance}}"),
+            promql(f"dict_rate_limit_outbox_oldest_age_seconds{{{SHARED_ID}}}", legend="{{instance}}"),
         ),
     ]
 
@@ -334,3 +346,37 @@ def history_panels() -> list[cogbuilder.Builder[dm.Panel]]:
             "Gross tokens consumed, summed per interval from the stored snapshots.",
         ),
     ]
+
+
+# --- row 3: what DICT answered (the Bridge's counts of DICT's answers)
+
+
+def answer_panels() -> list[cogbuilder.Builder[dm.Panel]]:
+    share = series_panel(
+        "404 share of key lookups (24 h)",
+        "percentunit",
+        "Share of the key lookups DICT answered over the last 24 hours that were 404 (key not found), per "
+        "participant; the dashed line is DICTRateLimitLookupNotFoundShareHigh's threshold (DICT manual "
+        f"§13.2, {LOOKUP_404_SHARE_MAX:.0%} by default; the alert also needs 100 lookups in the window).",
+        promql(f"deployment:dict_rate_limit_dict_lookup_404:ratio24h{{{ID}}}", legend="24 h {{participant}}"),
+    ).thresholds(steps("green", (LOOKUP_404_SHARE_MAX, "red")))
+    share = share.thresholds_style(
+        common.GraphThresholdsStyleConfig().mode(cm.GraphThresholdsStyleMode.DASHED)
+    ).links([runbook("404 share of key lookups", "dictratelimitlookupnotfoundsharehigh")])
+    refused = (
+        series_panel(
+            "429 answers received, by policy",
+            "short",
+            "Requests DICT refused with HTTP 429 per policy, per rate interval, as the Bridge counted them "
+            "(a Bridge restart is a counter reset, not 429s). 429s on a policy whose bucket looks healthy "
+            "come from the per-end-user antiscan buckets DICT's list does not show.",
+            promql(
+                "increase(endpoint:dict_rate_limit_dict_429_responses_total:max"
+                f"{{{RULE_SEL}}}[$__rate_interval]){ANSWERS_IN_CATEGORY}"
+            ),
+        )
+        .draw_style(cm.GraphDrawStyle.BARS)
+        .axis_label("answers")
+        .links([runbook("429 received", "dictratelimitrequestsrefused")])
+    )
+    return [share, refused]

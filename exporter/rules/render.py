@@ -47,10 +47,22 @@ TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 #: per deployment, inhibitions compare them, descriptions query with them.
 DEFAULT_DEPLOYMENT_LABELS = ("cluster", "namespace", "participant", "job")
 
+#: Key lookups (getEntry) are relayed under the participant's antiscan policy (dict-domain §3); the
+#: per-end-user ENTRIES_READ_USER_ANTISCAN* buckets are charged by the same lookups, so adding them would
+#: count each lookup twice.
+DEFAULT_LOOKUP_POLICIES = ("ENTRIES_READ_PARTICIPANT_ANTISCAN",)
+#: The 404 share of key lookups the DICT manual (§13.2) calls suspicious for a participant; BCB may change
+#: it, and it could not be checked in a public copy of the manual.
+DEFAULT_LOOKUP_404_SHARE_MAX = 0.07
+#: Fewer lookups answered in 24 hours than this say nothing about a share (1 out of 1 is not 100 % scanning);
+#: the manual's own per-user rule starts at 100 lookups.
+DEFAULT_LOOKUP_MIN_ANSWERS = 100
+
 _VERSION_LINE = re.compile(r"^# bundle-version: (\d+\.\d+\.\d+)$", re.MULTILINE)
 _DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d|w|y)")
 _MATCHER = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"\s*')
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+_POLICY_NAME = re.compile(r"[A-Za-z0-9_]+")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
 
 
@@ -118,6 +130,49 @@ class Selectors:
     receiver: str = ""
     alertmanager: str = ""
     deployment_labels: tuple[str, ...] = DEFAULT_DEPLOYMENT_LABELS
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    """The figures of the DICT-answer alerts (the bucket thresholds come from the exporter's series).
+
+    ``lookup_policies``: the policies whose answers are key lookups; ``lookup_404_share_max``: the share of
+    them answered 404 over 24 hours above which DICTRateLimitLookupNotFoundShareHigh fires;
+    ``lookup_min_answers``: lookups answered in 24 hours below which it never fires.
+    """
+
+    lookup_policies: tuple[str, ...] = DEFAULT_LOOKUP_POLICIES
+    lookup_404_share_max: float = DEFAULT_LOOKUP_404_SHARE_MAX
+    lookup_min_answers: int = DEFAULT_LOOKUP_MIN_ANSWERS
+
+
+def parse_share(text: str, option: str) -> float:
+    """A share strictly between 0 and 1 (``0.07``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < 1:
+        raise RulesBundleError(f"{option}: a share between 0 and 1 is needed (0.07 for 7 %), got {text!r}")
+    return value
+
+
+def parse_count(text: str, option: str) -> int:
+    """A whole number of at least 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise RulesBundleError(f"{option}: a whole number of at least 1 is needed, got {text!r}")
+    return int(text)
+
+
+def parse_policy_list(text: str, option: str) -> tuple[str, ...]:
+    """DICT policy names from ``A,B``: at least one, each letters, digits and underscores."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise RulesBundleError(f"{option}: at least one policy is needed")
+    for name in names:
+        if not _POLICY_NAME.fullmatch(name):
+            raise RulesBundleError(f"{option}: not a DICT policy name: {name!r}")
+    return names
 
 
 def parse_selector(text: str, option: str) -> str:
@@ -191,9 +246,13 @@ _MACROS = {
 }
 
 
-def _tokens(selectors: Selectors) -> dict[str, str]:
+def _tokens(selectors: Selectors, thresholds: Thresholds) -> dict[str, str]:
     labels = selectors.deployment_labels
     return {
+        "__LOOKUP_POLICIES__": "|".join(thresholds.lookup_policies),
+        "__LOOKUP_404_SHARE_MAX__": f"{thresholds.lookup_404_share_max:g}",
+        "__LOOKUP_404_PERCENT__": f"{thresholds.lookup_404_share_max * 100:g}%",
+        "__LOOKUP_MIN_ANSWERS__": str(thresholds.lookup_min_answers),
         "__EXPORTERQ__": _go_string(selectors.exporter),
         "__RECEIVERQ__": _go_string(selectors.receiver),
         "__ALERTMANAGERQ__": _go_string(selectors.alertmanager),
@@ -206,48 +265,53 @@ def _tokens(selectors: Selectors) -> dict[str, str]:
     }
 
 
-def _fill(text: str, selectors: Selectors) -> str:
+def _fill(text: str, selectors: Selectors, thresholds: Thresholds) -> str:
     for token, fragment in _MACROS.items():
         text = text.replace(token, fragment)
-    for token, value in _tokens(selectors).items():
+    for token, value in _tokens(selectors, thresholds).items():
         text = text.replace(token, value)
     # An empty selector leaves `metric{}` or `{,label=...}`: both mean the same without the gap.
     return text.replace("{}", "").replace("{,", "{")
 
 
-def _fill_document(node: Any, selectors: Selectors) -> Any:
+def _fill_document(node: Any, selectors: Selectors, thresholds: Thresholds) -> Any:
     if isinstance(node, str):
-        return _fill(node, selectors)
+        return _fill(node, selectors, thresholds)
     if isinstance(node, list):
-        return [_fill_document(item, selectors) for item in node]
+        return [_fill_document(item, selectors, thresholds) for item in node]
     if isinstance(node, dict):
-        return {key: _fill_document(value, selectors) for key, value in node.items()}
+        return {key: _fill_document(value, selectors, thresholds) for key, value in node.items()}
     return node
 
 
-def render_rule_text(template: str, selectors: Selectors) -> str:
+def render_rule_text(template: str, selectors: Selectors, thresholds: Thresholds = Thresholds()) -> str:
     """One rule file from its template, comments kept; refuses a selector that breaks the YAML quoting."""
-    rendered = _fill(template, selectors)
+    rendered = _fill(template, selectors, thresholds)
     try:
         parsed = yaml.safe_load(rendered)
     except yaml.YAMLError as exc:
         raise RulesBundleError(f"a selector breaks the rule file's YAML: {exc}") from None
-    if parsed != _fill_document(yaml.safe_load(template), selectors):
+    if parsed != _fill_document(yaml.safe_load(template), selectors, thresholds):
         raise RulesBundleError("a selector changes the rule file's YAML structure (quotes or ': ' in it?)")
     return rendered
 
 
 def render_rules(
-    dst_dir: Path, selectors: Selectors = Selectors(), src_dir: Path = TEMPLATES_DIR
+    dst_dir: Path,
+    selectors: Selectors = Selectors(),
+    src_dir: Path = TEMPLATES_DIR,
+    thresholds: Thresholds = Thresholds(),
 ) -> list[Path]:
-    """Writes the bundle's rule files for ``selectors`` to ``dst_dir``; returns their paths."""
+    """Writes the bundle's rule files for ``selectors`` and ``thresholds`` to ``dst_dir``; returns their
+    paths."""
     bundle_version(src_dir)  # the templates must agree on the version before anything is written
     destination = Path(dst_dir)
     destination.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for path in rule_files(src_dir):
         target = destination / path.name
-        target.write_text(render_rule_text(path.read_text(encoding="utf-8"), selectors), encoding="utf-8")
+        text = render_rule_text(path.read_text(encoding="utf-8"), selectors, thresholds)
+        target.write_text(text, encoding="utf-8")
         written.append(target)
     return written
 
@@ -467,6 +531,25 @@ def add_render_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="LABELS",
         help="Comma-separated labels that identify one deployment (default: %(default)s).",
     )
+    parser.add_argument(
+        "--lookup-policies",
+        default=",".join(DEFAULT_LOOKUP_POLICIES),
+        metavar="POLICIES",
+        help="Comma-separated policies whose DICT answers are key lookups (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--lookup-404-share-max",
+        default=str(DEFAULT_LOOKUP_404_SHARE_MAX),
+        metavar="SHARE",
+        help="Share of key lookups answered 404 over 24 h above which DICTRateLimitLookupNotFoundShareHigh"
+        " fires (default: %(default)s, DICT manual section 13.2).",
+    )
+    parser.add_argument(
+        "--lookup-min-answers",
+        default=str(DEFAULT_LOOKUP_MIN_ANSWERS),
+        metavar="N",
+        help="Key lookups answered in 24 h below which the 404 share never alerts (default: %(default)s).",
+    )
     parser.add_argument("--output", type=Path, required=True, metavar="DIR", help="Directory to write to.")
 
 
@@ -479,7 +562,12 @@ def run_render(args: argparse.Namespace) -> int:
             alertmanager=parse_selector(args.alertmanager_selector, "--alertmanager-selector"),
             deployment_labels=parse_label_list(args.deployment_labels, "--deployment-labels"),
         )
-        written = render_rules(args.output, selectors)
+        thresholds = Thresholds(
+            lookup_policies=parse_policy_list(args.lookup_policies, "--lookup-policies"),
+            lookup_404_share_max=parse_share(args.lookup_404_share_max, "--lookup-404-share-max"),
+            lookup_min_answers=parse_count(args.lookup_min_answers, "--lookup-min-answers"),
+        )
+        written = render_rules(args.output, selectors, thresholds=thresholds)
         manifest = Path(args.output) / "prometheusrule.yaml"
         manifest.write_text(render_prometheusrule(Path(args.output)), encoding="utf-8")
     except (RulesBundleError, OSError, yaml.YAMLError) as exc:

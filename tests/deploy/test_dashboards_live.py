@@ -43,7 +43,8 @@ EMPTY_WHEN_HEALTHY = {
     "Alert history (PostgreSQL)": "no alert was ever recorded",
 }
 # The identifying variables at All (their allValue); the demo's Prometheus adds no cluster/namespace.
-IDENTITY = {"job": ".+", "cluster": ".*", "namespace": ".*"}
+#: participant: All (".*"), which also matches the demo's single-participant exporter (no such label).
+IDENTITY = {"job": ".+", "cluster": ".*", "namespace": ".*", "participant": ".*"}
 SELECTIONS = [
     {**IDENTITY, "policy": ".*", "category": ".*"},  # All
     {**IDENTITY, "policy": "ENTRIES_WRITE", "category": "A"},
@@ -189,6 +190,7 @@ def test_every_panel_and_variable_query_returns_data_on_a_live_stack(
     # One stack for all checks: starting it costs more than the checks.
     found = variable_values(running_stack)
     assert found["category"] == ["A"]
+    assert found["participant"] == []  # a single-participant exporter: no label, All still selects it
     assert {"ENTRIES_WRITE", "CLAIMS_READ", "PERSONS_STATISTICS_READ"} <= set(found["policy"])
 
     # Healthy: rate() over 15 s needs a few scrapes of the counters; retry until the data is there.

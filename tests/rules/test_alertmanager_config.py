@@ -42,6 +42,8 @@ ROUTING_CASES: dict[str, list[str]] = {
     "DICTRateLimitPolicyMissing": [WEBHOOK, CHAT],
     "DICTRateLimitReceiverFailing": [WEBHOOK, CHAT],
     "DICTRateLimitAlertDeliveryFailing": [WEBHOOK, CHAT],
+    "DICTRateLimitLookupNotFoundShareHigh": [WEBHOOK, CHAT],
+    "DICTRateLimitRequestsRefused": [WEBHOOK, CHAT],
     "DICTRateLimitWatchdog": [WATCHDOG],
 }
 
@@ -279,4 +281,40 @@ def test_a_critical_silences_the_warning_of_its_own_policy_and_deployment_only(
             ("DICTRateLimitWarning", "CLAIMS_READ", None): "active",
             ("DICTRateLimitWarning", "ENTRIES_WRITE", "c2"): "active",  # cluster c1's Critical, c2's Warning
             ("DICTRateLimitPollsFailing", None, None): "active",
+        }
+
+
+def test_answer_alerts_are_silenced_only_by_a_bucket_page_of_their_own_participant_and_policy(
+    tmp_path: Path,
+) -> None:
+    """Participant 1's empty ENTRIES_WRITE bucket explains its 429s there, not participant 2's, nor 1's
+    429s on another policy, nor its 404 share (not a per-policy alert)."""
+    binary = require_binary("prometheus-alertmanager")
+    config = render_alertmanager_config(
+        "http://127.0.0.1:9/alerts", tmp_path / "token", tmp_path / "am.yml", fast=True
+    )
+    one = {"job": "dict-rate-limit", "participant": "11111111"}
+    two = {"job": "dict-rate-limit", "participant": "22222222"}
+    refused = {"alertname": "DICTRateLimitRequestsRefused", "severity": "warning"}
+    exhausted = {"alertname": "DICTRateLimitExhausted", "severity": "critical"}
+    with alertmanager(binary, config, tmp_path) as manager:
+        manager.post(
+            am_alert(exhausted | {"endpoint_id": "ENTRIES_WRITE"} | one),
+            am_alert(refused | {"endpoint_id": "ENTRIES_WRITE"} | one),
+            am_alert(refused | {"endpoint_id": "CLAIMS_READ"} | one),
+            am_alert(refused | {"endpoint_id": "ENTRIES_WRITE"} | two),
+            am_alert({"alertname": "DICTRateLimitLookupNotFoundShareHigh", "severity": "warning"} | one),
+        )
+        _wait_for_state(manager, "DICTRateLimitRequestsRefused", "ENTRIES_WRITE", "suppressed")
+        states = {
+            (labels["alertname"], labels.get("endpoint_id"), labels["participant"]): a["status"]["state"]
+            for a in manager.alerts()
+            for labels in [a["labels"]]
+        }
+        assert states == {
+            ("DICTRateLimitExhausted", "ENTRIES_WRITE", "11111111"): "active",
+            ("DICTRateLimitRequestsRefused", "ENTRIES_WRITE", "11111111"): "suppressed",
+            ("DICTRateLimitRequestsRefused", "CLAIMS_READ", "11111111"): "active",
+            ("DICTRateLimitRequestsRefused", "ENTRIES_WRITE", "22222222"): "active",
+            ("DICTRateLimitLookupNotFoundShareHigh", None, "11111111"): "active",
         }

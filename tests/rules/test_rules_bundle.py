@@ -68,9 +68,16 @@ ALERTS_V2: dict[str, tuple[str, bool]] = {
     "DICTRateLimitPulsarPublishFailing": ("warning", False),
     "DICTRateLimitOutboxBacklog": ("warning", False),
     "DICTRateLimitOutboxEventSetAside": ("warning", False),
+    # 2.1.0 (issue 15): DICT's answers relayed by the Bridge.
+    "DICTRateLimitLookupNotFoundShareHigh": ("warning", False),
+    "DICTRateLimitRequestsRefused": ("warning", True),
 }
+#: Per-policy alerts on DICT's answers (counters), not on a bucket's balance.
+ANSWER_ALERTS = {"DICTRateLimitRequestsRefused"}
 BUCKET_ALERTS = sorted(
-    name for name, (_, per_policy) in ALERTS_V2.items() if per_policy and name != "DICTRateLimitPolicyMissing"
+    name
+    for name, (_, per_policy) in ALERTS_V2.items()
+    if per_policy and name != "DICTRateLimitPolicyMissing" and name not in ANSWER_ALERTS
 )
 
 
@@ -268,13 +275,15 @@ def test_rules_use_only_metric_names_from_the_metrics_contract() -> None:
     assert used, "no metric name found: the pattern is wrong"
     # Added by the exporter's side of issue 11 (policy seen before, absent from the latest poll).
     contract.add("dict_rate_limit_policy_missing")
+    # Added by the exporter's side of issue 15 (the Bridge's per-policy DICT answer counts).
+    contract.add("dict_rate_limit_dict_responses_total")
     assert sorted(used - contract) == []
 
 
 def test_recording_rules_are_named_level_metric_operations() -> None:
     assert RECORDS
-    for name in RECORDS:
-        assert re.fullmatch(r"endpoint:dict_rate_limit_[a-z_]+:[a-z0-9_]+", name), name
+    for name in RECORDS:  # level endpoint: per deployment and policy; deployment: per deployment only
+        assert re.fullmatch(r"(endpoint|deployment):dict_rate_limit_[a-z0-9_]+:[a-z0-9_]+", name), name
     assert len(RECORDS) == len(set(RECORDS))
 
 
@@ -540,6 +549,12 @@ def test_rules_render_command_writes_the_files_and_the_prometheusrule(tmp_path: 
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [
+        ("--lookup-404-share-max", "7", "--lookup-404-share-max: a share between 0 and 1"),
+        ("--lookup-404-share-max", "nan", "--lookup-404-share-max: a share between 0 and 1"),
+        ("--lookup-min-answers", "0", "--lookup-min-answers: a whole number of at least 1"),
+        ("--lookup-min-answers", "1e3", "--lookup-min-answers: a whole number of at least 1"),
+        ("--lookup-policies", "ENTRIES.*", "--lookup-policies: not a DICT policy name"),
+        ("--lookup-policies", " , ", "--lookup-policies: at least one policy"),
         ("--exporter-selector", "job=dict", "--exporter-selector: not a list of label matchers"),
         ("--receiver-selector", 'job="a" namespace="b"', "--receiver-selector: matchers must be separated"),
         ("--deployment-labels", "namespace,endpoint_id", "--deployment-labels: endpoint_id identifies"),
@@ -566,3 +581,29 @@ def test_selectors_parse_with_or_without_braces_and_escapes() -> None:
 
 def test_templates_and_rules_declare_the_same_bundle_version() -> None:
     assert bundle_version(TEMPLATES_DIR) == bundle_version(RULES)
+
+
+def test_lookup_figures_are_options_of_rules_render_and_reach_the_rule(tmp_path: Path) -> None:
+    """A participant whose BCB figure differs renders its own threshold, volume and lookup policies; the
+    default rendering's 7.1 % case then no longer fires (the unit tests of rules/ fail on it)."""
+    from exporter.cli import main
+
+    out = tmp_path / "rules"
+    arguments = ["--lookup-404-share-max", "0.075", "--lookup-min-answers", "500"]
+    policies = ["--lookup-policies", "ENTRIES_READ_PARTICIPANT_ANTISCAN,ENTRIES_READ_PARTICIPANT_ANTISCAN_V2"]
+    assert main(["rules", "render", *arguments, *policies, "--output", str(out)]) == 0
+    rule = {r["alert"]: r for r in _rules(sorted(out.glob("*.rules.yml"))) if "alert" in r}[
+        "DICTRateLimitLookupNotFoundShareHigh"
+    ]
+    assert "ratio24h > 0.075\n" in rule["expr"]
+    assert "increase24h >= 500" in rule["expr"]
+    description = rule["annotations"]["description"]
+    assert "(threshold 7.5%, DICT manual §13.2; counted once 500 lookups" in description
+    text = (out / "dict-rate-limit-responses.rules.yml").read_text(encoding="utf-8")
+    assert 'endpoint_id=~"ENTRIES_READ_PARTICIPANT_ANTISCAN|ENTRIES_READ_PARTICIPANT_ANTISCAN_V2"' in text
+    (out / "tests").mkdir()
+    test_file = RULES / "tests" / "responses.test.yml"
+    (out / "tests" / test_file.name).write_text(test_file.read_text(encoding="utf-8"), encoding="utf-8")
+    result = promtool("test", "rules", str(out / "tests" / test_file.name))
+    assert result.returncode == 1
+    assert "7.1 % and 6.9 %" in result.stdout + result.stderr
