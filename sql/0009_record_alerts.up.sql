@@ -46,6 +46,67 @@ BEGIN
     FOREACH v_lock IN ARRAY p_locks LOOP
         PERFORM pg_advisory_xact_lock(hashtextextended(v_lock, 28554171));
     END LOOP;
+    -- The common notification (and an incident storm's): every alert firing, each alert once. Firing
+    -- alerts only insert, and no alert can see another's row, so one look-up and one INSERT for all give
+    -- what the loop below gives; rows (and their outbox rows, by the trigger) in the notification's order.
+    IF (SELECT bool_and(e ->> 'status' = 'firing') AND count(DISTINCT e ->> 'fingerprint') = count(*)
+          FROM jsonb_array_elements(p_alerts) e) THEN
+        WITH input AS (
+            SELECT e.ord, e.alert, e.alert -> 'payload' AS payload,
+                   CASE WHEN jsonb_typeof(e.alert -> 'payload' -> 'annotations') = 'object'
+                        THEN e.alert -> 'payload' -> 'annotations' ELSE '{}'::jsonb END AS annotations,
+                   e.alert ->> 'fingerprint' AS fingerprint, (e.alert ->> 'starts_at')::timestamptz AS starts
+              FROM jsonb_array_elements(p_alerts) WITH ORDINALITY AS e (alert, ord)
+        ), fresh AS (
+            -- LATERAL ... LIMIT 1, not NOT EXISTS: the planner made the latter a hash anti-join over a
+            -- sequential scan of every alert ever recorded; this is an index probe per alert.
+            SELECT i.*
+              FROM input i
+              LEFT JOIN LATERAL (
+                    SELECT true AS known
+                      FROM dict_rate_limit_alerts a
+                     WHERE a.fingerprint = i.fingerprint
+                       AND (a.fingerprint, a.starts_at) >= (i.fingerprint, i.starts - p_tolerance)
+                       AND (a.fingerprint, a.starts_at) <= (i.fingerprint, i.starts + p_tolerance)
+                       AND (a.status = 'firing' OR a.ends_at IS NULL OR i.starts < a.ends_at)
+                     LIMIT 1) episode ON true
+             WHERE episode.known IS NULL
+        ), inserted AS (
+            INSERT INTO dict_rate_limit_alerts (
+                fingerprint, alert_name, severity, endpoint_id, psp_category, status, starts_at,
+                available_tokens, capacity, utilization_percent, recovery_eta_seconds,
+                exhaustion_projection_seconds, summary, description, labels, annotations, payload,
+                generator_url, alertmanager_url)
+            SELECT f.fingerprint, f.alert ->> 'alert_name', f.alert ->> 'severity', f.alert ->> 'endpoint_id',
+                   f.alert ->> 'psp_category', 'firing', f.starts,
+                   coalesce((f.alert ->> 'available_tokens')::bigint, s.available_tokens),
+                   coalesce((f.alert ->> 'capacity')::bigint, s.capacity),
+                   coalesce((f.alert ->> 'utilization_percent')::float8, s.utilization_percent),
+                   coalesce((f.alert ->> 'recovery_eta_seconds')::float8, s.recovery_eta_seconds),
+                   coalesce((f.alert ->> 'exhaustion_projection_seconds')::float8,
+                            s.exhaustion_projection_seconds),
+                   f.annotations ->> 'summary', f.annotations ->> 'description',
+                   coalesce(f.alert -> 'labels', f.payload -> 'labels'), f.annotations, f.payload,
+                   f.alert ->> 'generator_url', nullif(p_source, '')
+              FROM fresh f
+              LEFT JOIN LATERAL (
+                    SELECT st.available_tokens, st.capacity, st.utilization_percent, st.recovery_eta_seconds,
+                           st.exhaustion_projection_seconds
+                      FROM dict_rate_limit_states st
+                     WHERE st.endpoint_id = f.alert ->> 'endpoint_id'
+                       AND st.response_time <= now() + interval '1 day'
+                     ORDER BY st.response_time DESC
+                     LIMIT 1) s ON true
+             ORDER BY f.ord
+            ON CONFLICT (fingerprint, starts_at) DO NOTHING
+            RETURNING fingerprint
+        )
+        SELECT array_agg(CASE WHEN n.fingerprint IS NULL THEN 'duplicate' ELSE 'created' END ORDER BY i.ord)
+          INTO v_outcomes
+          FROM input i
+          LEFT JOIN inserted n ON n.fingerprint = i.fingerprint;
+        RETURN v_outcomes;
+    END IF;
     FOR v_index IN 0 .. jsonb_array_length(p_alerts) - 1 LOOP
         v_alert := p_alerts -> v_index;
         v_payload := v_alert -> 'payload';
@@ -58,7 +119,11 @@ BEGIN
         SELECT a.id, a.status INTO v_found_id, v_found_state
           FROM dict_rate_limit_alerts a
          WHERE a.fingerprint = v_fingerprint
-           AND a.starts_at BETWEEN v_starts - p_tolerance AND v_starts + p_tolerance
+           -- starts_at within the tolerance, written as a range of the (fingerprint, starts_at) index:
+           -- with the plain BETWEEN the planner took the starts_at index and filtered every alert that
+           -- started at the same moment (an incident storm, a fresh table), per alert.
+           AND (a.fingerprint, a.starts_at) >= (v_fingerprint, v_starts - p_tolerance)
+           AND (a.fingerprint, a.starts_at) <= (v_fingerprint, v_starts + p_tolerance)
            AND (a.status = 'firing' OR a.ends_at IS NULL OR v_starts < a.ends_at)
          ORDER BY abs(extract(epoch FROM a.starts_at - v_starts))
          LIMIT 1;
