@@ -194,3 +194,40 @@ $$;
 
 COMMENT ON FUNCTION dict_rate_limit_record_alerts(text[], jsonb, interval, text) IS
     'Records one webhook notification (alert rows; the trigger queues the outbox rows): one outcome per alert.';
+
+-- The outbox rows of inserted alerts, one statement per INSERT instead of a PL/pgSQL call and an INSERT
+-- per row: the same rows (created, then resolved for an alert first seen resolved; the values of the
+-- inserted row; ON CONFLICT DO NOTHING) in the same order (alert by alert in id order, created before
+-- resolved), as the row trigger of 0003/0007 gave. Updates (firing -> resolved: the receiver, the
+-- reconciliation, auto_resolve_alerts()) keep the row trigger.
+CREATE FUNCTION dict_rate_limit_alert_outbox_enqueue_inserted()
+RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    INSERT INTO dict_rate_limit_alert_outbox (event_id, alert_id, event_type, available_tokens, capacity,
+                utilization_percent, recovery_eta_seconds, exhaustion_projection_seconds)
+    SELECT dict_rate_limit_alert_event_id(n.fingerprint, n.starts_at, e.event_type), n.id, e.event_type,
+           n.available_tokens, n.capacity, n.utilization_percent, n.recovery_eta_seconds,
+           n.exhaustion_projection_seconds
+      FROM inserted_alerts n
+      CROSS JOIN LATERAL (VALUES (1, 'rate_limit.alert.created'), (2, 'rate_limit.alert.resolved'))
+            AS e (step, event_type)
+     WHERE e.step = 1 OR n.status = 'resolved'
+     ORDER BY n.id, e.step
+    ON CONFLICT DO NOTHING;
+    RETURN NULL;
+END;
+$$;
+
+COMMENT ON FUNCTION dict_rate_limit_alert_outbox_enqueue_inserted() IS
+    'Queues rate_limit.alert.created (and .resolved for an alert inserted resolved) for the rows of one INSERT.';
+
+DROP TRIGGER dict_rate_limit_alerts_outbox ON dict_rate_limit_alerts;
+CREATE TRIGGER dict_rate_limit_alerts_outbox
+    AFTER UPDATE OF status ON dict_rate_limit_alerts
+    FOR EACH ROW EXECUTE FUNCTION dict_rate_limit_alert_outbox_enqueue();
+CREATE TRIGGER dict_rate_limit_alerts_outbox_inserted
+    AFTER INSERT ON dict_rate_limit_alerts
+    REFERENCING NEW TABLE AS inserted_alerts
+    FOR EACH STATEMENT EXECUTE FUNCTION dict_rate_limit_alert_outbox_enqueue_inserted();

@@ -22,6 +22,7 @@ import psycopg
 from aiohttp.test_utils import TestClient
 
 from exporter.config import ReceiverSettings
+from exporter.history import migrations
 from exporter.receiver.payload import parse_payload
 from exporter.receiver.store import RecordResult, record_alerts
 from exporter.receiver.webhook import STATE, create_app
@@ -44,6 +45,8 @@ OUTBOX = (
 )
 EVENT_ID = "SELECT dict_rate_limit_alert_event_id(%s, %s, %s)::text"
 SOURCE = "http://alertmanager:9093"
+#: sql/0009: the function and the statement-level outbox trigger of inserts.
+RECORD_MIGRATION = 9
 
 
 def _add_snapshot(database_url: str, endpoint_id: str, available: int, capacity: int) -> None:
@@ -258,32 +261,38 @@ def _random_notification(rng: random.Random, base: datetime) -> dict[str, Any]:
     return payload(*alerts)
 
 
-async def test_random_sequences_give_the_rows_events_and_results_of_the_previous_store(
+async def _replay(database_url: str, notifications: list[dict[str, Any]], store: Any) -> tuple[Any, ...]:
+    with psycopg.connect(database_url) as conn:
+        conn.execute("TRUNCATE dict_rate_limit_alert_outbox, dict_rate_limit_alerts RESTART IDENTITY")
+    # The previous store ran in the pool's old mode (a transaction), the batched one autocommitted.
+    results = [
+        _summary(await _record(database_url, n, store, autocommit=store is None)) for n in notifications
+    ]
+    return results, rows(database_url, ALERTS), rows(database_url, OUTBOX)
+
+
+async def test_random_sequences_give_the_rows_events_and_results_of_the_previous_release(
     database_url: str,
 ) -> None:
-    migrate(database_url)
-    _add_snapshot(database_url, "CLAIMS_READ", available=700, capacity=1000)
+    """The previous store on the previous schema (its outbox row trigger), then the batched one on this."""
+    sequences = []
     for seed in range(4):
         rng = random.Random(seed)
-        base = NOW - timedelta(hours=3)
-        notifications = [_random_notification(rng, base) for _ in range(40)]
-        outcomes = {}
-        for name, store in (("previous", legacy_store), ("batched", None)):
-            with psycopg.connect(database_url) as conn:
-                conn.execute("TRUNCATE dict_rate_limit_alert_outbox, dict_rate_limit_alerts RESTART IDENTITY")
-            # The previous store ran in the pool's old mode (a transaction), the batched one autocommitted.
-            results = [
-                _summary(await _record(database_url, n, store, autocommit=store is None))
-                for n in notifications
-            ]
-            outcomes[name] = (results, rows(database_url, ALERTS), rows(database_url, OUTBOX))
-        previous, batched = outcomes["previous"], outcomes["batched"]
-        assert batched[0] == previous[0], f"seed {seed}: results"
-        assert batched[1] == previous[1], f"seed {seed}: alert rows"
-        assert batched[2] == previous[2], f"seed {seed}: outbox rows"
+        sequences.append([_random_notification(rng, NOW - timedelta(hours=3)) for _ in range(40)])
+    migrations.apply(database_url, to=RECORD_MIGRATION - 1)
+    _add_snapshot(database_url, "CLAIMS_READ", available=700, capacity=1000)
+    previous = [await _replay(database_url, notifications, legacy_store) for notifications in sequences]
+    assert rows(database_url, "SELECT to_regproc('dict_rate_limit_record_alerts') IS NULL") == [(True,)]
+    migrate(database_url)
+    for seed, notifications in enumerate(sequences):
+        batched = await _replay(database_url, notifications, None)
+        assert batched[0] == previous[seed][0], f"seed {seed}: results"
+        assert batched[1] == previous[seed][1], f"seed {seed}: alert rows"
+        assert batched[2] == previous[seed][2], f"seed {seed}: outbox rows"
         # Sequences that exercise the lifecycle: rows resolved, duplicates, created-and-resolved at once.
         assert any(r[5] == "resolved" for r in batched[1])
         assert sum(d for _, d in batched[0]) > 0
+        assert any(len(t) > 1 and t[0][0] == "created" and t[1][0] == "resolved" for t, _ in batched[0])
 
 
 async def test_the_batched_store_also_runs_in_a_callers_transaction(database_url: str) -> None:
