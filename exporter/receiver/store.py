@@ -8,12 +8,14 @@ land on one row, so one ``created`` and one ``resolved`` event. Each fingerprint
 transaction-level advisory lock, so receiver replicas never race each other into two rows.
 For each alert of a notification:
 
-- firing, unknown instance: insert a firing row (the outbox trigger of ``sql/0003`` queues ``created``);
+- firing, unknown instance: insert a firing row (the outbox trigger of inserts, ``sql/0009``, queues
+  ``created``);
 - firing, known instance: nothing (a retry, a peer of an Alertmanager cluster, the other Prometheus
   replica's copy, a repeat notification, or a late firing after the resolution: a resolved row is final);
 - resolved, firing row: mark it resolved (``ends_at``, ``resolved_at``, ``resolved_by`` = ``alertmanager``
   for a recovery, ``data_lost`` when the rules last held the alert on missing data) with the bucket values
-  of the resolution (the firing values are replaced); the trigger queues ``resolved`` with them;
+  of the resolution (the firing values are replaced); the row trigger of ``sql/0003``/``0007`` queues
+  ``resolved`` with them;
 - resolved, unknown instance (its firing notification was lost): insert it resolved (trigger: both events);
 - resolved, resolved row: nothing.
 
