@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import os
 import sys
 import tempfile
 import time
@@ -168,12 +169,61 @@ async def _load(
     }
 
 
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of these processes so far (processes gone meanwhile count 0)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime (fields 14 and 15)
+    return total
+
+
+def _postgres_pids(data_directory: Path) -> list[int]:
+    """The embedded server's postmaster and its children (the backends of both servers' pools)."""
+    postmaster = int((data_directory / "postmaster.pid").read_text().split()[0])
+    children = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()
+    return [postmaster, *map(int, children)]
+
+
+def cpu_figure(servers: Servers, data_directory: Path, args: argparse.Namespace) -> None:
+    """CPU per alert, in the server's process and in PostgreSQL, for the receiver and the baseline: what
+    the throughput ratio is made of, measured the same on a loaded or an idle machine."""
+    senders, per_request = args.pool, 10
+    for kind in ("receiver", "baseline"):
+        asyncio.run(_load(servers.ports[kind], 0.3, senders, per_request))
+    spent: dict[str, list[tuple[float, float, int]]] = {"receiver": [], "baseline": []}
+    for index in range(args.rounds):
+        for kind in rotated(list(spent), index):
+            server = [servers.pids[kind]]
+            postgres = _postgres_pids(data_directory)
+            before = (_cpu_seconds(server), _cpu_seconds(postgres))
+            result = asyncio.run(_load(servers.ports[kind], args.seconds, senders, per_request))
+            after = (_cpu_seconds(server), _cpu_seconds(postgres))
+            spent[kind].append((after[0] - before[0], after[1] - before[1], result["alerts"]))
+    print(f"\nCPU per alert ({senders} senders x {per_request} alerts, {args.rounds} interleaved rounds):")
+    per_alert = {}
+    for kind, runs in spent.items():
+        alerts = sum(r[2] for r in runs) or 1
+        server, postgres = (sum(r[i] for r in runs) / alerts * 1e6 for i in (0, 1))
+        per_alert[kind] = server + postgres
+        print(
+            f"  {kind:9s} server process {server:6.1f} us, PostgreSQL {postgres:6.1f} us,"
+            f" total {server + postgres:6.1f} us"
+        )
+    print(f"  total CPU per alert, baseline / receiver: {per_alert['baseline'] / per_alert['receiver']:.2f}x")
+
+
 class Servers:
     """The receiver, the scraped receiver and the baseline, all running for the whole benchmark (measured
     one at a time). The scraped one has its own process, so its label sets start empty."""
 
     def __init__(self, database_url: str, pool: int) -> None:
         self.ports = {"receiver": free_port(), "baseline": free_port(), "scraped": free_port()}
+        self.pids: dict[str, int] = {}
         context = multiprocessing.get_context("spawn")
         self.processes = [
             context.Process(target=_serve, args=(kind, port, database_url, pool), daemon=True)
@@ -183,6 +233,7 @@ class Servers:
     def __enter__(self) -> Servers:
         for process in self.processes:
             process.start()
+        self.pids = {kind: p.pid or 0 for kind, p in zip(self.ports, self.processes, strict=True)}
         for port in self.ports.values():
             wait_for_port("127.0.0.1", port, 30)
         return self
@@ -377,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
             with Servers(database_url, args.pool) as servers:
                 # First: the two receivers compared here have done the same work (none) before it.
                 bounded = scraped_figure(servers, known[0] if known else 0, args)
+                if embedded is not None:
+                    cpu_figure(servers, embedded.directory, args)
                 figure(
                     servers,
                     f"receiver vs minimal durable handler by alerts per request ({args.pool} senders,"

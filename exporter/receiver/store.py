@@ -8,12 +8,14 @@ land on one row, so one ``created`` and one ``resolved`` event. Each fingerprint
 transaction-level advisory lock, so receiver replicas never race each other into two rows.
 For each alert of a notification:
 
-- firing, unknown instance: insert a firing row (the outbox trigger of ``sql/0003`` queues ``created``);
+- firing, unknown instance: insert a firing row (the outbox trigger of inserts, ``sql/0009``, queues
+  ``created``);
 - firing, known instance: nothing (a retry, a peer of an Alertmanager cluster, the other Prometheus
   replica's copy, a repeat notification, or a late firing after the resolution: a resolved row is final);
 - resolved, firing row: mark it resolved (``ends_at``, ``resolved_at``, ``resolved_by`` = ``alertmanager``
   for a recovery, ``data_lost`` when the rules last held the alert on missing data) with the bucket values
-  of the resolution (the firing values are replaced); the trigger queues ``resolved`` with them;
+  of the resolution (the firing values are replaced); the row trigger of ``sql/0003``/``0007`` queues
+  ``resolved`` with them;
 - resolved, unknown instance (its firing notification was lost): insert it resolved (trigger: both events);
 - resolved, resolved row: nothing.
 
@@ -21,7 +23,10 @@ The outbox rows are written by the trigger inside the same transaction, so "reco
 published" commit together, each outbox row with the bucket values of its own change (``sql/0007``).
 Bucket values come from the alert's numeric annotations, else from the policy's latest plausible snapshot
 in ``dict_rate_limit_states`` at that moment (firing: when recorded; resolution: when resolved).
-Statements use only ``%s`` parameters.
+
+These steps run on the server, in ``dict_rate_limit_record_alerts()`` (``sql/0009``): the whole notification
+is one call, one round trip, with its alerts serialised once as a JSON document (issue 18: one round trip
+per alert with three JSON serialisations each was most of a request). Statements use only ``%s`` parameters.
 """
 
 from __future__ import annotations
@@ -32,71 +37,13 @@ from datetime import timedelta
 from typing import Any
 
 from psycopg import AsyncConnection
-from psycopg.types.json import Jsonb
 
 from exporter.receiver.payload import AlertNotification, to_bigint
 
-# Bucket values: the alert's numeric annotations when the rules provide them, else the policy's latest
-# snapshot in the exporter's history (same database), else NULL. Casts: a None parameter is untyped.
-INSERT = """
-INSERT INTO dict_rate_limit_alerts (
-    fingerprint, alert_name, severity, endpoint_id, psp_category, status, starts_at, ends_at, resolved_at,
-    resolved_by, available_tokens, capacity, utilization_percent, recovery_eta_seconds,
-    exhaustion_projection_seconds, summary, description, labels, annotations, payload, generator_url,
-    alertmanager_url)
-SELECT %(fingerprint)s, %(alert_name)s, %(severity)s, %(endpoint_id)s::text, %(psp_category)s::text,
-       %(status)s, %(starts_at)s, %(ends_at)s::timestamptz, CASE WHEN %(resolved)s THEN now() END,
-       %(resolved_by)s::text,
-       coalesce(%(available_tokens)s::bigint, s.available_tokens),
-       coalesce(%(capacity)s::bigint, s.capacity),
-       coalesce(%(utilization_percent)s::float8, s.utilization_percent),
-       coalesce(%(recovery_eta_seconds)s::float8, s.recovery_eta_seconds),
-       coalesce(%(exhaustion_projection_seconds)s::float8, s.exhaustion_projection_seconds),
-       %(summary)s::text, %(description)s::text, %(labels)s, %(annotations)s, %(payload)s,
-       %(generator_url)s::text, %(alertmanager_url)s::text
-  FROM (SELECT 1) AS one
-  LEFT JOIN LATERAL (
-        SELECT st.available_tokens, st.capacity, st.utilization_percent, st.recovery_eta_seconds,
-               st.exhaustion_projection_seconds
-          FROM dict_rate_limit_states st
-         WHERE st.endpoint_id = %(endpoint_id)s::text
-           AND st.response_time <= now() + interval '1 day'  -- a row dated 9999 is never "latest"
-         ORDER BY st.response_time DESC
-         LIMIT 1) s ON true
-ON CONFLICT (fingerprint, starts_at) DO NOTHING
-RETURNING id
-"""
-# A resolution records the bucket values of its own moment: the resolved alert's numeric annotations,
-# else the policy's latest plausible snapshot now (sql/0007), else NULL. Keeping the firing values would
-# publish numbers nobody observed at the resolution (issue 12).
-RESOLVE = """
-UPDATE dict_rate_limit_alerts a
-   SET status = 'resolved', ends_at = %(ends_at)s, resolved_at = now(), resolved_by = %(resolved_by)s,
-       payload = %(payload)s, updated_at = now(),
-       (available_tokens, capacity, utilization_percent, recovery_eta_seconds,
-        exhaustion_projection_seconds) =
-       (SELECT coalesce(%(available_tokens)s::bigint, v.available_tokens),
-               coalesce(%(capacity)s::bigint, v.capacity),
-               coalesce(%(utilization_percent)s::float8, v.utilization_percent),
-               coalesce(%(recovery_eta_seconds)s::float8, v.recovery_eta_seconds),
-               coalesce(%(exhaustion_projection_seconds)s::float8, v.exhaustion_projection_seconds)
-          FROM (SELECT 1) AS one
-          LEFT JOIN LATERAL dict_rate_limit_latest_values(a.endpoint_id) v ON true)
- WHERE a.id = %(id)s AND a.status = 'firing'
-RETURNING a.id
-"""
-LOCK = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 28554171))"
-# The episode a notification belongs to: same fingerprint, started within the tolerance, not ended
-# before this copy started (a new episode starts after the previous one's end).
-FIND = """
-SELECT id, status
-  FROM dict_rate_limit_alerts
- WHERE fingerprint = %(fingerprint)s
-   AND starts_at BETWEEN %(starts_at)s - %(tolerance)s AND %(starts_at)s + %(tolerance)s
-   AND (status = 'firing' OR ends_at IS NULL OR %(starts_at)s < ends_at)
- ORDER BY abs(extract(epoch FROM starts_at - %(starts_at)s))
- LIMIT 1
-"""
+#: One notification, one statement (sql/0009): the sorted advisory locks, each alert's episode found
+#: with the start tolerance, the inserts and resolutions, in one round trip. Autocommitted, the call is
+#: its own transaction; "Statements use only %s parameters" still holds.
+RECORD = "SELECT dict_rate_limit_record_alerts(%s, %s::jsonb, %s, %s)"
 #: How far apart two Prometheus replicas may start one alert (an evaluation interval plus margin).
 DEFAULT_START_TOLERANCE = timedelta(minutes=5)
 
@@ -132,48 +79,31 @@ def _transition(kind: str, alert: AlertNotification) -> Transition:
     return Transition(kind, alert.endpoint_id or "", alert.severity, alert.psp_category or "")
 
 
-def _insert_params(alert: AlertNotification, source: str) -> dict[str, Any]:
+def _alert_document(alert: AlertNotification) -> dict[str, Any]:
+    """What sql/0009 needs of one alert; the alert object itself goes once (annotations, summary and
+    description are read from it in the database), the labels only when the replica labels were dropped."""
     resolved = alert.status == "resolved"
-    return {
+    document: dict[str, Any] = {
         "fingerprint": alert.fingerprint,
         "alert_name": alert.alert_name,
         "severity": alert.severity,
         "endpoint_id": alert.endpoint_id,
         "psp_category": alert.psp_category,
         "status": alert.status,
-        "starts_at": alert.starts_at,
-        "ends_at": alert.ends_at if resolved else None,
-        "resolved": resolved,
+        "starts_at": alert.starts_at.isoformat(),
+        "ends_at": alert.ends_at.isoformat() if resolved and alert.ends_at is not None else None,
         "resolved_by": resolved_by(alert) if resolved else None,
-        **_numbers(alert),
-        "summary": alert.annotations.get("summary"),
-        "description": alert.annotations.get("description"),
-        "labels": Jsonb(dict(alert.labels)),
-        "annotations": Jsonb(dict(alert.annotations)),
-        "payload": Jsonb(alert.raw, dumps=_dumps),
-        "generator_url": alert.generator_url or None,
-        "alertmanager_url": source or None,
-    }
-
-
-def _numbers(alert: AlertNotification) -> dict[str, Any]:
-    return {
         "available_tokens": to_bigint(alert.number("available_tokens")),
         "capacity": to_bigint(alert.number("capacity")),
         "utilization_percent": alert.number("utilization_percent"),
         "recovery_eta_seconds": alert.number("recovery_eta_seconds"),
         "exhaustion_projection_seconds": alert.number("exhaustion_projection_seconds"),
+        "generator_url": alert.generator_url or None,
+        "payload": alert.raw,
     }
-
-
-def _resolve_params(alert: AlertNotification, row_id: int) -> dict[str, Any]:
-    return {
-        "id": row_id,
-        "ends_at": alert.ends_at,
-        "resolved_by": resolved_by(alert),
-        "payload": Jsonb(alert.raw, dumps=_dumps),
-        **_numbers(alert),
-    }
+    if alert.labels != alert.raw.get("labels"):
+        document["labels"] = alert.labels
+    return document
 
 
 def _dumps(value: Any) -> str:
@@ -185,40 +115,17 @@ def resolved_by(alert: AlertNotification) -> str:
     return "data_lost" if alert.data_lost else "alertmanager"
 
 
-async def _find(
-    conn: AsyncConnection[Any], alert: AlertNotification, tolerance: timedelta
-) -> tuple[int, str] | None:
-    cursor = await conn.execute(
-        FIND, {"fingerprint": alert.fingerprint, "starts_at": alert.starts_at, "tolerance": tolerance}
-    )
-    row = await cursor.fetchone()
-    return None if row is None else (int(row[0]), str(row[1]))
-
-
-async def _record_one(
-    conn: AsyncConnection[Any],
-    alert: AlertNotification,
-    result: RecordResult,
-    tolerance: timedelta,
-    source: str,
-) -> None:
-    found = await _find(conn, alert, tolerance)
-    if found is not None:
-        row_id, status = found
-        if alert.status == "resolved" and status == "firing":
-            cursor = await conn.execute(RESOLVE, _resolve_params(alert, row_id))
-            if await cursor.fetchone() is not None:
-                result.transitions.append(_transition("resolved", alert))
-                return
-        result.duplicates += 1
-        return
-    cursor = await conn.execute(INSERT, _insert_params(alert, source))
-    if await cursor.fetchone() is None:  # the same instance exactly (fingerprint, startsAt): a retry
-        result.duplicates += 1
-        return
-    result.transitions.append(_transition("created", alert))
-    if alert.status == "resolved":
-        result.transitions.append(_transition("resolved", alert))
+def _result(alerts: tuple[AlertNotification, ...], outcomes: list[str]) -> RecordResult:
+    result = RecordResult()
+    for alert, outcome in zip(alerts, outcomes, strict=True):
+        if outcome == "duplicate":
+            result.duplicates += 1
+            continue
+        if outcome.startswith("created"):
+            result.transitions.append(_transition("created", alert))
+        if outcome.endswith("resolved"):
+            result.transitions.append(_transition("resolved", alert))
+    return result
 
 
 async def record_alerts(
@@ -230,13 +137,19 @@ async def record_alerts(
     """Records every alert of one notification in one transaction; returns what changed once committed.
 
     ``source`` is the sending Alertmanager's external URL, kept on new rows for the reconciliation.
+    On an autocommit connection (the receiver's pool) this is one round trip; otherwise it runs in a
+    transaction of its own (or a savepoint of the caller's).
     """
-    result = RecordResult()
-    async with conn.transaction():
-        # Every fingerprint's lock first, in one order: two notifications sharing alerts (an Alertmanager
-        # cluster, retries) taking them alert by alert in their own orders deadlock each other.
-        for fingerprint in sorted({alert.fingerprint for alert in alerts}):
-            await conn.execute(LOCK, [fingerprint])
-        for alert in alerts:
-            await _record_one(conn, alert, result, start_tolerance, source)
-    return result
+    if not alerts:
+        return RecordResult()
+    # Every fingerprint's lock first, in one order (code points, as Python sorts): two notifications
+    # sharing alerts (an Alertmanager cluster, retries) taking them in their own orders deadlock.
+    locks = sorted({alert.fingerprint for alert in alerts})
+    params = (locks, _dumps([_alert_document(alert) for alert in alerts]), start_tolerance, source)
+    if conn.autocommit:
+        row = await (await conn.execute(RECORD, params)).fetchone()
+    else:
+        async with conn.transaction():
+            row = await (await conn.execute(RECORD, params)).fetchone()
+    assert row is not None  # a function call returns one row
+    return _result(alerts, list(row[0]))

@@ -40,6 +40,7 @@ from exporter.web.webconfig import WebConfig
 log = logging.getLogger(__name__)
 
 OUTBOX_TABLE = "dict_rate_limit_alert_outbox"
+RECORD_FUNCTION = "dict_rate_limit_record_alerts(text[],jsonb,interval,text)"
 KNOWN_POLICIES = "SELECT DISTINCT endpoint_id FROM dict_rate_limit_policies ORDER BY 1 LIMIT %s"
 KNOWN_POLICIES_REFRESH_SECONDS = 60.0
 #: How long a request waits for a pooled connection before answering 503 (Alertmanager then retries).
@@ -136,7 +137,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         open=False,
         timeout=POOL_TIMEOUT_SECONDS,
         # No check at each checkout (a round trip per request): a connection the server dropped fails
-        # its request with 503, which Alertmanager retries, and the pool replaces it.
+        # its statement, the request is retried once on another connection (_record), and the pool
+        # replaces the broken one. Autocommit: a notification is one statement (store.py, sql/0009), its
+        # own transaction, with no BEGIN and COMMIT round trips around it.
+        kwargs={"autocommit": True},
         name="receiver",
     )
     try:
@@ -205,9 +209,12 @@ async def _refresh_policies(state: ReceiverState) -> None:
 
 async def _require_schema(pool: AsyncConnectionPool) -> None:
     async with pool.connection() as conn:
-        cursor = await conn.execute("SELECT to_regclass(%s)", [OUTBOX_TABLE])
+        cursor = await conn.execute(
+            "SELECT to_regclass(%s) IS NOT NULL AND to_regprocedure(%s) IS NOT NULL",
+            [OUTBOX_TABLE, RECORD_FUNCTION],
+        )
         row = await cursor.fetchone()
-    if row is None or row[0] is None:
+    if row is None or not row[0]:
         raise StartupError("the database has no alert tables yet: run `dict-rate-limit migrate` first")
 
 
@@ -252,10 +259,8 @@ async def _receive(request: web.Request, state: ReceiverState) -> web.Response:
             "Alertmanager truncated a notification: raise max_alerts of the webhook receiver",
             extra={"ctx": {"truncated_alerts": payload.truncated_alerts, "group_key": payload.group_key}},
         )
-    assert state.pool is not None
     try:
-        async with state.pool.connection() as conn:
-            result = await record_alerts(conn, payload.alerts, state.start_tolerance, payload.external_url)
+        result = await _record(state, payload)
     except psycopg.OperationalError as exc:
         log.warning("database unavailable: answering 503", extra={"ctx": {"error": str(exc)}})
         return _error(503, "database unavailable, retry later")
@@ -278,6 +283,29 @@ async def _receive(request: web.Request, state: ReceiverState) -> web.Response:
             "duplicates": result.duplicates,
         }
     )
+
+
+async def _record(state: ReceiverState, payload: WebhookPayload) -> RecordResult:
+    """Records the notification, again on another connection while the one it got turns out broken.
+
+    Connections are not checked at checkout (a round trip per request): one the server closed while idle
+    (a restart, a failover, an idle timeout) is found out here, fails at once, and the pool discards it.
+    Repeating is safe: the statement is idempotent (a notification whose commit did happen before the
+    connection broke finds its alerts and counts them as duplicates). After a database restart every idle
+    connection is stale, so up to one attempt per pooled connection plus a new one.
+    """
+    assert state.pool is not None
+    attempts = state.settings.database_max_connections + 1
+    for attempt in range(1, attempts + 1):
+        conn = None
+        try:
+            async with state.pool.connection() as conn:
+                return await record_alerts(conn, payload.alerts, state.start_tolerance, payload.external_url)
+        except psycopg.OperationalError as exc:
+            if attempt == attempts or conn is None or not conn.broken:
+                raise
+            log.info("pooled connection broken: retrying on another", extra={"ctx": {"error": str(exc)}})
+    raise AssertionError("unreachable")
 
 
 def _recorded(state: ReceiverState, result: RecordResult) -> None:
