@@ -111,7 +111,9 @@ class ExporterService:
         self.history: History | None = None
         self._history_open = False
         self._history_metrics: Callable[[], bytes] = _nothing
-        self._merged: tuple[tuple[int, ...], bytes, bytes | None] | None = None
+        #: The multi-participant body: (its parts, text, gzip text once asked for).
+        self._merged: tuple[tuple[exposition.Families, ...], bytes, bytes | None] | None = None
+        self._process_part: tuple[bytes, exposition.Families] = (b"", {})
         self._serve_http = serve_http
         self._runners: list[web.AppRunner] = []
         self.ports: dict[str, int] = {}
@@ -266,19 +268,30 @@ class ExporterService:
         return buckets.body(tail, gzip=gzip)
 
     def _merged_body(self, *, gzip: bool, extra: bytes) -> bytes:
-        """Every participant's series labelled, then the process's, each family once (exposition.merge)."""
+        """Every participant's series labelled, then the process's, each family once (exposition.merge).
+
+        Every part is cached until it changes, and so is the merged body (and its gzip form): between
+        polls most scrapes return the same bytes object."""
         parts = [part for participant in self.participants for part in participant.labelled_parts()]
-        parts.append(exposition.split(self.process_metrics.render() + self._history_metrics() + extra))
-        key = tuple(id(part) for part in parts[:-1])
-        text = exposition.merge(parts)
-        if not gzip:
-            return text
+        tail = self.process_metrics.render() + self._history_metrics() + extra
+        if self._process_part[0] != tail:
+            self._process_part = (tail, exposition.split(tail))
+        parts.append(self._process_part[1])
+        key = tuple(parts)
         cached = self._merged
-        if cached is not None and cached[0] == key and cached[1] == text and cached[2] is not None:
-            return cached[2]
-        compressed = gzip_module.compress(text, compresslevel=6)
-        self._merged = (key, text, compressed)
-        return compressed
+        # By identity: a part is a new object whenever its text changed (the cache keeps the old ones alive).
+        if (
+            cached is None
+            or len(cached[0]) != len(key)
+            or any(a is not b for a, b in zip(cached[0], key, strict=True))
+        ):
+            cached = self._merged = (key, exposition.merge(parts), None)
+        if not gzip:
+            return cached[1]
+        if cached[2] is None:
+            cached = self._merged = (key, cached[1], gzip_module.compress(cached[1], compresslevel=6))
+        assert cached[2] is not None
+        return cached[2]
 
     def policies_payload(self) -> dict[str, Any] | None:
         """The latest snapshot as JSON; multi-participant: ``{"participants": {name: ...}}``, None (503)

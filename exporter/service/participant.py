@@ -156,7 +156,7 @@ class ParticipantPoller:
         tail = self.own_series(stale)
         if tail != self._tail[0]:
             self._tail = (tail, exposition.split(tail, self.pair))
-        return [{} if stale else self.families, self._tail[1]]
+        return [_WITHDRAWN if stale else self.families, self._tail[1]]
 
     def bridge_check(self) -> tuple[str, str | None]:
         """Readiness of this participant's data: ("ok" or why not, a note when ok despite a failure)."""
@@ -175,5 +175,7 @@ class ParticipantPoller:
         )
 
 
+#: The bucket part of a stale participant (one object: the service caches the merged body by identity).
+_WITHDRAWN: exposition.Families = {}
 #: Longest wait for an in-flight poll at shutdown (further bounded by the interval).
 STOP_POLL_SECONDS = 5.0

@@ -261,11 +261,18 @@ class ProcessMetrics:
         for operation in OPERATIONS:
             if operation not in POLL_OPERATIONS:
                 self.monitoring_duration.labels(operation)
+        self._generation = 0
+        self._cache: tuple[int, bytes] | None = None
 
     def observe(self, operation: str, seconds: float) -> None:
         """The history writer's ``observe`` hook."""
         self.monitoring_duration.labels(operation).observe(seconds)
+        self._generation += 1
 
     def render(self) -> bytes:
-        # process_* change at every scrape (CPU time): nothing to cache.
-        return generate_latest(self.registry)
+        """Re-rendered only after a change, as :meth:`SelfMetrics.render` (``process_*`` are as fresh as
+        the last change, as in a single-participant exporter)."""
+        cached = self._cache
+        if cached is None or cached[0] != self._generation:
+            cached = self._cache = (self._generation, generate_latest(self.registry))
+        return cached[1]
