@@ -389,3 +389,35 @@ async def test_single_participant_exports_no_participant_label(
 
 async def _successes_single(running: Running) -> bool:
     return (await running.value("dict_rate_limit_polls_total", result="success") or 0) >= 2
+
+
+async def test_two_replicas_elect_one_poller_per_participant_and_both_serve_both(
+    sims: tuple[SimulatorServer, SimulatorServer], start: Any, tmp_path: Path, database_url: str
+) -> None:
+    from exporter.history import migrations
+
+    await asyncio.to_thread(migrations.apply, database_url)
+    a, b = sims
+    replicas = []
+    for index in range(2):  # the same participants, each replica its own ports
+        directory = tmp_path / f"replica-{index}"
+        directory.mkdir()
+        document = two_participants(a.address, b.address, database_url=database_url, poller_lease_seconds=2.0)
+        replicas.append(await start(load(directory, document)))
+    for running in replicas:
+        await running.until(lambda running=running: _both_polled_or_adopted(running), within=15.0)
+    for index in range(2):  # exactly one leader per participant, whichever replica it is
+        leaders = [running.service.participants[index].lease.is_leader for running in replicas]
+        assert leaders.count(True) == 1, leaders
+    calls = a.list_calls, b.list_calls
+    await asyncio.sleep(3.0)  # three intervals: one poller each, never one per replica
+    assert a.list_calls - calls[0] <= 4
+    assert b.list_calls - calls[1] <= 4
+    for running in replicas:
+        samples = await running.samples()
+        assert _participants_of(samples, "dict_rate_limit_available_tokens") == {"bank-a", "bank-b"}
+
+
+async def _both_polled_or_adopted(running: Running) -> bool:
+    samples = await running.samples()
+    return _participants_of(samples, "dict_rate_limit_available_tokens") == {"bank-a", "bank-b"}
