@@ -367,8 +367,12 @@ async def test_history_rows_carry_the_participant(
         leases = conn.execute("SELECT poller_group FROM dict_rate_limit_poller_lease ORDER BY 1").fetchall()
     assert latest == [("bank-a", "A", 20.0), ("bank-b", "C", 50.0)]  # latest per policy and participant
     assert leases == [("default/bank-a",), ("default/bank-b",)]  # one poller lease per participant
-    status, body = await running.status("/health/ready")
-    assert (status, body["checks"]["database"]) == (200, "ok")
+
+    async def ready() -> bool:
+        status, body = await running.status("/health/ready")
+        return status == 200 and body["checks"]["database"] == "ok"
+
+    await running.until(ready)  # a lease renewal slowed by a loaded machine may flap it for a moment
 
 
 async def test_single_participant_exports_no_participant_label(
