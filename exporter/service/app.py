@@ -146,13 +146,12 @@ class ExporterService:
             if self._serve_http:
                 await self._start_http()
             for participant in self.participants:
-                if participant.lease is not None:
-                    await participant.lease.start()  # elected (or not) before the first poll
+                await participant.start_lease()  # elected (or not) before the first poll
         except BaseException:
             await self._stop_history()
             raise
         for participant in self.participants:
-            participant.poller.start()
+            participant.start_polling()
         self._started = True
         log.info(
             "exporter started",

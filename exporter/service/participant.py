@@ -8,14 +8,16 @@ failing, stalling or spending its budget touches nothing of the others (docs/exp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 
+from exporter import logsetup
 from exporter.bridge.budget import CallBudget
 from exporter.bridge.client import BridgeClient
 from exporter.config import ExporterSettings, call_ceiling
@@ -113,6 +115,27 @@ class ParticipantPoller:
 
     def without_lease(self) -> None:
         self.registry.register(single_poller_collector())
+
+    async def start_lease(self) -> None:
+        """Elects (or not) before the first poll; the lease's task logs with the participant's name."""
+        if self.lease is not None:
+            with self._logging():
+                await self.lease.start()
+
+    def start_polling(self) -> None:
+        with self._logging():
+            self.poller.start()  # the poll task inherits the log context
+
+    @contextlib.contextmanager
+    def _logging(self) -> Iterator[None]:
+        if self.name is None:
+            yield
+            return
+        token = logsetup.log_context.set({"participant": self.name})
+        try:
+            yield
+        finally:
+            logsetup.log_context.reset(token)
 
     async def stop(self) -> None:
         await self.poller.stop(min(STOP_POLL_SECONDS, self.settings.poll_interval_seconds))

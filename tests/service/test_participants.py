@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import gzip
+import logging
 import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from devstack.embedded import free_port
-from exporter import config
+from exporter import config, logsetup
 from exporter.config import ConfigError, ExporterSettings
 from exporter.service import exposition
 from exporter.service.app import ExporterService
@@ -264,8 +265,12 @@ async def test_series_are_separated_by_participant_and_the_exposition_is_valid(
 
 
 async def test_one_bridge_down_leaves_the_other_healthy_ready_and_fresh(
-    sims: tuple[SimulatorServer, SimulatorServer], start: Any, tmp_path: Path
+    sims: tuple[SimulatorServer, SimulatorServer],
+    start: Any,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.handler.addFilter(logsetup.ContextFilter())  # as logsetup.setup() installs it
     a, b = sims
     running = await start(load(tmp_path, two_participants(a.address, b.address)))
     await running.until(lambda: _both_polled(running))
@@ -294,6 +299,24 @@ async def test_one_bridge_down_leaves_the_other_healthy_ready_and_fresh(
     assert policies["participants"]["bank-a"]["stale"] is False
     assert policies["participants"]["bank-b"]["stale"] is True
     assert policies["participants"]["bank-b"]["bridge_up"] is False
+    failed = [r for r in caplog.records if r.msg == "poll of the Bridge failed: %s"]
+    assert failed
+    assert {r.ctx["participant"] for r in failed} == {"bank-b"}  # type: ignore[attr-defined]
+
+
+def test_the_same_failure_of_two_participants_is_logged_for_each() -> None:
+    # RepeatFilter lets one line per template through per 10 s: per participant, or bank-a's outage
+    # would hide bank-b's (their polls are aligned, so their failures come within milliseconds).
+    context, repeat = logsetup.ContextFilter(), logsetup.RepeatFilter(clock=lambda: 0.0)
+    passed = []
+    for name in ("bank-a", "bank-b", "bank-a"):
+        token = logsetup.log_context.set({"participant": name})
+        try:
+            record = logging.LogRecord("p", logging.ERROR, __file__, 1, "poll failed: %s", ("x",), None)
+            passed.append(context.filter(record) and repeat.filter(record) and record.ctx["participant"])
+        finally:
+            logsetup.log_context.reset(token)
+    assert passed == ["bank-a", "bank-b", False]
 
 
 async def _successes(running: Running, participant: str, at_least: float) -> bool:
