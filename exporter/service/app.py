@@ -15,7 +15,7 @@ from datetime import UTC
 from typing import Any, Protocol
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.registry import Collector
 
 from exporter import __version__, runtime
@@ -261,7 +261,7 @@ class ExporterService:
         tail = (
             participant.metrics.render(stale=stale)
             + self._history_metrics()
-            + generate_latest(participant.registry)
+            + participant.lease_series()
             + extra
         )
         return buckets.body(tail, gzip=gzip)

@@ -81,6 +81,7 @@ class ParticipantPoller:
         self.withdrawn = self.rendered
         self.families: exposition.Families = {}
         self._tail: tuple[bytes, exposition.Families] = (b"", {})
+        self._lease_cache: tuple[tuple[bool, int | None] | None, bytes] | None = None
 
     def _bridge_fetch(self) -> Fetch:
         self.bridge = BridgeClient.from_settings(
@@ -170,7 +171,16 @@ class ParticipantPoller:
 
     def own_series(self, stale: bool) -> bytes:
         """The participant's health series and lease series (text, unlabelled)."""
-        return self.metrics.render(stale=stale) + generate_latest(self.registry)
+        return self.metrics.render(stale=stale) + self.lease_series()
+
+    def lease_series(self) -> bytes:
+        """dict_rate_limit_poller_leader and _replicas, rendered again only when the lease's state moved."""
+        lease = self.lease
+        state = None if lease is None else (lease.is_leader, lease.others)
+        cached = self._lease_cache
+        if cached is None or cached[0] != state:
+            cached = self._lease_cache = (state, generate_latest(self.registry))
+        return cached[1]
 
     def labelled_parts(self) -> list[exposition.Families]:
         """The participant's bucket and health families, labelled (multi-participant exporters)."""
