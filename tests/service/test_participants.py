@@ -448,3 +448,40 @@ async def test_two_replicas_elect_one_poller_per_participant_and_both_serve_both
 async def _both_polled_or_adopted(running: Running) -> bool:
     samples = await running.samples()
     return _participants_of(samples, "dict_rate_limit_available_tokens") == {"bank-a", "bank-b"}
+
+
+async def test_a_restart_remembers_each_participants_policies_apart(
+    sims: tuple[SimulatorServer, SimulatorServer], start: Any, tmp_path: Path, database_url: str
+) -> None:
+    from exporter.history import migrations
+
+    await asyncio.to_thread(migrations.apply, database_url)
+    a, b = sims
+    b.engine.add_policy("EVENT_LIST", 50, 1, 60, available=10)  # only bank-b ever had it
+    document = two_participants(a.address, b.address, database_url=database_url)
+    first = await start(load(tmp_path, document))
+    await first.until(lambda: _both_polled(first))
+    await first.until(lambda: _rows_at_least(first, 2 * (len(a.engine.policy_names()) + 1)))
+    await first.service.stop()
+    b.engine.remove_policy("EVENT_LIST")
+    b.engine.remove_policy("KEYS_CHECK")
+    second = await start(
+        load(tmp_path, {**document, "metrics_port": free_port(), "health_check_port": free_port()})
+    )
+    await second.until(lambda: _both_polled(second))
+    samples = await second.samples()
+    missing = {
+        (labels["participant"], labels["endpoint_id"]): value
+        for (name, frozen) in samples
+        if name == "dict_rate_limit_policy_missing"
+        for labels in [dict(frozen)]
+        for value in [samples[(name, frozen)]]
+    }
+    assert missing[("bank-b", "KEYS_CHECK")] == 1.0
+    assert missing[("bank-b", "EVENT_LIST")] == 1.0
+    assert missing[("bank-a", "KEYS_CHECK")] == 0.0
+    assert ("bank-a", "EVENT_LIST") not in missing  # bank-b's history is not bank-a's
+
+
+async def _rows_at_least(running: Running, rows: int) -> bool:
+    return (await running.value("dict_rate_limit_history_rows_written_total") or 0) >= rows
