@@ -739,7 +739,8 @@ def add_flags(parser: argparse.ArgumentParser, command: str) -> None:
         "--config.file",
         dest="config_file",
         metavar="FILE",
-        help="YAML file of keys (lower-case key names); env CONFIG_FILE.",
+        help="YAML file of keys (lower-case key names; the exporter also takes a participants: list, "
+        "docs/exporter.md); env CONFIG_FILE.",
     )
     keys = all_keys() if command == "check-config" else keys_of(COMMAND_SETTINGS[command])
     defaults = {f.name: f for f in dataclasses.fields(AllInOneSettings)} | {

@@ -88,7 +88,8 @@ class ExporterService:
     ) -> None:
         self.settings = settings
         self.version = __version__
-        for own in [settings, *(p.settings for p in settings.participants)]:
+        # The settings that poll: the top level's, or each participant's (the top level then polls nothing).
+        for own in [p.settings for p in settings.participants] or [settings]:
             check_budget(own.poll_interval_seconds, own.poll_budget_override)
             warn_about_budget(own.poll_interval_seconds)
         # A wrong file raises ConfigError here, before anything binds: one line, exit 2.
