@@ -45,6 +45,10 @@ POLL_INTERVAL = 10.0
 SERIES_PER_POLICY = 14
 CASES = (("30 policies", 30), ("715 policies", 715))
 GOALS = {("30 policies", "exporter, history on"): 4.0, ("715 policies", "exporter, history on"): 2.0}
+#: The multi-participant case (issue 15): this many participants, each its own simulator of this many
+#: policies, against the floor serving the same bytes and one participant with as many policies in all.
+PARTICIPANTS, PARTICIPANT_POLICIES = 10, 30
+PARTICIPANTS_LABEL = f"{PARTICIPANTS} participants x {PARTICIPANT_POLICIES} policies"
 
 
 # --- servers (child processes; module-level functions so that spawn can start them)
@@ -68,6 +72,30 @@ def _serve_exporter(
         log_level="warning",
         **(overrides or {}),
     )
+
+    async def main() -> None:
+        service = ExporterService(settings)
+        await service.start()
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def _serve_participants(port: int, bridges: list[str]) -> None:
+    """The exporter with a ``participants:`` list, one entry per Bridge (history off)."""
+    from exporter.config import ExporterSettings, participants_of
+    from exporter.service.app import ExporterService
+
+    base = ExporterSettings(
+        listen_host="127.0.0.1",
+        metrics_port=port,
+        health_check_port=port,
+        poll_interval_seconds=POLL_INTERVAL,
+        poll_budget_override=True,
+        log_level="warning",
+    )
+    entries = [{"name": f"participant-{i:02d}", "bridge_address": bridge} for i, bridge in enumerate(bridges)]
+    settings = base.replace(participants=participants_of(entries, base))
 
     async def main() -> None:
         service = ExporterService(settings)
@@ -124,6 +152,32 @@ class Server:
             await asyncio.to_thread(self.process.join, 10)
         if self.simulator is not None:
             await self.simulator.stop()
+
+
+@dataclass
+class ParticipantsServer(Server):
+    """The multi-participant exporter and its PARTICIPANTS simulators (their calls counted together)."""
+
+    simulators: list[Any] = field(default_factory=list)
+
+    async def launch(self, policies: int) -> None:
+        self.simulators = [await _simulator(policies) for _ in range(PARTICIPANTS)]
+        self.port = free_port()
+        bridges = [simulator.address for simulator in self.simulators]
+        self.process = multiprocessing.get_context("spawn").Process(
+            target=_serve_participants, args=(self.port, bridges), daemon=True
+        )
+        self.process.start()
+        await asyncio.to_thread(wait_for_port, "127.0.0.1", self.port, 60, None)
+
+    @property
+    def bridge_calls(self) -> int:
+        return sum(int(simulator.list_calls) for simulator in self.simulators)
+
+    async def stop(self) -> None:
+        await super().stop()
+        for simulator in self.simulators:
+            await simulator.stop()
 
 
 @dataclass(frozen=True)
@@ -333,6 +387,58 @@ async def run_case(
     return {name: [s.cpu_per_scrape for s in samples] for name, samples in rounds.items()}
 
 
+async def run_participants_case(args: argparse.Namespace) -> dict[str, Any]:
+    """10 participants x 30 policies in one exporter, against the floor serving its very bytes and one
+    participant with the same number of policies (what merging the labelled parts costs per scrape)."""
+    floor_body: list[bytes] = [b""]
+    total = PARTICIPANTS * PARTICIPANT_POLICIES
+    pool: dict[str, Server] = {
+        "floor": Server("floor", lambda port, _: (_serve_floor, (port, floor_body[0])), needs_bridge=False),
+        "exporter-participants": ParticipantsServer(
+            "exporter-participants", lambda port, bridge: (print, ())
+        ),
+        "exporter-single": Server(
+            "exporter-single", lambda port, bridge: (_serve_exporter, (port, bridge, None))
+        ),
+    }
+    chosen = [
+        Target("raw asyncio socket, pre-rendered bytes", "limit", "floor"),
+        Target(f"exporter, {PARTICIPANTS} participants, history off", "project", "exporter-participants"),
+        Target(
+            f"exporter, {PARTICIPANTS} participants, gzip",
+            "project",
+            "exporter-participants",
+            headers={"Accept-Encoding": "gzip"},
+        ),
+        Target(
+            f"exporter, 1 participant x {total} policies",
+            "project",
+            "exporter-single",
+            baseline=f"exporter, {PARTICIPANTS} participants, history off",
+        ),
+    ]
+    try:
+        await pool["exporter-participants"].launch(PARTICIPANT_POLICIES)
+        await pool["exporter-single"].launch(total)
+        floor_body[0] = await _full_exposition(pool["exporter-participants"].port)
+        await pool["floor"].launch(0)
+        for target in chosen:  # warm-up
+            await _load(target, pool[target.server], 0.3, args.clients)
+        rounds: dict[str, list[Sample]] = {t.name: [] for t in chosen}
+        began, calls = time.perf_counter(), {key: server.bridge_calls for key, server in pool.items()}
+        for index in range(args.rounds):
+            for name in rotated([t.name for t in chosen], index):
+                target = next(t for t in chosen if t.name == name)
+                rounds[name].append(await _load(target, pool[target.server], args.seconds, args.clients))
+        span = time.perf_counter() - began
+        calls = {key: server.bridge_calls - calls[key] for key, server in pool.items()}
+    finally:
+        for server in pool.values():
+            await server.stop()
+    _print_case(PARTICIPANTS_LABEL, total, chosen, rounds, args, calls=calls, span=span)
+    return {name: [s.cpu_per_scrape for s in samples] for name, samples in rounds.items()}
+
+
 def _print_case(
     label: str,
     policies: int,
@@ -411,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for label, policies in CASES:
                 asyncio.run(run_case(label, policies, args, admin, secure))
+            asyncio.run(run_participants_case(args))
         finally:
             if embedded is not None:
                 embedded.stop()

@@ -617,10 +617,32 @@ class SimulatorKeys(_Keys):
 
 # --- one settings type per command
 
+#: The file key of the list of participants (docs/exporter.md, "Several participants").
+PARTICIPANTS_KEY = "participants"
+#: The key groups a participant entry may set: its own Bridge, polling budget and thresholds.
+PARTICIPANT_GROUPS: tuple[type[_Keys], ...] = (BridgeKeys, PollKeys, ThresholdKeys)
+#: A participant name is a label value, part of the poller lease key and of log lines: kept plain.
+_PARTICIPANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+@dataclass(frozen=True)
+class Participant:
+    """One participant of a multi-participant exporter: its name and its whole exporter settings (the
+    top-level values with the entry's keys)."""
+
+    name: str
+    settings: ExporterSettings
+
 
 @dataclass(frozen=True)
 class ExporterSettings(HistoryKeys, DatabaseKeys, ThresholdKeys, PollKeys, BridgeKeys, HttpKeys, LogKeys):
-    """``dict-rate-limit exporter``."""
+    """``dict-rate-limit exporter``.
+
+    ``participants`` comes from the file's ``participants:`` list only (no environment variable, no flag):
+    empty, the exporter watches one participant with the keys above and exports no ``participant`` label.
+    """
+
+    participants: tuple[Participant, ...] = ()
 
     def _check(self) -> None:
         call_ceiling(self.poll_interval_seconds, self.bridge_max_calls_per_minute, self.poll_budget_override)
@@ -750,7 +772,8 @@ def add_flags(parser: argparse.ArgumentParser, command: str) -> None:
         "--config.file",
         dest="config_file",
         metavar="FILE",
-        help="YAML file of keys (lower-case key names); env CONFIG_FILE.",
+        help="YAML file of keys (lower-case key names; the exporter also takes a participants: list, "
+        "docs/exporter.md); env CONFIG_FILE.",
     )
     keys = all_keys() if command == "check-config" else keys_of(COMMAND_SETTINGS[command])
     defaults = {f.name: f for f in dataclasses.fields(AllInOneSettings)} | {
@@ -780,7 +803,8 @@ def _read_secret_file(source: str, path: str) -> str:
         raise ConfigError(source, f"cannot read secret file {path!r}: {exc.strerror}") from None
 
 
-def _yaml_values(path: str | None, keys: Mapping[str, Key]) -> dict[str, Any]:
+def _yaml_document(path: str | None) -> dict[Any, Any]:
+    """The configuration file as a mapping ({} without a file)."""
     if not path:
         return {}
     try:
@@ -793,14 +817,88 @@ def _yaml_values(path: str | None, keys: Mapping[str, Key]) -> dict[str, Any]:
         return {}
     if not isinstance(loaded, dict):
         raise ConfigError("CONFIG_FILE", f"{path!r} must hold a mapping of key: value")
+    return loaded
+
+
+def _yaml_values(document: Mapping[Any, Any], path: str | None, keys: Mapping[str, Key]) -> dict[str, Any]:
+    """The file's top-level keys (``participants`` is read by :func:`participants_of`)."""
     values: dict[str, Any] = {}
-    for name, value in loaded.items():
+    for name, value in document.items():
+        if name == PARTICIPANTS_KEY:
+            continue
         base = name[:-5] if isinstance(name, str) and name.endswith("_file") and name[:-5] in keys else name
         found = keys.get(base) if isinstance(base, str) else None
         if found is None or (base != name and not found.secret):
             raise ConfigError(str(name), f"unknown key in {path!r}")
         values[found.name] = _read_secret_file(str(name), str(value)) if base != name else value
     return values
+
+
+def participant_keys() -> dict[str, Key]:
+    """The keys a ``participants:`` entry may set: every key of the Bridge, poll and threshold groups."""
+    return {k.name: k for group in PARTICIPANT_GROUPS for k in keys_of(group)}
+
+
+def participants_of(raw: Any, base: ExporterSettings) -> tuple[Participant, ...]:
+    """The ``participants:`` list: each entry is ``base`` with the entry's keys; errors name the path
+    (``participants[1].bridge_address: ...``)."""
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(PARTICIPANTS_KEY, "must be a non-empty list of {name: ..., bridge_address: ...}")
+    allowed = participant_keys()
+    seen: dict[str, int] = {}
+    found = []
+    for index, entry in enumerate(raw):
+        path = f"{PARTICIPANTS_KEY}[{index}]"
+        participant = _participant(entry, path, base, allowed)
+        if participant.name in seen:
+            raise ConfigError(
+                f"{path}.name",
+                f"{participant.name!r} is already the name of {PARTICIPANTS_KEY}[{seen[participant.name]}]",
+            )
+        seen[participant.name] = index
+        found.append(participant)
+    return tuple(found)
+
+
+def _participant(entry: Any, path: str, base: ExporterSettings, allowed: Mapping[str, Key]) -> Participant:
+    if not isinstance(entry, Mapping):
+        raise ConfigError(path, "must be a mapping with at least a name")
+    name = _participant_name(entry.get("name"), f"{path}.name")
+    values: dict[str, Any] = {}
+    for raw_key, value in entry.items():
+        if raw_key == "name":
+            continue
+        found = allowed.get(raw_key) if isinstance(raw_key, str) else None
+        if found is None:
+            raise ConfigError(
+                f"{path}.{raw_key}", "unknown key for a participant (Bridge, poll and threshold keys only)"
+            )
+        try:
+            values[found.name] = found.parse(value)
+        except ValueError as exc:
+            raise ConfigError(f"{path}.{found.name}", str(exc)) from None
+    settings = base.replace(participants=(), **values)
+    try:
+        settings.validate()
+    except ConfigError as exc:
+        # The group checks name keys by their environment variable; here the key lives in the entry.
+        raise ConfigError(f"{path}.{exc.key.lower()}", exc.reason) from None
+    return Participant(name, settings)
+
+
+def _participant_name(raw: Any, path: str) -> str:
+    if raw is None:
+        raise ConfigError(path, "required (the value of the participant label)")
+    if not isinstance(raw, str | int) or isinstance(raw, bool):
+        raise ConfigError(path, f"must be a string (got {type(raw).__name__})")
+    name = str(raw)
+    if not _PARTICIPANT_NAME.fullmatch(name):
+        raise ConfigError(
+            path,
+            f"{name!r} is not a participant name: 1-63 characters, letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit",
+        )
+    return name
 
 
 def load(
@@ -819,7 +917,8 @@ def load(
     mine = {k.name for k in keys_of(settings_type)}
     raw: dict[str, tuple[str, Any]] = {}  # key name -> (source shown in errors, raw value)
     config_file = flags.pop("config_file", None) or env.get("CONFIG_FILE")
-    for name, value in _yaml_values(config_file, everything).items():
+    document = _yaml_document(config_file)
+    for name, value in _yaml_values(document, config_file, everything).items():
         raw[name] = (name, value)
     for k in everything.values():
         if k.secret and env.get(k.env + "_FILE"):
@@ -839,11 +938,23 @@ def load(
             raise ConfigError(source, str(exc)) from None
     settings = settings_type(**values)
     settings.validate()
+    if PARTICIPANTS_KEY in document and isinstance(settings, ExporterSettings):
+        settings = settings.replace(participants=participants_of(document[PARTICIPANTS_KEY], settings))
     return settings
 
 
 def effective(settings: Any, command: str | None = None) -> dict[str, Any]:
-    """The settings' keys with their values, secrets masked: what ``check-config`` prints."""
+    """The settings' keys with their values, secrets masked: what ``check-config`` prints (with a
+    multi-participant configuration also ``PARTICIPANTS``: each name and the keys it sets differently)."""
+    shown = _key_values(settings)
+    for participant in getattr(settings, "participants", ()):
+        own = _key_values(participant.settings)
+        differs = {name.lower(): value for name, value in own.items() if shown.get(name) != value}
+        shown.setdefault(PARTICIPANTS_KEY.upper(), []).append({"name": participant.name, **differs})
+    return shown
+
+
+def _key_values(settings: Any) -> dict[str, Any]:
     shown: dict[str, Any] = {}
     for k in keys_of(settings):
         value = getattr(settings, k.name)

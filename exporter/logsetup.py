@@ -12,8 +12,24 @@ import re
 import sys
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
+
+#: Context every record logged from the current task carries: a multi-participant exporter runs each
+#: participant's poller and lease under ``{"participant": name}`` (tasks inherit it when created).
+log_context: ContextVar[dict[str, str]] = ContextVar("log_context", default={})  # noqa: B039 - never mutated
+
+
+class ContextFilter(logging.Filter):
+    """Adds :data:`log_context` to the record's ``ctx`` (the record's own keys win)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        extra = log_context.get()
+        if extra:
+            ctx = getattr(record, "ctx", None)
+            record.ctx = {**extra, **(ctx if isinstance(ctx, dict) else {})}
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -80,12 +96,13 @@ class RepeatFilter(logging.Filter):
         super().__init__()
         self._interval = interval
         self._clock = clock
-        self._seen: dict[tuple[str, int, str], tuple[float, int]] = {}
+        self._seen: dict[tuple[str, int, str, tuple[tuple[str, str], ...]], tuple[float, int]] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING:
             return True
-        key = (record.name, record.levelno, str(record.msg))
+        # Per task context too: one participant's failing Bridge must not silence another's same failure.
+        key = (record.name, record.levelno, str(record.msg), tuple(sorted(log_context.get().items())))
         now = self._clock()
         last, suppressed = self._seen.get(key, (-float("inf"), 0))
         if now - last < self._interval:
@@ -106,6 +123,7 @@ def setup(level: str = "info", fmt: str = "auto") -> None:
         fmt = "human" if sys.stderr.isatty() else "json"
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(HumanFormatter() if fmt == "human" else JsonFormatter())
+    handler.addFilter(ContextFilter())
     handler.addFilter(RepeatFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

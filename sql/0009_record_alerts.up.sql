@@ -94,6 +94,8 @@ BEGIN
                            st.exhaustion_projection_seconds
                       FROM dict_rate_limit_states st
                      WHERE st.endpoint_id = f.alert ->> 'endpoint_id'
+                       AND st.participant = coalesce(
+                               coalesce(f.alert -> 'labels', f.payload -> 'labels') ->> 'participant', '')
                        AND st.response_time <= now() + interval '1 day'
                      ORDER BY st.response_time DESC
                      LIMIT 1) s ON true
@@ -145,7 +147,8 @@ BEGIN
                                coalesce((v_alert ->> 'exhaustion_projection_seconds')::float8,
                                         v.exhaustion_projection_seconds)
                           FROM (SELECT 1) AS one
-                          LEFT JOIN LATERAL dict_rate_limit_latest_values(a.endpoint_id) v ON true)
+                          LEFT JOIN LATERAL dict_rate_limit_latest_values(
+                               a.endpoint_id, coalesce(a.labels ->> 'participant', '')) v ON true)
                  WHERE a.id = v_found_id AND a.status = 'firing'
                 RETURNING a.id INTO v_id;
             END IF;
@@ -178,6 +181,9 @@ BEGIN
                        st.exhaustion_projection_seconds
                   FROM dict_rate_limit_states st
                  WHERE st.endpoint_id = v_alert ->> 'endpoint_id'
+                   -- The alert's own participant (its label; none: the single participant's rows, 0008).
+                   AND st.participant = coalesce(
+                           coalesce(v_alert -> 'labels', v_payload -> 'labels') ->> 'participant', '')
                    AND st.response_time <= now() + interval '1 day'  -- a row dated 9999 is never "latest"
                  ORDER BY st.response_time DESC
                  LIMIT 1) s ON true

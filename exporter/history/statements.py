@@ -28,12 +28,13 @@ STATE_COLUMNS = (
     "error_404_rate",
     "response_time",
     "correlation_id",
+    "participant",
 )
 #: The binary COPY types of STATE_COLUMNS (refill_period_sec is bigint since 0005). char(1) takes the text
 #: encoding: their binary forms are equal.
 STATE_TYPES = (
     "text", "text", "int8", "int8", "int8", "int8", "float8", "float8", "float8", "float8", "float8",
-    "float8", "float8", "timestamptz", "text",
+    "float8", "float8", "timestamptz", "text", "text",
 )  # fmt: skip
 _COLUMNS = sql.SQL(", ").join(map(sql.Identifier, STATE_COLUMNS))
 # Binary: no number is formatted as text by the client nor parsed by the server (measured ~25 % of the
@@ -44,20 +45,22 @@ COPY_STATES = sql.SQL("COPY dict_rate_limit_states ({}) FROM STDIN (FORMAT BINAR
 # that it exists even before `migrate` has run; no ON COMMIT DELETE ROWS, which truncates at every commit
 # (measured: ~4 ms per transaction, more than the whole write).
 CREATE_INCOMING = b"""
-CREATE TEMP TABLE IF NOT EXISTS dict_rate_limit_states_incoming (
+CREATE TEMP TABLE IF NOT EXISTS dict_rate_limit_states_incoming_0008 (
     endpoint_id text, psp_category char(1), available_tokens bigint, capacity bigint, refill_tokens bigint,
     refill_period_sec bigint, utilization_percent double precision, remaining_ratio double precision,
     consumption_rate_per_minute double precision, consumed_tokens double precision,
     recovery_eta_seconds double precision, exhaustion_projection_seconds double precision,
-    error_404_rate double precision, response_time timestamptz, correlation_id text
+    error_404_rate double precision, response_time timestamptz, correlation_id text, participant text
 )"""
-CLEAR_INCOMING = b"DELETE FROM dict_rate_limit_states_incoming"
-COPY_INCOMING = sql.SQL("COPY dict_rate_limit_states_incoming ({}) FROM STDIN (FORMAT BINARY)").format(
+# The table's name carries the column list's version: a pooled connection never meets an older one.
+CLEAR_INCOMING = b"DELETE FROM dict_rate_limit_states_incoming_0008"
+COPY_INCOMING = sql.SQL("COPY dict_rate_limit_states_incoming_0008 ({}) FROM STDIN (FORMAT BINARY)").format(
     _COLUMNS
 )
 INSERT_INCOMING = sql.SQL(
-    "INSERT INTO dict_rate_limit_states ({columns}) SELECT {columns} FROM dict_rate_limit_states_incoming"
-    " ON CONFLICT (endpoint_id, response_time) DO NOTHING"
+    "INSERT INTO dict_rate_limit_states ({columns})"
+    " SELECT {columns} FROM dict_rate_limit_states_incoming_0008"
+    " ON CONFLICT (endpoint_id, response_time, participant) DO NOTHING"
 ).format(columns=_COLUMNS)
 #: How stale ``last_seen_at`` may get: an unchanged policy row is rewritten at most this often, not at
 #: every snapshot (rewriting 3,000 unchanged rows cost more server time than the snapshot's COPY).
@@ -69,13 +72,14 @@ LAST_SEEN_REFRESH = timedelta(minutes=5)
 # the WHERE keeps a second replica, or the first snapshot after a start, from rewriting the others.
 UPSERT_POLICIES = b"""
 INSERT INTO dict_rate_limit_policies AS p (endpoint_id, psp_category, capacity, refill_tokens,
-    refill_period_sec, warning_threshold_percent, critical_threshold_percent, first_seen_at, last_seen_at)
+    refill_period_sec, warning_threshold_percent, critical_threshold_percent, first_seen_at, last_seen_at,
+    participant)
 SELECT endpoint_id, %(category)s, capacity, refill_tokens, refill_period_sec, warning, critical,
-       %(seen)s, %(seen)s
+       %(seen)s, %(seen)s, %(participant)s
   FROM unnest(%(names)b::text[], %(capacity)b::bigint[], %(refill)b::bigint[], %(period)b::bigint[],
               %(warning)b::float8[], %(critical)b::float8[])
        AS t (endpoint_id, capacity, refill_tokens, refill_period_sec, warning, critical)
-ON CONFLICT (endpoint_id, psp_category) DO UPDATE
+ON CONFLICT (endpoint_id, psp_category, participant) DO UPDATE
    SET capacity = EXCLUDED.capacity, refill_tokens = EXCLUDED.refill_tokens,
        refill_period_sec = EXCLUDED.refill_period_sec,
        warning_threshold_percent = EXCLUDED.warning_threshold_percent,
@@ -126,6 +130,7 @@ def rows_of(
                 *_state_values(state, snapshot.category),
                 snapshot.response_time,
                 snapshot.correlation_id,
+                derived.participant,
                 *_percentages(name, thresholds),
             )
         )
@@ -146,6 +151,7 @@ def policy_params(derived: DerivedSnapshot, rows: Sequence[tuple[Any, ...]]) -> 
     """Parameters of UPSERT_POLICIES: one array per column, in the order of ``rows``."""
     return {
         "category": derived.snapshot.category,
+        "participant": derived.participant,
         "seen": derived.snapshot.response_time,
         "refresh": LAST_SEEN_REFRESH,
         "names": [row[0] for row in rows],
@@ -168,14 +174,14 @@ class PolicyRows:
     within LAST_SEEN_REFRESH. What it remembers is only what committed (:meth:`committed`)."""
 
     def __init__(self) -> None:
-        self._written: dict[tuple[str, str], _Written] = {}
+        self._written: dict[tuple[str, str, str], _Written] = {}  # (participant, name, category)
 
     def due(self, derived: DerivedSnapshot, rows: list[tuple[Any, ...]]) -> dict[str, Any] | None:
         """UPSERT_POLICIES parameters for the rows that change something; None when none does."""
         category, seen = derived.snapshot.category, derived.snapshot.response_time
         due = []
         for row in rows:
-            known = self._written.get((row[0], category))
+            known = self._written.get((derived.participant, row[0], category))
             if (
                 known is None
                 or (known.values != _values(row) and seen >= known.seen)
@@ -188,15 +194,15 @@ class PolicyRows:
         """Remember the rows of a committed upsert (a replayed older snapshot never moves one back)."""
         if params is None:
             return
-        category, seen = params["category"], params["seen"]
+        participant, category, seen = params["participant"], params["category"], params["seen"]
         columns = zip(
             params["names"], params["capacity"], params["refill"], params["period"],
             params["warning"], params["critical"], strict=True,
         )  # fmt: skip
         for name, *values in columns:
-            known = self._written.get((name, category))
+            known = self._written.get((participant, name, category))
             if known is None or seen >= known.seen:
-                self._written[(name, category)] = _Written(tuple(values), seen)
+                self._written[(participant, name, category)] = _Written(tuple(values), seen)
 
 
 def _values(row: tuple[Any, ...]) -> tuple[Any, ...]:

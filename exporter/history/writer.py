@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -117,6 +117,8 @@ def snapshot_text(derived: DerivedSnapshot) -> str:
         "category": snapshot.category,
         "policies": [dataclasses.asdict(reading) for reading in snapshot.policies],
     }
+    if derived.participant:
+        document["participant"] = derived.participant
     return json.dumps(document, ensure_ascii=True, default=str)
 
 
@@ -138,6 +140,7 @@ class HistoryWriter:
         max_connections: int = 4,
         observe: Callable[[str, float], None] | None = None,
         thresholds: Callable[[str], PolicyThreshold] | None = None,
+        participant_thresholds: Mapping[str, Callable[[str], PolicyThreshold]] | None = None,
         retry_max_delay: float = 10.0,
         ping_interval: float = 15.0,
     ) -> None:
@@ -150,6 +153,8 @@ class HistoryWriter:
         self._rendered: tuple[int, bytes] | None = None
         self._observe = observe
         self._thresholds = thresholds
+        #: A multi-participant exporter's thresholds by participant name (a snapshot's ``participant``).
+        self._participant_thresholds = dict(participant_thresholds or {})
         self._retry_max_delay = retry_max_delay
         self._ping_interval = ping_interval
         self._months: set[date] = set()
@@ -418,7 +423,8 @@ class HistoryWriter:
         primary key refuses a snapshot already stored, and only then is it staged and merged with
         ON CONFLICT DO NOTHING, so the result is the same either way: each row exactly once.
         """
-        rows = rows_of(derived, self._thresholds)
+        thresholds = self._participant_thresholds.get(derived.participant, self._thresholds)
+        rows = rows_of(derived, thresholds)
         policies = self._policy_rows.due(derived, rows)  # None: no policy row changes
         month = derived.snapshot.response_time.astimezone(UTC).date().replace(day=1)
         started = time.perf_counter()

@@ -16,8 +16,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 #: Major: a field changes meaning or is removed. Minor: a field is added (1.1: ``rule_description``, and
-#: ``message`` built from the event's own numbers).
-SCHEMA_VERSION = "1.1"
+#: ``message`` built from the event's own numbers; 1.2: ``participant``).
+SCHEMA_VERSION = "1.2"
 CREATED = "rate_limit.alert.created"
 RESOLVED = "rate_limit.alert.resolved"
 EVENT_TYPES = (CREATED, RESOLVED)
@@ -59,6 +59,8 @@ class OutboxRow:
     exhaustion_projection_seconds: float | None
     summary: str | None
     description: str | None
+    #: The alert's ``participant`` label (a multi-participant exporter's series carry it); None without.
+    participant: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +86,7 @@ class AlertEvent:
     ends_at: str | None
     resolved_by: str | None
     rule_description: str | None
+    participant: str | None
 
     @classmethod
     def from_row(cls, row: OutboxRow) -> AlertEvent:
@@ -110,6 +113,7 @@ class AlertEvent:
             ends_at=_rfc3339(when) if resolved else None,
             resolved_by=row.resolved_by if resolved else None,
             rule_description=_one_line(row.description),
+            participant=row.participant or None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -128,13 +132,16 @@ class AlertEvent:
         return self.endpoint_id or self.alert_name
 
     def properties(self) -> dict[str, str]:
-        return {
+        properties = {
             "event_type": self.event_type,
             "severity": self.severity,
             "psp_category": self.psp_category or "",
             "schema_version": self.schema_version,
             "event_id": self.event_id,
         }
+        if self.participant:  # only when there is one: a single-participant event's properties are as before
+            properties["participant"] = self.participant
+        return properties
 
 
 def _rfc3339(moment: datetime) -> str:

@@ -48,7 +48,8 @@ SELECT_UNSENT = """
 SELECT o.id, o.event_id, o.event_type, a.alert_name, a.fingerprint, a.severity, a.endpoint_id,
        a.psp_category, a.status, a.starts_at, a.ends_at, a.resolved_at, a.resolved_by, o.available_tokens,
        o.capacity, o.utilization_percent, o.recovery_eta_seconds, o.exhaustion_projection_seconds,
-       left(a.summary, %(summary)s) AS summary, left(a.description, %(description)s) AS description
+       left(a.summary, %(summary)s) AS summary, left(a.description, %(description)s) AS description,
+       nullif(a.labels ->> 'participant', '') AS participant
   FROM dict_rate_limit_alert_outbox o
   JOIN dict_rate_limit_alerts a ON a.id = o.alert_id
  WHERE o.sent_at IS NULL AND o.set_aside_at IS NULL

@@ -39,7 +39,8 @@ from exporter.receiver.store import RecordResult, Transition
 log = logging.getLogger(__name__)
 
 FIRING = "SELECT id, fingerprint, alertmanager_url FROM dict_rate_limit_alerts WHERE status = 'firing'"
-# The resolution records the bucket values of its own moment: the policy's latest snapshot (sql/0007).
+# The resolution records the bucket values of its own moment: the latest snapshot of the policy of the
+# alert's participant (sql/0007, 0008).
 RESOLVE = """
 UPDATE dict_rate_limit_alerts a
    SET status = 'resolved', ends_at = now(), resolved_at = now(), resolved_by = 'reconciled',
@@ -49,7 +50,8 @@ UPDATE dict_rate_limit_alerts a
        (SELECT v.available_tokens, v.capacity, v.utilization_percent, v.recovery_eta_seconds,
                v.exhaustion_projection_seconds
           FROM (SELECT 1) AS one
-          LEFT JOIN LATERAL dict_rate_limit_latest_values(a.endpoint_id) v ON true)
+          LEFT JOIN LATERAL dict_rate_limit_latest_values(
+                a.endpoint_id, coalesce(a.labels ->> 'participant', '')) v ON true)
  WHERE a.id = ANY(%s) AND a.status = 'firing'
 RETURNING a.endpoint_id, a.severity, a.psp_category
 """

@@ -7,27 +7,28 @@ receiver); :func:`run` adds signal handling and the exit code.
 from __future__ import annotations
 
 import asyncio
+import gzip as gzip_module
 import logging
 import math
-import time
 from collections.abc import Callable
 from datetime import UTC
 from typing import Any, Protocol
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.registry import Collector
 
 from exporter import __version__, runtime
 from exporter.bridge.budget import CallBudget
-from exporter.bridge.client import BridgeClient
-from exporter.config import ExporterSettings, call_ceiling, check_budget, warn_about_budget
+from exporter.config import ExporterSettings, check_budget, warn_about_budget
+from exporter.service import exposition
 from exporter.service.collector import RenderedBuckets
 from exporter.service.derivation import DerivedSnapshot
 from exporter.service.http import build_apps
-from exporter.service.leader import LeaseTiming, PollerLease, single_poller_collector
-from exporter.service.poller import Fetch, PollClock, Poller
-from exporter.service.selfmetrics import SelfMetrics
+from exporter.service.leader import PollerLease
+from exporter.service.participant import ParticipantPoller
+from exporter.service.poller import Fetch, PollClock
+from exporter.service.selfmetrics import ProcessMetrics, SelfMetrics
 from exporter.snapshot import DICT_POLICY_NAMES, RENAMED_POLICIES
 from exporter.web import limits as http_limits
 from exporter.web.webconfig import WebConfig, check_ports
@@ -35,8 +36,6 @@ from exporter.web.webconfig import load as load_web_config
 
 log = logging.getLogger(__name__)
 
-#: Longest wait for an in-flight poll at shutdown (further bounded by the interval).
-STOP_POLL_SECONDS = 5.0
 #: Longest wait for the history writer to flush queued snapshots at shutdown.
 STOP_HISTORY_SECONDS = 5.0
 #: Policies stored in dict_rate_limit_policies and seen within this many days count as "seen before"
@@ -44,7 +43,7 @@ STOP_HISTORY_SECONDS = 5.0
 KNOWN_POLICY_DAYS = 7
 KNOWN_POLICIES_SQL = (
     "SELECT DISTINCT endpoint_id FROM dict_rate_limit_policies "
-    "WHERE last_seen_at > now() - make_interval(days => %s)"
+    "WHERE participant = %s AND last_seen_at > now() - make_interval(days => %s)"
 )
 
 
@@ -72,6 +71,10 @@ class ExporterService:
     ``serve_http=False`` leaves the HTTP servers to the caller, which mounts the routes of
     :mod:`exporter.service.http` on its own applications (``add_metrics_routes``/``add_health_routes`` with
     ``app[SERVICE] = service``).
+
+    One :class:`ParticipantPoller` per watched participant: one for today's configuration (no label),
+    one per entry of ``participants:`` otherwise (``fetch``, ``clock`` and ``budget`` apply to the single
+    one only). History, the HTTP servers and the process's own series are shared.
     """
 
     def __init__(
@@ -85,59 +88,50 @@ class ExporterService:
     ) -> None:
         self.settings = settings
         self.version = __version__
-        check_budget(settings.poll_interval_seconds, settings.poll_budget_override)
-        warn_about_budget(settings.poll_interval_seconds)
+        # The settings that poll: the top level's, or each participant's (the top level then polls nothing).
+        for own in [p.settings for p in settings.participants] or [settings]:
+            check_budget(own.poll_interval_seconds, own.poll_budget_override)
+            warn_about_budget(own.poll_interval_seconds)
         # A wrong file raises ConfigError here, before anything binds: one line, exit 2.
         self.web_config: WebConfig = load_web_config(settings.web_config_file)
         check_ports(self.web_config, settings.metrics_listen[1], settings.health_check_port)
-        ceiling = call_ceiling(
-            settings.poll_interval_seconds,
-            settings.bridge_max_calls_per_minute,
-            settings.poll_budget_override,
-        )
-        self.metrics = SelfMetrics(settings.poll_interval_seconds)
-        # Injectable like fetch and clock: tests scale the 60 s window down to see several in seconds.
-        self.budget = budget or CallBudget(ceiling)
-        self._bridge: BridgeClient | None = None
-        if fetch is None:
-            self._bridge = BridgeClient.from_settings(
-                settings, on_attempt=self.metrics.record_bridge_request, budget=self.budget
-            )
-            bridge = self._bridge
-
-            async def fetch_from_bridge(seconds: float | None) -> Any:
-                deadline = None if seconds is None else time.monotonic() + seconds
-                return await bridge.list_policies(deadline=deadline)
-
-            fetch = fetch_from_bridge
-        self.poller = Poller(
-            fetch,
-            self.metrics,
-            interval=settings.poll_interval_seconds,
-            lead=settings.poll_lead_seconds,
-            stale_after=settings.stale_after_intervals,
-            on_snapshot=self._publish,
-            clock=clock,
-            budget=self.budget,
-            max_skew=settings.bridge_max_clock_skew_seconds,
-            thresholds=settings.policy_thresholds,
-            error_404_window=settings.error_404_window_seconds,
-        )
-        _warn_unknown_thresholds(settings)
-        #: With DATABASE_URL, replicas share one poller through PostgreSQL (exporter.service.leader).
-        self.lease: PollerLease | None = None
-        self._rendered = RenderedBuckets(None, settings.threshold_for, settings.error_404_window_seconds)
-        self._withdrawn = self._rendered
+        if settings.participants:
+            self.participants = [ParticipantPoller(p.settings, p.name) for p in settings.participants]
+        else:
+            self.participants = [ParticipantPoller(settings, fetch=fetch, clock=clock, budget=budget)]
+        self.multi = bool(settings.participants)
+        single = self.participants[0]
+        #: The first (in single-participant mode the only) participant's parts, as before issue 15.
+        self.poller = single.poller
+        self.budget = single.budget
+        #: Process-wide own series in multi-participant mode (history operations, process_*, build info).
+        self.process_metrics = ProcessMetrics()
+        self.metrics: SelfMetrics | ProcessMetrics = self.process_metrics if self.multi else single.metrics
+        for participant in self.participants:
+            _warn_unknown_thresholds(participant.settings)
         self.history: History | None = None
         self._history_open = False
         self._history_metrics: Callable[[], bytes] = _nothing
-        #: dict_rate_limit_poller_leader and _replicas: a handful of series that change with the lease,
-        #: rendered at each scrape (the history part is cached, see _history_metrics).
-        self._poller_registry = CollectorRegistry(auto_describe=True)
+        #: The multi-participant body: (its parts, text, gzip text once asked for).
+        self._merged: tuple[tuple[exposition.Families, ...], bytes, bytes | None] | None = None
+        self._process_part: tuple[bytes, exposition.Families] = (b"", {})
         self._serve_http = serve_http
         self._runners: list[web.AppRunner] = []
         self.ports: dict[str, int] = {}
         self._started = False
+
+    @property
+    def lease(self) -> PollerLease | None:
+        """The first participant's poller lease (the only one in single-participant mode)."""
+        return self.participants[0].lease
+
+    @property
+    def _rendered(self) -> RenderedBuckets:
+        return self.participants[0].rendered
+
+    @property
+    def _poller_registry(self) -> CollectorRegistry:
+        return self.participants[0].registry
 
     # --- lifecycle
 
@@ -147,22 +141,27 @@ class ExporterService:
         if self.history is not None:
             await self.history.start()
             self._history_open = True
-            self.poller.known |= await _known_policies(self.settings)
+            for participant in self.participants:
+                participant.poller.known |= await _known_policies(self.settings, participant.name or "")
         try:
             if self._serve_http:
                 await self._start_http()
-            if self.lease is not None:
-                await self.lease.start()  # elected (or not) before the first poll
+            for participant in self.participants:
+                await participant.start_lease()  # elected (or not) before the first poll
         except BaseException:
             await self._stop_history()
             raise
-        self.poller.start()
+        for participant in self.participants:
+            participant.start_polling()
         self._started = True
         log.info(
             "exporter started",
             extra={
                 "ctx": {
                     "bridge": self.settings.bridge_address,
+                    "participants": {p.name: p.settings.bridge_address for p in self.participants}
+                    if self.multi
+                    else None,
                     "poll_interval_seconds": self.settings.poll_interval_seconds,
                     "poll_lead_seconds": self.settings.poll_lead_seconds,
                     **{f"{name}_port": port for name, port in self.ports.items()},
@@ -171,17 +170,17 @@ class ExporterService:
         )
 
     async def stop(self) -> None:
-        """Stops polling (in-flight poll bounded), flushes history (bounded), closes Bridge and servers."""
-        await self.poller.stop(min(STOP_POLL_SECONDS, self.settings.poll_interval_seconds))
-        if self.lease is not None:
-            await self.lease.stop()  # released at once: a follower takes over within a third of a lease
+        """Stops polling (in-flight polls bounded), flushes history (bounded), closes Bridges and servers."""
+        await asyncio.gather(*(participant.stop() for participant in self.participants))
         await self._stop_history()
-        if self._bridge is not None:
-            await self._bridge.close()
+        for participant in self.participants:
+            await participant.close()
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
-        log.info("exporter stopped", extra={"ctx": {"polls": self.poller.attempted}})
+        log.info(
+            "exporter stopped", extra={"ctx": {"polls": sum(p.poller.attempted for p in self.participants)}}
+        )
 
     def _open_history(self) -> None:
         if self.settings.database_url:
@@ -195,35 +194,26 @@ class ExporterService:
                 max_connections=self.settings.database_max_connections,
                 observe=self.metrics.observe,
                 thresholds=self.settings.threshold_for,
+                participant_thresholds={p.name: p.settings.threshold_for for p in self.settings.participants},
             )
             self._history_metrics = writer.render_metrics
             self.history = writer
-            self._open_lease(self.settings.database_url)
+            for participant in self.participants:
+                participant.submit = writer.submit
+                participant.open_lease(self.settings.database_url)
         else:
             from exporter.history.writer import disabled_metrics
 
             log.info("history is disabled: DATABASE_URL is not set, no snapshot will be stored")
             disabled = disabled_metrics()
             self._history_metrics = lambda: disabled
-            self._poller_registry.register(single_poller_collector())
+            for participant in self.participants:
+                participant.without_lease()
             log.warning(
                 "DATABASE_URL is not set: this replica polls the Bridge on its own, and replicas would each "
                 "poll (each spending POLICIES_LIST tokens); run one replica, or set DATABASE_URL so replicas "
                 "elect one poller"
             )
-
-    def _open_lease(self, database_url: str) -> None:
-        s = self.settings
-        timing = LeaseTiming(s.poll_interval_seconds, s.poller_lease_seconds, s.poll_lead_seconds)
-        self.lease = PollerLease(
-            database_url,
-            group=s.poller_group,
-            timing=timing,
-            adopt=self.poller.adopt,
-            max_age=s.stale_after_intervals * s.poll_interval_seconds,
-        )
-        self.poller.gate = self.lease
-        self._poller_registry.register(self.lease.collector)
 
     async def _stop_history(self) -> None:
         if self.history is not None and self._history_open:
@@ -259,90 +249,156 @@ class ExporterService:
     def poll_interval_seconds(self) -> float:
         return self.settings.poll_interval_seconds
 
-    # --- the poller's output
-
-    async def _publish(self, derived: DerivedSnapshot) -> None:
-        if self.history is not None:
-            self.history.submit(derived)
-        # Rendered once here; every scrape until the next poll serves these bytes. In a worker thread:
-        # 10,000 series take ~0.1-0.2 s of Python, during which scrapes keep being answered (old bytes).
-        self._rendered = await asyncio.to_thread(
-            RenderedBuckets, derived, self.settings.threshold_for, self.settings.error_404_window_seconds
-        )
-
     # --- what the HTTP handlers read (no I/O)
 
     def metrics_body(self, *, gzip: bool, extra: bytes = b"") -> bytes:
         """The exposition; ``extra`` is appended (all-in-one: the receiver's series), compressed with the
         rest so the cached compressed bucket part is reused."""
-        stale = self.poller.is_stale()
-        buckets = self._withdrawn if stale else self._rendered
+        if self.multi:
+            return self._merged_body(gzip=gzip, extra=extra)
+        participant = self.participants[0]
+        stale, buckets = participant.buckets()
         # Both parts are cached until their metrics change: most scrapes only join two byte strings.
         tail = (
-            self.metrics.render(stale=stale)
+            participant.metrics.render(stale=stale)
             + self._history_metrics()
-            + generate_latest(self._poller_registry)
+            + participant.lease_series()
             + extra
         )
         return buckets.body(tail, gzip=gzip)
 
+    def _merged_body(self, *, gzip: bool, extra: bytes) -> bytes:
+        """Every participant's series labelled, then the process's, each family once (exposition.merge).
+
+        Every part is cached until it changes, and so is the merged body (and its gzip form): between
+        polls most scrapes return the same bytes object."""
+        parts = [part for participant in self.participants for part in participant.labelled_parts()]
+        tail = self.process_metrics.render() + self._history_metrics() + extra
+        if self._process_part[0] != tail:
+            self._process_part = (tail, exposition.split(tail))
+        parts.append(self._process_part[1])
+        key = tuple(parts)
+        cached = self._merged
+        # By identity: a part is a new object whenever its text changed (the cache keeps the old ones alive).
+        if (
+            cached is None
+            or len(cached[0]) != len(key)
+            or any(a is not b for a, b in zip(cached[0], key, strict=True))
+        ):
+            cached = self._merged = (key, exposition.merge(parts), None)
+        if not gzip:
+            return cached[1]
+        if cached[2] is None:
+            cached = self._merged = (key, cached[1], gzip_module.compress(cached[1], compresslevel=6))
+        assert cached[2] is not None
+        return cached[2]
+
     def policies_payload(self) -> dict[str, Any] | None:
-        derived = self.poller.latest
-        if derived is None:
+        """The latest snapshot as JSON; multi-participant: ``{"participants": {name: ...}}``, None (503)
+        only when no participant has had a successful poll."""
+        if not self.multi:
+            return _participant_payload(self.participants[0])
+        payloads = {p.name or "": _participant_payload(p) for p in self.participants}
+        if all(payload is None for payload in payloads.values()):
             return None
-        snapshot = derived.snapshot
-        age = self.poller.age()
         return {
-            "response_time": snapshot.response_time.astimezone(UTC).isoformat(timespec="milliseconds"),
-            "correlation_id": snapshot.correlation_id,
-            "category": snapshot.category,
-            "participant_ispb": snapshot.participant_ispb or None,
-            "stale": self.poller.is_stale(),
-            "age_seconds": round(age, 3) if age is not None else None,
-            "bridge_up": self.poller.consecutive_failures == 0,
-            "policies": [_policy_json(state, self.settings) for state in derived.states],
+            "participants": {
+                name: payload if payload is not None else _unavailable(participant)
+                for (name, payload), participant in zip(payloads.items(), self.participants, strict=True)
+            }
         }
 
     def liveness(self) -> tuple[bool, dict[str, str]]:
-        failed = self.poller.failed
-        if failed is not None:
-            return False, {"poller": f"stopped: {type(failed).__name__}: {failed}"}
-        return True, {"poller": "running" if self._started else "not started"}
+        checks: dict[str, str] = {}
+        for participant in self.participants:
+            failed = participant.poller.failed
+            if failed is not None:
+                state = f"stopped: {type(failed).__name__}: {failed}"
+            else:
+                state = "running" if self._started else "not started"
+            checks[_scoped("poller", participant)] = state
+        return all(not value.startswith("stopped") for value in checks.values()), checks
 
     def readiness(self) -> tuple[bool, dict[str, str]]:
-        """Ready: a successful poll within STALE_AFTER_INTERVALS intervals, and the database if configured."""
+        """Ready: a successful poll within STALE_AFTER_INTERVALS intervals, and the database if configured.
+
+        Multi-participant: ready while at least one participant serves fresh data. One participant's Bridge
+        being down must not make Kubernetes stop routing scrapes (and every other participant's alerts)
+        to this pod; it shows in the body (``bridge:<name>``) and in ``dict_rate_limit_bridge_up``."""
         checks: dict[str, str] = {}
-        poller = self.poller
         notes: dict[str, str] = {}
-        if poller.is_fresh():
-            checks["bridge"] = "ok"
-            if poller.last_error is not None:
-                # Still ready: the last good snapshot is fresh and served (unready would stop the scrapes
-                # and resolve every bucket alert). But say why the last poll failed.
-                notes["last_poll"] = f"failed (serving the previous snapshot): {poller.last_error}"
-        elif poller.latest is None:
-            checks["bridge"] = f"no successful poll yet: {poller.last_error or 'first poll pending'}"
-        else:
-            checks["bridge"] = (
-                f"no successful poll for {poller.stale_after} intervals (data withdrawn): {poller.last_error}"
-            )
+        bridges: list[str] = []
+        for participant in self.participants:
+            status, note = participant.bridge_check()
+            checks[_scoped("bridge", participant)] = status
+            bridges.append(status)
+            if note is not None:
+                notes[_scoped("last_poll", participant)] = note
         if self.history is not None:
             # The cause in words (unreachable, schema not migrated...), never "unreachable" while it answers.
             checks["database"] = self.history.database_status
-        lease_error = self.lease.last_error if self.lease is not None else None
-        if lease_error is not None:
+        for participant in self.participants:
+            lease_error = participant.lease.last_error if participant.lease is not None else None
+            if lease_error is None:
+                continue
             # Before any snapshot is written the lease is what meets the database first: say its cause.
-            checks["poller_lease"] = lease_error
+            checks[_scoped("poller_lease", participant)] = lease_error
             if lease_error.startswith("UndefinedTable") and checks.get("database") in {"ok", "no write yet"}:
                 checks["database"] = f"schema not migrated (run `dict-rate-limit migrate`): {lease_error}"
-        return all(value == "ok" for value in checks.values()), {**checks, **notes}
+        if not self.multi:
+            return all(value == "ok" for value in checks.values()), {**checks, **notes}
+        others = [value for name, value in checks.items() if not name.startswith("bridge:")]
+        return "ok" in bridges and all(value == "ok" for value in others), {**checks, **notes}
 
     def startup_state(self) -> tuple[bool, dict[str, str]]:
-        """Started once the first poll was attempted, whatever its outcome (a Bridge outage is no crash)."""
-        if self.poller.attempted == 0 and self.lease is not None and self.lease.decided:
-            return True, {"first_poll": "another replica polls (follower)"}
-        attempted = self.poller.attempted > 0
-        return attempted, {"first_poll": "done" if attempted else "pending"}
+        """Started once the first poll was attempted, whatever its outcome (a Bridge outage is no crash);
+        multi-participant: once every participant's was."""
+        checks: dict[str, str] = {}
+        started = True
+        for participant in self.participants:
+            lease = participant.lease
+            if participant.poller.attempted == 0 and lease is not None and lease.decided:
+                checks[_scoped("first_poll", participant)] = "another replica polls (follower)"
+                continue
+            attempted = participant.poller.attempted > 0
+            started = started and attempted
+            checks[_scoped("first_poll", participant)] = "done" if attempted else "pending"
+        return started, checks
+
+
+def _scoped(check: str, participant: ParticipantPoller) -> str:
+    """A check's name, with the participant's after a colon in multi-participant mode."""
+    return check if participant.name is None else f"{check}:{participant.name}"
+
+
+def _participant_payload(participant: ParticipantPoller) -> dict[str, Any] | None:
+    poller = participant.poller
+    derived = poller.latest
+    if derived is None:
+        return None
+    snapshot = derived.snapshot
+    age = poller.age()
+    return {
+        "response_time": snapshot.response_time.astimezone(UTC).isoformat(timespec="milliseconds"),
+        "correlation_id": snapshot.correlation_id,
+        "category": snapshot.category,
+        "participant_ispb": snapshot.participant_ispb or None,
+        "stale": poller.is_stale(),
+        "age_seconds": round(age, 3) if age is not None else None,
+        "bridge_up": poller.consecutive_failures == 0,
+        "policies": [_policy_json(state, participant.settings) for state in derived.states],
+    }
+
+
+def _unavailable(participant: ParticipantPoller) -> dict[str, Any]:
+    """A participant without any successful poll, in the multi-participant /api/v1/policies."""
+    why = participant.poller.last_error or "first poll pending"
+    return {
+        "status": "unavailable",
+        "reason": f"no successful poll of the Bridge yet: {why}",
+        "bridge_up": False,
+        "policies": [],
+    }
 
 
 def _nothing() -> bytes:
@@ -393,14 +449,14 @@ def _warn_unknown_thresholds(settings: ExporterSettings) -> None:
         )
 
 
-async def _known_policies(settings: ExporterSettings) -> set[str]:
+async def _known_policies(settings: ExporterSettings, participant: str) -> set[str]:
     """Policy names history saw recently, so a restart does not forget a policy that went missing."""
     import psycopg
 
     assert settings.database_url is not None
     try:
         async with await psycopg.AsyncConnection.connect(settings.database_url, connect_timeout=5) as conn:
-            cursor = await conn.execute(KNOWN_POLICIES_SQL, (KNOWN_POLICY_DAYS,))
+            cursor = await conn.execute(KNOWN_POLICIES_SQL, (participant, KNOWN_POLICY_DAYS))
             return {str(row[0]) for row in await cursor.fetchall()}
     except psycopg.Error as exc:
         # Not fatal: "missing" then starts from the first poll, as without a database.

@@ -91,6 +91,8 @@ class DerivedSnapshot:
     category_changed: bool
     #: Policies an earlier successful poll returned that this snapshot lacks (set by the poller).
     missing: tuple[str, ...] = ()
+    #: The participant's name in a multi-participant exporter, "" for a single participant (history rows).
+    participant: str = ""
 
 
 def remaining_ratio(reading: PolicyReading) -> float:

@@ -44,6 +44,8 @@ INVALID_REASONS = (
 )
 #: Operations of dict_rate_limit_monitoring_duration_seconds timed inside the exporter.
 OPERATIONS = ("poll", "bridge_call", "history_write", "maintenance")
+#: The operations of one participant's poller (the others belong to the process).
+POLL_OPERATIONS = ("poll", "bridge_call")
 #: A poll takes one loopback call (~1 ms) up to the Bridge timeout with retries (seconds).
 
 
@@ -110,15 +112,22 @@ class _StateCollector(Collector):
             for name in sorted(o.unmatched_thresholds):
                 unmatched.add_metric([name], 1)
         yield changes
-        yield build
+        if o.process:
+            yield build
         yield unmatched
 
 
 class SelfMetrics:
-    """Counters, histograms and state gauges of the exporter's own health, rendered on demand."""
+    """Counters, histograms and state gauges of the exporter's own health, rendered on demand.
 
-    def __init__(self, poll_interval: float) -> None:
-        self.registry = new_registry(process=True)
+    ``process=False`` gives one participant's part of a multi-participant exporter: no ``process_*``
+    series, no build information and only the poll operations (those are the process's, see
+    :class:`ProcessMetrics`).
+    """
+
+    def __init__(self, poll_interval: float, *, process: bool = True) -> None:
+        self.process = process
+        self.registry = new_registry(process=process)
         self.poll_interval = poll_interval
         self.up = 0.0
         self.last_success_timestamp = 0.0
@@ -169,7 +178,7 @@ class SelfMetrics:
             self.polls.labels(result)
         for reason in INVALID_REASONS:
             self.invalid_policies.labels(reason)
-        for operation in OPERATIONS:
+        for operation in OPERATIONS if process else POLL_OPERATIONS:
             self.monitoring_duration.labels(operation)
         self.bridge_requests.labels("OK")
 
@@ -223,3 +232,51 @@ class SelfMetrics:
             # A change that raced the render bumped the generation after we read it: cache under the old key.
             self._cache_key, self._cache = key, body
         return body
+
+
+class _BuildCollector(Collector):
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        return self.collect()
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        build = GaugeMetricFamily(
+            "dict_rate_limit_exporter_build_info",
+            "Build information of the exporter (value 1).",
+            labels=["version", "python_version"],
+        )
+        build.add_metric([__version__, platform.python_version()], 1)
+        yield build
+
+
+class ProcessMetrics:
+    """The process-wide part of a multi-participant exporter's own series (never labelled by participant):
+    ``process_*``, build information, and the history operations (one writer serves every participant)."""
+
+    def __init__(self) -> None:
+        self.registry = new_registry(process=True)
+        self.registry.register(_BuildCollector())
+        self.monitoring_duration = Histogram(
+            "dict_rate_limit_monitoring_duration_seconds",
+            "Time of the product's operations, by operation.",
+            ["operation"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        for operation in OPERATIONS:
+            if operation not in POLL_OPERATIONS:
+                self.monitoring_duration.labels(operation)
+        self._generation = 0
+        self._cache: tuple[int, bytes] | None = None
+
+    def observe(self, operation: str, seconds: float) -> None:
+        """The history writer's ``observe`` hook."""
+        self.monitoring_duration.labels(operation).observe(seconds)
+        self._generation += 1
+
+    def render(self) -> bytes:
+        """Re-rendered only after a change, as :meth:`SelfMetrics.render` (``process_*`` are as fresh as
+        the last change, as in a single-participant exporter)."""
+        cached = self._cache
+        if cached is None or cached[0] != self._generation:
+            cached = self._cache = (self._generation, generate_latest(self.registry))
+        return cached[1]

@@ -39,13 +39,14 @@ REFERENCE_COPY = sql.SQL("COPY dict_rate_limit_states ({}) FROM STDIN").format(
 )
 REFERENCE_UPSERT = b"""
 INSERT INTO dict_rate_limit_policies AS p (endpoint_id, psp_category, capacity, refill_tokens,
-    refill_period_sec, warning_threshold_percent, critical_threshold_percent, first_seen_at, last_seen_at)
+    refill_period_sec, warning_threshold_percent, critical_threshold_percent, first_seen_at, last_seen_at,
+    participant)
 SELECT endpoint_id, %(category)s, capacity, refill_tokens, refill_period_sec, warning, critical,
-       %(seen)s, %(seen)s
+       %(seen)s, %(seen)s, %(participant)s
   FROM unnest(%(names)s::text[], %(capacity)s::bigint[], %(refill)s::bigint[], %(period)s::integer[],
               %(warning)s::float8[], %(critical)s::float8[])
        AS t (endpoint_id, capacity, refill_tokens, refill_period_sec, warning, critical)
-ON CONFLICT (endpoint_id, psp_category) DO UPDATE
+ON CONFLICT (endpoint_id, psp_category, participant) DO UPDATE
    SET capacity = EXCLUDED.capacity, refill_tokens = EXCLUDED.refill_tokens,
        refill_period_sec = EXCLUDED.refill_period_sec,
        warning_threshold_percent = EXCLUDED.warning_threshold_percent,

@@ -94,7 +94,7 @@ def test_resolved_event_carries_the_resolutions_snapshot_and_the_created_one_the
     for event in (created, resolved):
         jsonschema.Draft202012Validator(SCHEMA).validate(event)
         assert event["rule_description"] == RULE_DESCRIPTION
-        assert event["schema_version"] == "1.1"
+        assert event["schema_version"] == "1.2"
     assert created["event_type"] == "rate_limit.alert.created"
     assert [created[name] for name in NUMBERS] == [2888, 36000, pytest.approx(91.9778, abs=1e-4), 1655.6]
     assert created["exhaustion_projection_seconds"] == 29.0

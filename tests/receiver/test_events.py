@@ -183,3 +183,15 @@ def test_python_event_id_equals_the_one_postgresql_assigns(database_url: str) ->
             "SELECT dict_rate_limit_alert_event_id(%s, %s, %s)", ["fp1", STARTS, RESOLVED]
         ).fetchone()
     assert got == (event_id_for("fp1", STARTS, RESOLVED),)
+
+
+def test_participant_is_the_last_field_and_a_property_only_when_set() -> None:
+    single = AlertEvent.from_row(row())
+    assert single.to_dict()["participant"] is None
+    assert "participant" not in single.properties()
+    named = AlertEvent.from_row(row(participant="bank-b"))
+    validate(named.to_dict())
+    assert list(named.to_dict())[-1] == "participant"
+    assert named.to_dict()["participant"] == "bank-b"
+    assert named.properties()["participant"] == "bank-b"
+    assert named.key == single.key  # ordering per policy, as before

@@ -139,7 +139,7 @@ async def test_relay_publishes_in_order_per_policy_with_key_properties_and_marks
         assert item.properties["event_type"] == item.event["event_type"]
         assert item.properties["severity"] == "warning"
         assert item.properties["psp_category"] == "A"
-        assert item.properties["schema_version"] == "1.1"
+        assert item.properties["schema_version"] == "1.2"
     assert rows(database_url, "SELECT count(*) FROM dict_rate_limit_alert_outbox WHERE sent_at IS NULL") == [
         (0,)
     ]
@@ -266,3 +266,22 @@ def test_two_receivers_the_leader_killed_mid_stream_the_standby_publishes_the_re
     assert received_order(consumer) == expected_order(database_url), "in outbox order per policy"
     published_twice = {event_id for event_id, ids in consumer.message_ids.items() if len(ids) > 1}
     assert published_twice <= unsent_at_kill, "an event the dead leader had marked sent was published again"
+
+
+async def test_an_alert_of_a_named_participant_publishes_its_participant(
+    database_url: str, pulsar_broker: EmbeddedPulsar, topic: str, consumer: EventConsumer
+) -> None:
+    migrate(database_url)
+    named = alert(endpoint_id="ENTRIES_WRITE", fingerprint="fp-bank-b")
+    named["labels"]["participant"] = "bank-b"
+    await record(database_url, named, alert(endpoint_id="ENTRIES_READ", fingerprint="fp-single"))
+    metrics = ReceiverMetrics()
+    async with running_relay(database_url, pulsar_broker.url, topic, metrics):
+        received = await asyncio.to_thread(consumer.receive, 2, 30)
+    by_policy = {item.event["endpoint_id"]: item for item in received}
+    assert by_policy["ENTRIES_WRITE"].event["participant"] == "bank-b"
+    assert by_policy["ENTRIES_WRITE"].properties["participant"] == "bank-b"
+    assert by_policy["ENTRIES_READ"].event["participant"] is None
+    assert "participant" not in by_policy["ENTRIES_READ"].properties
+    for item in received:
+        jsonschema.Draft202012Validator(SCHEMA).validate(item.event)

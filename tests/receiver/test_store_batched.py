@@ -49,14 +49,16 @@ SOURCE = "http://alertmanager:9093"
 RECORD_MIGRATION = 9
 
 
-def _add_snapshot(database_url: str, endpoint_id: str, available: int, capacity: int) -> None:
+def _add_snapshot(
+    database_url: str, endpoint_id: str, available: int, capacity: int, participant: str = ""
+) -> None:
     with psycopg.connect(database_url) as conn:
         conn.execute("SELECT create_dict_rate_limit_state_partition(%s)", [NOW.date()])
         conn.execute(
             "INSERT INTO dict_rate_limit_states (endpoint_id, psp_category, available_tokens, capacity,"
             " refill_tokens, refill_period_sec, utilization_percent, remaining_ratio,"
-            " recovery_eta_seconds, exhaustion_projection_seconds, response_time)"
-            " VALUES (%s, 'A', %s, %s, 1200, 60, %s, %s, 30.5, NULL, %s)",
+            " recovery_eta_seconds, exhaustion_projection_seconds, response_time, participant)"
+            " VALUES (%s, 'A', %s, %s, 1200, 60, %s, %s, 30.5, NULL, %s, %s)",
             [
                 endpoint_id,
                 available,
@@ -64,6 +66,7 @@ def _add_snapshot(database_url: str, endpoint_id: str, available: int, capacity:
                 100 * (capacity - available) / capacity,
                 available / capacity,
                 NOW - timedelta(minutes=1),
+                participant,
             ],
         )
 
@@ -355,3 +358,38 @@ async def test_after_every_pooled_connection_was_terminated_the_next_request_sti
     response = await client.post("/alerts", json=payload(alert()), headers=AUTH)
     assert (response.status, (await response.json())["created"]) == (200, 1)
     assert rows(database_url, "SELECT count(*) FROM dict_rate_limit_alert_outbox") == [(1,)]
+
+
+async def test_an_alert_takes_the_values_of_its_own_participants_bucket(database_url: str) -> None:
+    # Two participants of one exporter (sql/0008), the same policy at the same moment: each alert's row
+    # and event carry its participant's balance, the unlabelled alert the single participant's.
+    migrate(database_url)
+    _add_snapshot(database_url, "ENTRIES_WRITE", available=100, capacity=36000, participant="bank-a")
+    _add_snapshot(database_url, "ENTRIES_WRITE", available=9000, capacity=36000, participant="bank-b")
+    _add_snapshot(database_url, "ENTRIES_WRITE", available=5000, capacity=36000)
+    plain = {"summary": "s", "description": "d"}
+    items = []
+    for participant in ("bank-a", "bank-b", None):
+        item = alert("firing", fingerprint=f"fp-{participant}", annotations=plain)
+        if participant is not None:
+            item["labels"]["participant"] = participant
+        items.append(item)
+    # Firing alone (the one-statement path), then resolved one by one (the per-alert path).
+    await _record(database_url, payload(*items))
+    for item in items:
+        resolved = {**item, "status": "resolved", "endsAt": rfc3339(NOW)}
+        await _record(database_url, payload(resolved))
+    balances = rows(
+        database_url,
+        "SELECT coalesce(a.labels ->> 'participant', ''), o.event_type, o.available_tokens"
+        " FROM dict_rate_limit_alert_outbox o JOIN dict_rate_limit_alerts a ON a.id = o.alert_id"
+        " ORDER BY 1, 2",
+    )
+    assert balances == [
+        ("", "rate_limit.alert.created", 5000),
+        ("", "rate_limit.alert.resolved", 5000),
+        ("bank-a", "rate_limit.alert.created", 100),
+        ("bank-a", "rate_limit.alert.resolved", 100),
+        ("bank-b", "rate_limit.alert.created", 9000),
+        ("bank-b", "rate_limit.alert.resolved", 9000),
+    ]
