@@ -115,8 +115,8 @@ def _add_report_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--until", help="End, exclusive (UTC date or ISO timestamp); default: now.")
     parser.add_argument(
         "--participant",
-        help="Participant (ISPB) to report on; needs a participant column in the history "
-        "(see docs/report.md).",
+        help="Participant to report on: its name in a multi-participant exporter (the participant label); "
+        "required when the history holds several (see docs/report.md).",
     )
     parser.add_argument("--output", help="File to write, - for stdout; default report.html / report.json.")
     parser.add_argument("--format", dest="report_format", choices=["html", "json"], default="html")

@@ -23,8 +23,9 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-#: Column names another release may add to dict_rate_limit_states to tell participants apart (ISPB).
-PARTICIPANT_COLUMNS = ("participant_ispb", "participant", "ispb")
+#: The column that tells participants apart (sql/0008: the `participant` label of a multi-participant
+#: exporter, '' for a single participant).
+PARTICIPANT_COLUMN = "participant"
 
 CREATE_HOURS = b"""
 CREATE TEMPORARY TABLE report_hours (
@@ -85,12 +86,13 @@ SELECT %(endpoint)s, date_trunc('hour', t, 'UTC') AT TIME ZONE 'UTC',
  GROUP BY 2, category
 """
 
-POLICIES = b"""
+# {participant}: empty, or "WHERE participant = %(participant)s" (each participant has its thresholds).
+POLICIES = """
 SELECT endpoint_id, min(first_seen_at) AS first_seen, max(last_seen_at) AS last_seen,
        array_agg(psp_category::text ORDER BY psp_category) AS categories,
        array_agg(warning_threshold_percent ORDER BY psp_category) AS warning_percents,
        array_agg(critical_threshold_percent ORDER BY psp_category) AS critical_percents
-  FROM dict_rate_limit_policies
+  FROM dict_rate_limit_policies {participant}
  GROUP BY endpoint_id
 HAVING max(last_seen_at) >= %(since)s AND min(first_seen_at) < %(until)s
  ORDER BY endpoint_id
@@ -175,14 +177,22 @@ SELECT h.endpoint_id, (g->>'start')::timestamptz AS start, (g->>'end')::timestam
  ORDER BY 1, 2
 """
 
-# Alerts overlapping the period: started before its end and not ended before its start.
-ALERTS = b"""
+# Alerts overlapping the period: started before its end and not ended before its start. {participant}:
+# empty, or the alerts of one participant (its `participant` label).
+ALERTS = """
 SELECT endpoint_id, alert_name, severity, status, starts_at, coalesce(resolved_at, ends_at) AS ended_at,
        summary
   FROM dict_rate_limit_alerts
  WHERE starts_at < %(until)s
-   AND (status = 'firing' OR coalesce(resolved_at, ends_at, starts_at) >= %(since)s)
+   AND (status = 'firing' OR coalesce(resolved_at, ends_at, starts_at) >= %(since)s) {participant}
  ORDER BY endpoint_id NULLS FIRST, starts_at
+"""
+
+# The participants whose policies were seen in the period.
+PARTICIPANTS = b"""
+SELECT DISTINCT participant FROM dict_rate_limit_policies
+ WHERE last_seen_at >= %(since)s AND first_seen_at < %(until)s
+ ORDER BY 1
 """
 
 
@@ -201,7 +211,7 @@ class Period:
 
 
 class ParticipantUnsupported(Exception):
-    """--participant was given but the history has no participant column."""
+    """--participant names no participant of the history, or is missing where several are."""
 
 
 Rows = list[dict[str, Any]]
@@ -223,26 +233,59 @@ class Aggregates:
 
 
 def participant_column(conn: psycopg.Connection[Any]) -> str | None:
-    """The participant column of dict_rate_limit_states, if this schema has one."""
+    """The participant column of dict_rate_limit_states, if this schema has one (0008 and later)."""
     row = conn.execute(
         "SELECT column_name FROM information_schema.columns"
-        " WHERE table_name = 'dict_rate_limit_states' AND column_name = ANY(%s)"
-        " ORDER BY array_position(%s, column_name::text) LIMIT 1",
-        [list(PARTICIPANT_COLUMNS), list(PARTICIPANT_COLUMNS)],
+        " WHERE table_name = 'dict_rate_limit_states' AND column_name = %s",
+        [PARTICIPANT_COLUMN],
     ).fetchone()
     return None if row is None else str(row[0])
 
 
-def _participant_clause(conn: psycopg.Connection[Any], period: Period) -> sql.Composable:
+@dataclass(frozen=True, slots=True)
+class Clauses:
+    """The participant filter of each query that reads rows of several participants."""
+
+    states: sql.Composable
+    policies: sql.Composable
+    alerts: sql.Composable
+
+
+NO_FILTER = Clauses(sql.SQL(""), sql.SQL(""), sql.SQL(""))
+
+
+def _participant_clauses(conn: psycopg.Connection[Any], period: Period) -> Clauses:
+    """One participant's rows: the one asked for, or the only one there is. Several and none chosen is
+    refused: summing two participants' buckets of the same policy would report a bucket nobody has."""
+    if participant_column(conn) is None:
+        if period.participant is not None:
+            raise ParticipantUnsupported(
+                "dict_rate_limit_states has no participant column (a schema before 0008); "
+                "run dict-rate-limit migrate, or run without --participant"
+            )
+        return NO_FILTER
+    names = [str(name) for (name,) in conn.execute(PARTICIPANTS, params(period)).fetchall()]
     if period.participant is None:
-        return sql.SQL("")
-    column = participant_column(conn)
-    if column is None:
+        if len(names) > 1:
+            raise ParticipantUnsupported(
+                f"the history of the period holds {len(names)} participants ({_listed(names)}): "
+                "choose one with --participant NAME"
+            )
+        return NO_FILTER
+    if names and period.participant not in names:
         raise ParticipantUnsupported(
-            "dict_rate_limit_states has no participant column (one database holds one participant's "
-            "history today); run without --participant"
+            f"no participant {period.participant!r} in the period (known: {_listed(names)})"
         )
-    return sql.SQL("AND st.{} = %(participant)s").format(sql.Identifier(column))
+    return Clauses(
+        states=sql.SQL("AND st.participant = %(participant)s"),
+        policies=sql.SQL("WHERE participant = %(participant)s"),
+        alerts=sql.SQL("AND coalesce(labels ->> 'participant', '') = %(participant)s"),
+    )
+
+
+def _listed(names: list[str]) -> str:
+    # '' is the participant of a single-participant exporter (no label).
+    return ", ".join(repr(name) for name in names)
 
 
 def params(period: Period, **extra: Any) -> dict[str, Any]:
@@ -340,10 +383,10 @@ def collect(database_url: str, period: Period, workers: int = 2) -> Aggregates:
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         _session(conn)
         conn.execute(CREATE_HOURS)
-        participant = _participant_clause(conn, period)
-        policies = _fetch(conn, POLICIES, params(period))
+        clauses = _participant_clauses(conn, period)
+        policies = _fetch(conn, sql.SQL(POLICIES).format(participant=clauses.policies), params(period))
         snapshot = str(conn.execute("SELECT pg_export_snapshot()").fetchone()[0])  # type: ignore[index]
-        _fill_hours(conn, database_url, snapshot, _passes(policies, participant, period), workers)
+        _fill_hours(conn, database_url, snapshot, _passes(policies, clauses.states, period), workers)
         conn.execute("SET LOCAL enable_sort = on")
         p = params(period)
         return Aggregates(
@@ -355,11 +398,11 @@ def collect(database_url: str, period: Period, workers: int = 2) -> Aggregates:
             months=_fetch(conn, MONTHS, p),
             changes=_fetch(conn, CHANGES, p),
             gaps=_fetch(conn, GAPS, p),
-            alerts=_fetch(conn, ALERTS, p),
+            alerts=_fetch(conn, sql.SQL(ALERTS).format(participant=clauses.alerts), p),
         )
 
 
-def _fetch(conn: psycopg.Connection[Any], query: bytes, values: dict[str, Any]) -> Rows:
+def _fetch(conn: psycopg.Connection[Any], query: bytes | sql.Composed, values: dict[str, Any]) -> Rows:
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(query, values)
         return cur.fetchall()

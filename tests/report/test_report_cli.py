@@ -111,37 +111,45 @@ def test_a_known_policy_without_snapshots_in_the_period_is_ranked_unknown_with_n
     assert "<svg" not in html
 
 
-def test_participant_is_refused_while_the_history_has_no_participant_column(
-    run_report: RunReport, migrated_url: str, tmp_path: Path
-) -> None:
-    code, err = run_report("--database-url", migrated_url, "--participant", "12345678")
-    assert code == 2
-    assert one_line(err) == (
-        "dict-rate-limit report: --participant: dict_rate_limit_states has no participant column (one "
-        "database holds one participant's history today); run without --participant"
-    )
+def _split_between_two_participants(database_url: str, first_until: datetime) -> None:
+    """The history as a two-participant exporter writes it (sql/0008): bank-a's rows, then bank-b's."""
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "UPDATE dict_rate_limit_states SET participant = CASE WHEN response_time < %s"
+            " THEN 'bank-a' ELSE 'bank-b' END",
+            [first_until],
+        )
+        conn.execute("CREATE TEMPORARY TABLE copied AS SELECT * FROM dict_rate_limit_policies")
+        conn.execute("UPDATE copied SET participant = 'bank-b'")
+        conn.execute("UPDATE dict_rate_limit_policies SET participant = 'bank-a'")
+        conn.execute("INSERT INTO dict_rate_limit_policies SELECT * FROM copied")
 
 
-def test_participant_filters_once_the_history_has_a_participant_column(
-    migrated_url: str, report_json: Callable[..., dict[str, Any]]
+def test_several_participants_are_reported_one_at_a_time(
+    run_report: RunReport, migrated_url: str, report_json: Callable[..., dict[str, Any]]
 ) -> None:
     since, until = datetime(2026, 2, 1, tzinfo=UTC), datetime(2026, 2, 2, tzinfo=UTC)
     write_history(migrated_url, {WRITE: SCENARIO[WRITE]}, since, until)
-    with psycopg.connect(migrated_url) as conn:
-        conn.execute(
-            "ALTER TABLE dict_rate_limit_states ADD COLUMN participant_ispb text NOT NULL DEFAULT ''"
-        )
-        conn.execute(
-            "UPDATE dict_rate_limit_states SET participant_ispb = CASE WHEN response_time < %s"
-            " THEN '11111111' ELSE '22222222' END",
-            [datetime(2026, 2, 1, 6, tzinfo=UTC)],
-        )
     period = ("--since", "2026-02-01", "--until", "2026-02-02")
-    (first,) = report_json(migrated_url, *period, "--participant", "11111111")["policies"]
-    assert first["coverage"]["samples"] == 6 * 120
-    (second,) = report_json(migrated_url, *period, "--participant", "22222222")["policies"]
-    assert second["coverage"]["samples"] == 18 * 120
+    # One participant ('' : a single-participant exporter): no flag needed.
     assert report_json(migrated_url, *period)["policies"][0]["coverage"]["samples"] == 24 * 120
+    _split_between_two_participants(migrated_url, datetime(2026, 2, 1, 6, tzinfo=UTC))
+    (first,) = report_json(migrated_url, *period, "--participant", "bank-a")["policies"]
+    assert first["coverage"]["samples"] == 6 * 120
+    (second,) = report_json(migrated_url, *period, "--participant", "bank-b")["policies"]
+    assert second["coverage"]["samples"] == 18 * 120
+    code, err = run_report("--database-url", migrated_url, *period)
+    assert code == 2
+    assert one_line(err) == (
+        "dict-rate-limit report: --participant: the history of the period holds 2 participants "
+        "('bank-a', 'bank-b'): choose one with --participant NAME"
+    )
+    code, err = run_report("--database-url", migrated_url, *period, "--participant", "bank-c")
+    assert code == 2
+    assert one_line(err) == (
+        "dict-rate-limit report: --participant: no participant 'bank-c' in the period "
+        "(known: 'bank-a', 'bank-b')"
+    )
 
 
 def test_an_unwritable_output_is_one_line_and_exit_1(
