@@ -22,6 +22,7 @@ from exporter import config, logsetup
 from exporter.config import ConfigError, ExporterSettings
 from exporter.service import exposition
 from exporter.service.app import ExporterService
+from exporter.simulator.scenario import parse_scenario
 from exporter.simulator.server import SimulatorServer
 from tests.service.test_exporter_service import Running, settings_for
 from tests.support.env import require_binary
@@ -485,3 +486,50 @@ async def test_a_restart_remembers_each_participants_policies_apart(
 
 async def _rows_at_least(running: Running, rows: int) -> bool:
     return (await running.value("dict_rate_limit_history_rows_written_total") or 0) >= rows
+
+
+# --- one Bridge serving several participants (PI-RequestingParticipant), the usual direct-participant case
+
+ONE_BRIDGE_TWO_ISPBS = """
+participants:
+  - ispb: "11111111"
+    category: A
+    traffic: {ENTRIES_READ_PARTICIPANT_ANTISCAN: {rate: 600, not_found: 0.5}}
+  - ispb: "22222222"
+    category: H
+"""
+
+
+async def test_one_bridge_serves_two_participants_apart_by_their_ispb(start: Any, tmp_path: Path) -> None:
+    bridge = SimulatorServer(scenario=parse_scenario(ONE_BRIDGE_TWO_ISPBS, "two.yaml"), seed=3)
+    await bridge.start()
+    try:
+        document = two_participants(bridge.address, bridge.address)
+        document["participants"][0]["participant_ispb"] = "11111111"
+        document["participants"][1]["participant_ispb"] = "22222222"
+        running = await start(load(tmp_path, document))
+        await running.until(lambda: _both_polled(running))
+        capacity = "dict_rate_limit_capacity"
+        antiscan = "ENTRIES_READ_PARTICIPANT_ANTISCAN"
+        a = frozenset({("participant", "bank-a"), ("endpoint_id", antiscan), ("psp_category", "A")})
+        h = frozenset({("participant", "bank-b"), ("endpoint_id", antiscan), ("psp_category", "H")})
+        answers = "dict_rate_limit_dict_responses_total"
+        a404 = frozenset({*a, ("code", "404")})
+        h404 = frozenset({*h, ("code", "404")})
+
+        async def lookups_counted() -> bool:
+            return (await running.samples()).get((answers, a404), 0) > 0
+
+        await running.until(lookups_counted)
+        samples = await running.samples()
+        # Each participant's own category and buckets, from the one address.
+        assert samples[(capacity, a)] > samples[(capacity, h)]
+        # Only bank-a has lookup traffic: none of its 404s is counted under bank-b.
+        assert samples[(answers, a404)] > 0
+        assert samples[(answers, h404)] == 0
+        async with running.http.get(running.base + "/api/v1/policies") as response:
+            body = await response.json()
+        ispbs = {name: p["participant_ispb"] for name, p in body["participants"].items()}
+        assert ispbs == {"bank-a": "11111111", "bank-b": "22222222"}
+    finally:
+        await bridge.stop()
