@@ -38,6 +38,7 @@ from devstack.demo import EventTail
 from devstack.embedded import EmbeddedPulsar
 from devstack.processes import http_json
 from devstack.stack import Stack, Timings
+from tests.plugins.fix_db import ONE_SERVER
 from tests.support.env import require_binary
 from tests.support.stack import POLICY, ThreadedSimulator, prom_query, wait_for
 
@@ -90,6 +91,7 @@ def alert_rows(database_url: str) -> list[tuple[str, str, str | None]]:
     return [(str(r[0]), str(r[1]), r[2]) for r in rows]
 
 
+@ONE_SERVER
 def test_threshold_crossing_reaches_pulsar_within_its_longest_waits_and_recovery_resolves_it(
     tmp_path: Path, database_url: str, pulsar_broker: EmbeddedPulsar, simulator: ThreadedSimulator
 ) -> None:

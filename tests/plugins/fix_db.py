@@ -26,6 +26,13 @@ def embedded_pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str
     server.stop()
 
 
+#: For the long tests about something else than PostgreSQL (Alertmanager clustering, process kills, fuzzing,
+#: broker outages, the demo's end-to-end path): one server, the embedded one every machine has, instead of
+#: both. Every storage behaviour they rely on is tested on both servers by the history and receiver tests;
+#: running these twice cost about 2.5 minutes of CI for nothing they check.
+ONE_SERVER = pytest.mark.parametrize("pg_server", ["embedded"], indirect=True)
+
+
 def _server_params() -> list[str]:
     # Both servers in CI when the machine has one: the embedded server always, DATABASE_URL when given.
     return ["embedded", "external"] if os.environ.get("DATABASE_URL") else ["embedded"]

@@ -17,6 +17,7 @@ import yaml
 
 from devstack.embedded import EmbeddedPulsar, free_port
 from exporter.receiver.metrics import ReceiverMetrics
+from tests.plugins.fix_db import ONE_SERVER
 from tests.receiver.test_receiver_alertmanager import (
     LABELS,
     alertmanager_config,
@@ -80,6 +81,7 @@ def deliveries(metrics: list[ReceiverMetrics]) -> float:
     return sum(sample(m, status="200") for m in metrics)
 
 
+@ONE_SERVER
 async def test_two_clustered_alertmanagers_record_each_change_once_and_publish_it_once(
     tmp_path: Path, database_url: str, pulsar_broker: EmbeddedPulsar
 ) -> None:

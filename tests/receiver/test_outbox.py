@@ -26,6 +26,7 @@ from exporter.receiver.outbox import OutboxRelay, RelayTuning
 from exporter.receiver.payload import parse_payload
 from exporter.receiver.publisher import PulsarPublisher
 from exporter.receiver.store import record_alerts
+from tests.plugins.fix_db import ONE_SERVER
 from tests.receiver.test_receiver_process import post, receiver_env, receiver_process
 from tests.support.env import ROOT
 from tests.support.receiver import TOKEN, EventConsumer, alert, migrate, payload, rows, unique_topic
@@ -147,6 +148,7 @@ async def test_relay_publishes_in_order_per_policy_with_key_properties_and_marks
     assert metrics.registry.get_sample_value("dict_rate_limit_pulsar_publish_duration_seconds_count") == 24
 
 
+@ONE_SERVER
 async def test_events_committed_while_the_broker_is_down_are_all_delivered_in_order_after_it_returns(
     database_url: str, pulsar_broker: EmbeddedPulsar, topic: str, consumer: EventConsumer
 ) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 from devstack.embedded import EmbeddedPulsar
 from exporter.receiver.identity import label_fingerprint
 from exporter.receiver.metrics import ReceiverMetrics
+from tests.plugins.fix_db import ONE_SERVER
 from tests.receiver.test_event_values import store_snapshot
 from tests.receiver.test_receiver_alertmanager import (
     alertmanager_config,
@@ -45,6 +46,7 @@ def replica_copy(
     return body
 
 
+@ONE_SERVER
 async def test_two_prometheus_replicas_give_one_row_and_one_event_per_change(
     tmp_path: Path, database_url: str, pulsar_broker: EmbeddedPulsar
 ) -> None:

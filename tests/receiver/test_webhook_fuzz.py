@@ -19,6 +19,7 @@ from exporter.config import ReceiverSettings
 from exporter.receiver.metrics import ReceiverMetrics
 from exporter.receiver.payload import PayloadError, parse_payload
 from exporter.receiver.webhook import create_app
+from tests.plugins.fix_db import ONE_SERVER
 from tests.support.receiver import AUTH, TOKEN, alert, migrate, payload, rows
 
 MakeClient = Callable[..., Awaitable[TestClient[Any, Any]]]
@@ -222,6 +223,7 @@ async def _raw_post(client: TestClient[Any, Any], authorization: bytes, body: by
     return status_line.split()[1]
 
 
+@ONE_SERVER
 async def test_fuzzed_payloads_never_get_a_5xx_and_every_rejection_has_a_reason(
     aiohttp_client: MakeClient, database_url: str
 ) -> None:

@@ -22,6 +22,7 @@ import pytest
 
 from exporter.history import migrations
 from exporter.service.leader import LeaseTiming
+from tests.plugins.fix_db import ONE_SERVER
 from tests.support.replicas import (
     POLICIES,
     Call,
@@ -115,6 +116,7 @@ def consumed_total(replica: Replica) -> float:
     return sum(policy["consumed_tokens_total"] for policy in body["policies"]) if body else -1.0
 
 
+@ONE_SERVER
 def test_three_replicas_poll_once_per_interval_through_a_sigkill_and_a_sigstop_of_the_leader(
     database_url: str, tmp_path: Path, bridge: CountingBridge, replicas: list[Replica]
 ) -> None:
