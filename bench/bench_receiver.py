@@ -2,6 +2,12 @@
 handler (one INSERT of the body, committed, then 200) on the same PostgreSQL with the same pool size, in
 interleaved rounds; then the outbox relay to Pulsar.
 
+A third server, the data model's floor, writes the rows the receiver must write for new alerts (an alert
+row and its ``created`` outbox row, in copies of the two tables with the same indexes) plainly: one
+autocommitted statement per notification, no validation, no locks, no episode look-up. The receiver's
+ratio to it is the cost of its checks and lifecycle; the floor's ratio to the limit is the cost of the
+rows themselves.
+
     python -m bench.bench_receiver [--quick] [--rounds 3] [--seconds 2] [--database-url URL]
 
 Real parts only: an embedded PostgreSQL (fsync and synchronous_commit on, printed) unless --database-url,
@@ -50,6 +56,39 @@ SERIES_PREFIX = b"dict_rate_limit_alerts_created_total{"
 BASELINE_TABLE = (
     b"CREATE TABLE IF NOT EXISTS bench_notifications (id bigserial PRIMARY KEY, body jsonb NOT NULL)"
 )
+#: The floor's tables: the receiver's two tables with their indexes, defaults and checks (no triggers).
+FLOOR_TABLES = (
+    "CREATE TABLE bench_alerts (LIKE dict_rate_limit_alerts INCLUDING ALL)",
+    "CREATE TABLE bench_outbox (LIKE dict_rate_limit_alert_outbox INCLUDING ALL,"
+    " FOREIGN KEY (alert_id) REFERENCES bench_alerts (id) ON DELETE CASCADE)",
+)
+#: A notification's new alerts as rows, with no check: what recording them costs PostgreSQL at the least.
+FLOOR_INSERT = b"""
+WITH alerts AS (
+    INSERT INTO bench_alerts (fingerprint, alert_name, severity, endpoint_id, psp_category, status, starts_at,
+                              summary, labels, annotations, payload, generator_url)
+    SELECT e ->> 'fingerprint', e -> 'labels' ->> 'alertname', e -> 'labels' ->> 'severity',
+           e -> 'labels' ->> 'endpoint_id', e -> 'labels' ->> 'psp_category', e ->> 'status',
+           (e ->> 'startsAt')::timestamptz, e -> 'annotations' ->> 'summary', e -> 'labels',
+           e -> 'annotations', e, e ->> 'generatorURL'
+      FROM jsonb_array_elements(%s::jsonb -> 'alerts') e
+    RETURNING id, fingerprint, starts_at)
+INSERT INTO bench_outbox (event_id, alert_id, event_type)
+SELECT dict_rate_limit_alert_event_id(fingerprint, starts_at, 'rate_limit.alert.created'), id,
+       'rate_limit.alert.created'
+  FROM alerts
+"""
+BASELINE_INSERT = b"INSERT INTO bench_notifications (body) VALUES (%s::jsonb)"
+#: A recent snapshot of each policy the alerts name, as in production (an alert comes from a policy the
+#: exporter stores): the receiver's look-up of the bucket values finds it in the newest partition.
+SNAPSHOTS = """
+INSERT INTO dict_rate_limit_states (endpoint_id, psp_category, available_tokens, capacity, refill_tokens,
+            refill_period_sec, utilization_percent, remaining_ratio, recovery_eta_seconds, response_time)
+SELECT 'POLICY_' || g, 'A', 100, 36000, 1200, 60, 99.7, 0.003, 1795, now() - interval '10 seconds'
+  FROM generate_series(0, 39) g
+"""
+KINDS = ("receiver", "floor", "baseline")
+ROLES = {"receiver": "project", "floor": "floor", "baseline": "limit"}
 
 
 def _serve(kind: str, port: int, database_url: str, pool: int) -> None:
@@ -61,12 +100,13 @@ def _serve(kind: str, port: int, database_url: str, pool: int) -> None:
         )
         app = create_app(settings, relay=None, include_ops=kind == "scraped")
     else:
-        app = _baseline_app(database_url, pool)
+        app = _baseline_app(database_url, pool, FLOOR_INSERT if kind == "floor" else None)
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 
 
-def _baseline_app(database_url: str, size: int) -> web.Application:
-    """What durability costs at the least: the body stored in one autocommitted INSERT before the 200."""
+def _baseline_app(database_url: str, size: int, statement: bytes | None = None) -> web.Application:
+    """What durability costs at the least: the body stored in one autocommitted INSERT before the 200;
+    with ``statement``, that statement instead, the body its one parameter (the floor)."""
     from psycopg_pool import AsyncConnectionPool
 
     state: dict[str, Any] = {}
@@ -83,7 +123,7 @@ def _baseline_app(database_url: str, size: int) -> web.Application:
     async def handle(request: web.Request) -> web.Response:
         body = await request.read()
         async with state["pool"].connection() as conn:
-            await conn.execute(b"INSERT INTO bench_notifications (body) VALUES (%s::jsonb)", [body.decode()])
+            await conn.execute(statement or BASELINE_INSERT, [body.decode()])
         return web.json_response({"status": "ok"})
 
     app = web.Application(client_max_size=64 * 2**20)
@@ -190,12 +230,12 @@ def _postgres_pids(data_directory: Path) -> list[int]:
 
 
 def cpu_figure(servers: Servers, data_directory: Path, args: argparse.Namespace) -> None:
-    """CPU per alert, in the server's process and in PostgreSQL, for the receiver and the baseline: what
-    the throughput ratio is made of, measured the same on a loaded or an idle machine."""
+    """CPU per alert, in the server's process and in PostgreSQL, for the receiver, the floor and the
+    baseline: what the throughput ratio is made of, measured the same on a loaded or an idle machine."""
     senders, per_request = args.pool, 10
-    for kind in ("receiver", "baseline"):
+    for kind in KINDS:
         asyncio.run(_load(servers.ports[kind], 0.3, senders, per_request))
-    spent: dict[str, list[tuple[float, float, int]]] = {"receiver": [], "baseline": []}
+    spent: dict[str, list[tuple[float, float, int]]] = {kind: [] for kind in KINDS}
     for index in range(args.rounds):
         for kind in rotated(list(spent), index):
             server = [servers.pids[kind]]
@@ -214,15 +254,20 @@ def cpu_figure(servers: Servers, data_directory: Path, args: argparse.Namespace)
             f"  {kind:9s} server process {server:6.1f} us, PostgreSQL {postgres:6.1f} us,"
             f" total {server + postgres:6.1f} us"
         )
-    print(f"  total CPU per alert, baseline / receiver: {per_alert['baseline'] / per_alert['receiver']:.2f}x")
+    baseline = per_alert["baseline"]
+    print(
+        f"  total CPU per alert, baseline / receiver: {baseline / per_alert['receiver']:.2f}x,"
+        f" baseline / floor: {baseline / per_alert['floor']:.2f}x,"
+        f" floor / receiver: {per_alert['floor'] / per_alert['receiver']:.2f}x"
+    )
 
 
 class Servers:
-    """The receiver, the scraped receiver and the baseline, all running for the whole benchmark (measured
-    one at a time). The scraped one has its own process, so its label sets start empty."""
+    """The receiver, the scraped receiver, the floor and the baseline, all running for the whole benchmark
+    (measured one at a time). The scraped one has its own process, so its label sets start empty."""
 
     def __init__(self, database_url: str, pool: int) -> None:
-        self.ports = {"receiver": free_port(), "baseline": free_port(), "scraped": free_port()}
+        self.ports = {kind: free_port() for kind in (*KINDS, "scraped")}
         self.pids: dict[str, int] = {}
         context = multiprocessing.get_context("spawn")
         self.processes = [
@@ -245,12 +290,13 @@ class Servers:
 
 
 def figure(servers: Servers, title: str, cases: list[tuple[int, int]], args: argparse.Namespace) -> list[Row]:
-    """Rows of one figure: each case (senders, alerts per request) as receiver vs baseline, interleaved."""
+    """Rows of one figure: each case (senders, alerts per request) as receiver, floor and baseline,
+    interleaved; the receiver's details give its ratio to the floor too."""
     rows: list[Row] = []
     for senders, per_request in cases:
-        for kind in ("receiver", "baseline"):  # warm-up: connections opened, code paths loaded
+        for kind in KINDS:  # warm-up: connections opened, code paths loaded
             asyncio.run(_load(servers.ports[kind], 0.3, senders, per_request))
-        results: dict[str, list[dict[str, Any]]] = {"receiver": [], "baseline": []}
+        results: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KINDS}
         for index in range(args.rounds):
             for kind in rotated(list(results), index):
                 results[kind].append(
@@ -261,13 +307,16 @@ def figure(servers: Servers, title: str, cases: list[tuple[int, int]], args: arg
             latencies = [x for r in runs for x in r["latencies"]]
             failures = sum(r["failures"] for r in runs)
             goal = "goal >= 0.8x" if kind == "receiver" and per_request == 10 else ""
+            details = latency_text(latencies) + (f", {failures} FAILED requests" if failures else "")
+            if kind == "receiver":
+                details += f"; {Ratio.of(rates['receiver'], rates['floor'])} of the floor"
             rows.append(
                 Row(
-                    "project" if kind == "receiver" else "limit",
+                    ROLES[kind],
                     f"{kind}, {senders} senders x {per_request} alerts",
                     f"{sorted(rates[kind])[len(rates[kind]) // 2]:,.0f}/s",
-                    Ratio.of(rates["receiver"], rates["baseline"]) if kind == "receiver" else None,
-                    latency_text(latencies) + (f", {failures} FAILED requests" if failures else ""),
+                    None if kind == "baseline" else Ratio.of(rates[kind], rates["baseline"]),
+                    details,
                     goal,
                 )
             )
@@ -411,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
             database_url = _fresh_database(admin)
             with psycopg.connect(database_url, autocommit=True) as conn:
                 conn.execute(BASELINE_TABLE)
+                for statement in (*FLOOR_TABLES, SNAPSHOTS):
+                    conn.execute(statement.encode())
                 known = conn.execute(
                     "SELECT count(DISTINCT endpoint_id) FROM dict_rate_limit_policies"
                 ).fetchone()
@@ -432,8 +483,8 @@ def main(argv: list[str] | None = None) -> int:
                     cpu_figure(servers, embedded.directory, args)
                 figure(
                     servers,
-                    f"receiver vs minimal durable handler by alerts per request ({args.pool} senders,"
-                    f" {args.rounds} interleaved rounds x {args.seconds:g} s)",
+                    f"receiver, data model floor and minimal durable handler by alerts per request"
+                    f" ({args.pool} senders, {args.rounds} interleaved rounds x {args.seconds:g} s)",
                     [(args.pool, 1), (args.pool, 10), (args.pool, 100)],
                     args,
                 )
