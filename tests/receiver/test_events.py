@@ -185,6 +185,48 @@ def test_python_event_id_equals_the_one_postgresql_assigns(database_url: str) ->
     assert got == (event_id_for("fp1", STARTS, RESOLVED),)
 
 
+#: 0003's body of dict_rate_limit_alert_event_id(), the ids every event published so far carries.
+ORIGINAL_EVENT_ID = (
+    "md5(fp || '|' || (extract(epoch FROM ts) * 1000000)::bigint::text || '|rate_limit.alert.created')::uuid"
+)
+#: 50,000 instants 20,011.123457 s apart from 2000-01-01 (to 2031), microseconds included.
+INSTANTS = (
+    "SELECT md5(g::text) AS fp,"
+    " timestamptz '2000-01-01 00:00:00+00' + g * interval '20011.123457 seconds' AS ts"
+    " FROM generate_series(1, 50000) g"
+)
+
+
+def test_the_event_id_function_is_inlined_and_gives_the_ids_of_0003_in_any_time_zone(
+    database_url: str,
+) -> None:
+    migrate(database_url)
+    with psycopg.connect(database_url) as conn:
+        plan = conn.execute(
+            "EXPLAIN VERBOSE SELECT dict_rate_limit_alert_event_id(md5(g::text), now(), 'x')"
+            " FROM generate_series(1, 2) g"
+        ).fetchall()
+        # Inlined (sql/0010): the plan holds the body's md5, not a call of the SQL function.
+        assert "dict_rate_limit_alert_event_id" not in str(plan)
+        assert "md5" in str(plan)
+        for zone in ("UTC", "America/Sao_Paulo", "Pacific/Chatham"):
+            conn.execute(psycopg.sql.SQL("SET TimeZone = {}").format(psycopg.sql.Literal(zone)))
+            differ = conn.execute(
+                f"SELECT count(*) FROM ({INSTANTS}) t"  # noqa: S608 - constants of this module
+                f" WHERE dict_rate_limit_alert_event_id(fp, ts, 'rate_limit.alert.created')"
+                f" <> {ORIGINAL_EVENT_ID}"
+            ).fetchone()
+            assert differ == (0,), zone
+        sample = conn.execute(
+            f"SELECT fp, ts, dict_rate_limit_alert_event_id(fp, ts, %s) FROM ({INSTANTS}) t"  # noqa: S608
+            " WHERE extract(microseconds FROM ts)::bigint %% 1000000 <> 0 LIMIT 5",
+            [CREATED],
+        ).fetchall()
+    assert len(sample) == 5
+    for fingerprint, starts_at, got in sample:
+        assert got == event_id_for(fingerprint, starts_at, CREATED)
+
+
 def test_participant_is_the_last_field_and_a_property_only_when_set() -> None:
     single = AlertEvent.from_row(row())
     assert single.to_dict()["participant"] is None
