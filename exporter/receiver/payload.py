@@ -300,8 +300,10 @@ def _shallow(document: Any) -> None:
         item, depth = stack.pop()
         if depth > MAX_DEPTH:
             raise PayloadError("", f"body is nested deeper than {MAX_DEPTH} levels", "invalid_field")
-        children = item.values() if isinstance(item, dict) else item
-        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+        # json.loads makes exact dicts and lists: `type() is` is a third of isinstance's cost here.
+        for child in item.values() if type(item) is dict else item:
+            if type(child) is dict or type(child) is list:
+                stack.append((child, depth + 1))
 
 
 def parse_payload(
