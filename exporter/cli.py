@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from exporter import __version__, config, logsetup
@@ -42,6 +44,49 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Write the capacity-planning report (HTML or JSON) from the PostgreSQL history.",
     ),
 }
+
+
+DEMO_HELP = "Start the whole stack on embedded defaults and show it working (from a checkout: make demo)."
+
+
+def _add_demo_parser(sub: Any) -> None:
+    # The demo stack (devstack/) is not shipped: this subcommand only finds it in a checkout and hands
+    # over to `python -m devstack demo`, which validates these options itself.
+    demo = sub.add_parser("demo", help=DEMO_HELP, description=DEMO_HELP)
+    demo.add_argument("--state-dir", help="Directory holding what the demo starts (default .state/demo).")
+    demo.add_argument("--duration", help="Stop after this many seconds; 0 (default) runs until Ctrl-C.")
+
+
+def demo_checkout(candidates: Sequence[Path]) -> Path | None:
+    """The first candidate directory holding the dev stack (a checkout of the repository), if any."""
+    return next((root for root in candidates if (root / "devstack" / "__main__.py").is_file()), None)
+
+
+def run_demo(args: argparse.Namespace, candidates: Sequence[Path] | None = None) -> int:
+    """``dict-rate-limit demo``: becomes ``python -m devstack demo`` when a checkout is found, else exit 2.
+
+    A checkout is looked for in ``candidates``: by default the working directory and the directory an
+    editable install points into (the installed package's parent).
+    """
+    if candidates is None:
+        installed = Path(importlib.import_module("exporter").__file__ or ".").resolve().parent.parent
+        candidates = [Path.cwd(), installed]
+    root = demo_checkout(candidates)
+    if root is None:
+        print(
+            "dict-rate-limit demo: the demo stack (devstack/) is not part of the installed package:"
+            " run `make demo` in a checkout of the repository",
+            file=sys.stderr,
+        )
+        return 2
+    argv = [sys.executable, "-m", "devstack", "demo"]
+    for flag, value in (("--state-dir", args.state_dir), ("--duration", args.duration)):
+        if value is not None:
+            argv += [flag, value]
+    path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    # Replaced, not spawned: SIGTERM and Ctrl-C reach the demo itself, and its exit code is ours.
+    os.execve(sys.executable, argv, {**os.environ, "PYTHONPATH": path})  # noqa: S606 - our own interpreter
+    return 0  # not reached
 
 
 def _add_rules_parser(parser: argparse.ArgumentParser) -> None:
@@ -98,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
         if name == "report":
             _add_report_flags(command_parser)
+    _add_demo_parser(sub)
     check = sub.add_parser(
         "check-config",
         help="Validate the configuration of a command and print it.",
@@ -137,6 +183,8 @@ def _report_options(args: argparse.Namespace) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        return run_demo(args)
     return _run_rules(args) if args.command == "rules" else _run(args)
 
 
