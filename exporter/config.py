@@ -275,6 +275,28 @@ def _opt_urls(raw: Any) -> str | None:
     return value
 
 
+def _pulsar_url(raw: Any) -> str:
+    """A Pulsar service URL the client takes: pulsar://, pulsar+ssl://, http(s)://; one or more hosts."""
+    value = _str(raw)
+    if not re.fullmatch(r"(pulsar|pulsar\+ssl|https?)://[^/\s,]+(,[^/\s,]+)*/?", value):
+        raise ValueError(
+            f"must be pulsar://HOST:PORT (or pulsar+ssl://, http(s)://; hosts comma-separated) (got {raw!r})"
+        )
+    return value
+
+
+def _pulsar_topic(raw: Any) -> str:
+    """A topic Pulsar accepts: persistent://tenant/namespace/topic, non-persistent://..., or a short name."""
+    value = _str(raw)
+    domain, sep, rest = value.rpartition("://")
+    parts = (rest if sep else value).split("/")
+    complete = domain in {"persistent", "non-persistent"} and len(parts) in (3, 4)
+    short = not sep and len(parts) in (1, 3)
+    if not (complete or short) or not all(parts) or any(c.isspace() for c in value):
+        raise ValueError(f"must be persistent://TENANT/NAMESPACE/TOPIC (got {raw!r})")
+    return value
+
+
 def _host_port_or_none(raw: Any) -> str | None:
     return _host_port(raw) if _str(raw) else None
 
@@ -558,8 +580,8 @@ class ReceiverKeys(_Keys):
 
 @dataclass(frozen=True)
 class PulsarKeys(_Keys):
-    pulsar_url: str = key("pulsar://127.0.0.1:6650", _str, "Pulsar service URL.")
-    pulsar_topic: str = key(DEFAULT_PULSAR_TOPIC, _str, "Topic alert events are published to.")
+    pulsar_url: str = key("pulsar://127.0.0.1:6650", _pulsar_url, "Pulsar service URL.")
+    pulsar_topic: str = key(DEFAULT_PULSAR_TOPIC, _pulsar_topic, "Topic alert events are published to.")
     pulsar_auth_token: str | None = key(
         None, _opt_str, "Pulsar JWT token, if the broker requires one.", secret=True
     )

@@ -164,6 +164,42 @@ def test_check_config_exits_2_with_one_line_naming_the_key() -> None:
     ]
 
 
+_RECEIVER = {"DATABASE_URL": "postgresql:///x", "WEBHOOK_BEARER_TOKEN": "t"}
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("PULSAR_URL", "pulsar-broker:6650"),
+        ("PULSAR_URL", "ftp://broker:6650"),
+        ("PULSAR_URL", ""),
+        ("PULSAR_TOPIC", ""),
+        ("PULSAR_TOPIC", "persistent://lb-conn/rate-limit-alerts"),
+        ("PULSAR_TOPIC", "kafka://lb-conn/dict/rate-limit-alerts"),
+    ],
+)
+def test_a_malformed_pulsar_url_or_topic_exits_2_naming_the_key(key: str, value: str) -> None:
+    # These used to start the receiver, which then logged "Pulsar unavailable" forever.
+    done = _cli("check-config", "receiver", env={**_RECEIVER, key: value})
+    assert done.returncode == 2, done.stdout
+    assert done.stderr.startswith(f"dict-rate-limit check-config: invalid configuration: {key}: must be ")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("PULSAR_URL", "pulsar+ssl://a:6651,b:6651"),
+        ("PULSAR_URL", "http://pulsar-broker:8080"),
+        ("PULSAR_TOPIC", "non-persistent://lb-conn/dict/rate-limit-alerts"),
+        ("PULSAR_TOPIC", "rate-limit-alerts"),
+    ],
+)
+def test_every_pulsar_url_and_topic_form_the_client_takes_is_accepted(key: str, value: str) -> None:
+    done = _cli("check-config", "receiver", env={**_RECEIVER, key: value})
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)[key] == value
+
+
 def test_check_config_refuses_an_interval_that_would_drain_policies_list() -> None:
     done = _cli("check-config", "exporter", env={"POLL_INTERVAL_SECONDS": "10"})
     assert done.returncode == 2
