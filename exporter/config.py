@@ -834,7 +834,11 @@ def _yaml_document(path: str | None) -> dict[Any, Any]:
     except OSError as exc:
         raise ConfigError("CONFIG_FILE", f"cannot read {path!r}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError("CONFIG_FILE", f"{path!r} is not valid YAML: {exc}") from None
+        # One line, as every configuration error: the line number and PyYAML's short "problem".
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ConfigError("CONFIG_FILE", f"{path!r} is not valid YAML{where}: {problem}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):

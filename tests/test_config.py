@@ -84,6 +84,18 @@ def test_an_unknown_yaml_key_is_refused(tmp_path: Path) -> None:
         config.load("exporter", flags={"config_file": str(file)}, environ={})
 
 
+def test_a_config_file_that_is_not_yaml_exits_2_with_one_line_and_its_line_number(tmp_path: Path) -> None:
+    file = tmp_path / "config.yaml"
+    file.write_text("poll_interval_seconds: 60\nmetrics_port: [9090\n")
+    done = _cli("check-config", "exporter", "--config.file", str(file))
+    assert done.returncode == 2
+    # PyYAML's own message spans several lines (context, a caret): it used to be printed as it is.
+    assert done.stderr.strip().splitlines() == [
+        f"dict-rate-limit check-config: invalid configuration: CONFIG_FILE: '{file}' is not valid YAML "
+        "(line 3): expected ',' or ']', but got '<stream end>'"
+    ]
+
+
 def test_secrets_come_from_files_and_are_masked(tmp_path: Path) -> None:
     secret = tmp_path / "db"
     secret.write_text("postgresql://dict:s3cret@db.internal:5432/dict\n")
