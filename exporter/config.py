@@ -297,8 +297,16 @@ def _pulsar_topic(raw: Any) -> str:
     return value
 
 
-def _host_port_or_none(raw: Any) -> str | None:
-    return _host_port(raw) if _str(raw) else None
+def _listen_address_or_none(raw: Any) -> str | None:
+    """HOST:PORT, or :PORT for every interface (what Prometheus exporters' --web.listen-address takes)."""
+    value = _str(raw)
+    if not value:
+        return None
+    try:
+        _host_port(f"0.0.0.0{value}" if value.startswith(":") else value)
+    except ValueError:
+        raise ValueError(f"must be HOST:PORT or :PORT (got {raw!r})") from None
+    return value
 
 
 @dataclass(frozen=True)
@@ -327,8 +335,8 @@ class HttpKeys(_Keys):
     )
     web_listen_address: str | None = key(
         None,
-        _host_port_or_none,
-        "HOST:PORT of the metrics server; overrides LISTEN_HOST and METRICS_PORT "
+        _listen_address_or_none,
+        "HOST:PORT of the metrics server (:PORT: every interface); overrides LISTEN_HOST and METRICS_PORT "
         "for it (the Prometheus exporters' flag).",
         flags=("--web.listen-address",),
     )
@@ -362,7 +370,7 @@ class HttpKeys(_Keys):
         """(host, port) the metrics server binds: WEB_LISTEN_ADDRESS, else LISTEN_HOST and METRICS_PORT."""
         if self.web_listen_address:
             host, _, port = self.web_listen_address.rpartition(":")
-            return host.strip("[]"), int(port)
+            return host.strip("[]") or "0.0.0.0", int(port)
         return self.listen_host, self.metrics_port
 
     def _check(self) -> None:

@@ -330,6 +330,21 @@ def test_prometheus_style_flags_sit_beside_the_seed_variables_and_win_over_them(
     assert config.load("exporter", environ={"METRICS_PORT": "9100"}).metrics_listen == ("0.0.0.0", 9100)
 
 
+def test_web_listen_address_takes_the_exporters_colon_port_form_for_every_interface() -> None:
+    # `--web.listen-address=:9100` is how every Prometheus exporter is started; it used to exit 2.
+    done = _cli("check-config", "exporter", "--web.listen-address=:9100")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["WEB_LISTEN_ADDRESS"] == ":9100"
+    settings = config.load("exporter", environ={"WEB_LISTEN_ADDRESS": ":9100", "LISTEN_HOST": "127.0.0.1"})
+    assert settings.metrics_listen == ("0.0.0.0", 9100)
+    assert settings.listen_host == "127.0.0.1"  # the health port keeps LISTEN_HOST
+    for bad in (":", ":http", "9100"):
+        with pytest.raises(ConfigError) as caught:
+            config.load("exporter", environ={"WEB_LISTEN_ADDRESS": bad})
+        assert caught.value.key == "WEB_LISTEN_ADDRESS"
+        assert caught.value.reason == f"must be HOST:PORT or :PORT (got {bad!r})"
+
+
 def test_help_lists_both_spellings_with_the_variable_and_default() -> None:
     done = _cli("exporter", "--help")
     assert done.returncode == 0
