@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import logging
 import math
 import os
@@ -111,6 +112,24 @@ def _host_port(raw: Any) -> str:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"must be HOST:PORT (got {raw!r})")
+    return value
+
+
+_HOST_LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_HOST_LABEL}(\.{_HOST_LABEL})*\.?")
+
+
+def _listen_host(raw: Any) -> str:
+    """An address to bind: an IP literal or a host name; empty means every interface."""
+    value = _str(raw)
+    if value:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            if not _HOST_NAME.fullmatch(value):
+                raise ValueError(
+                    f"must be an IP address or a host name, without a port (got {raw!r})"
+                ) from None
     return value
 
 
@@ -325,7 +344,9 @@ class LogKeys(_Keys):
 @dataclass(frozen=True)
 class HttpKeys(_Keys):
     listen_host: str = key(
-        "0.0.0.0", _str, "Address the HTTP servers bind (all interfaces by default, as in a container)."
+        "0.0.0.0",
+        _listen_host,
+        "Address the HTTP servers bind (all interfaces by default, as in a container).",
     )
     metrics_port: int = key(9090, _number(int, 0, 65535), "Port of /metrics (and /, /api/v1/policies).")
     health_check_port: int = key(

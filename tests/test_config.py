@@ -345,6 +345,25 @@ def test_web_listen_address_takes_the_exporters_colon_port_form_for_every_interf
         assert caught.value.reason == f"must be HOST:PORT or :PORT (got {bad!r})"
 
 
+@pytest.mark.parametrize("value", ["127.0.0.1:9090", "not a host", "[::1]", "-bad", "a..b"])
+def test_a_listen_host_that_cannot_be_bound_exits_2_naming_the_key(value: str) -> None:
+    # It used to pass, and the command then exited 1 with "cannot start: [Errno -2] Name or service not
+    # known", naming no key (`exporter --listen 127.0.0.1:0`, argparse's abbreviation of --listen-host, too).
+    done = _cli("check-config", "exporter", env={"LISTEN_HOST": value})
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "dict-rate-limit check-config: invalid configuration: LISTEN_HOST: must be an IP address or a host "
+        f"name, without a port (got {value!r})"
+    ]
+
+
+@pytest.mark.parametrize(
+    "value", ["", "0.0.0.0", "127.0.0.1", "::", "::1", "localhost", "exporter.lb-conn.svc"]
+)
+def test_every_bindable_listen_host_is_accepted(value: str) -> None:
+    assert config.load("exporter", environ={"LISTEN_HOST": value}).listen_host == value
+
+
 def test_help_lists_both_spellings_with_the_variable_and_default() -> None:
     done = _cli("exporter", "--help")
     assert done.returncode == 0
