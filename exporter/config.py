@@ -265,10 +265,26 @@ def _require_pair(settings: Any, first: str, second: str, message: str) -> None:
 
 
 def _require_files(settings: Any, *names: str) -> None:
+    """Each named PEM file exists and holds what its key says: a private key (``*_key_file``) or
+    certificates; grpc would only say "Failed to bind" or log "Could not load any root certificate"."""
     for name in names:
         path = getattr(settings, name)
-        if path and not Path(path).is_file():
+        if not path:
+            continue
+        if not Path(path).is_file():
             raise ConfigError(name.upper(), f"file {path!r} does not exist")
+        try:
+            content = Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(name.upper(), f"cannot read {path!r}: {exc.strerror}") from None
+        wanted = (
+            rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----"
+            if name.endswith("_key_file")
+            else rb"-----BEGIN CERTIFICATE-----"
+        )
+        if not re.search(wanted, content):
+            kind = "PEM private key" if name.endswith("_key_file") else "PEM certificate"
+            raise ConfigError(name.upper(), f"file {path!r} holds no {kind}")
 
 
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")

@@ -12,6 +12,7 @@ import pytest
 
 from exporter import config
 from exporter.config import ConfigError, PolicyThreshold, check_budget, warn_about_budget
+from tests.support.certs import make_pki
 
 RECEIVER_ENV = {"DATABASE_URL": "postgresql:///x", "WEBHOOK_BEARER_TOKEN": "t"}
 
@@ -362,6 +363,54 @@ def test_a_listen_host_that_cannot_be_bound_exits_2_naming_the_key(value: str) -
 )
 def test_every_bindable_listen_host_is_accepted(value: str) -> None:
     assert config.load("exporter", environ={"LISTEN_HOST": value}).listen_host == value
+
+
+@pytest.mark.parametrize(
+    ("command", "environ", "key", "kind"),
+    [
+        ("exporter", {"BRIDGE_TLS_CA_FILE": "{junk}"}, "BRIDGE_TLS_CA_FILE", "PEM certificate"),
+        (
+            "exporter",
+            {"BRIDGE_TLS_CERT_FILE": "{pki.client_cert}", "BRIDGE_TLS_KEY_FILE": "{pki.client_cert}"},
+            "BRIDGE_TLS_KEY_FILE",
+            "PEM private key",
+        ),
+        (
+            "simulator",
+            {"SIMULATOR_TLS_CERT_FILE": "{junk}", "SIMULATOR_TLS_KEY_FILE": "{pki.server_key}"},
+            "SIMULATOR_TLS_CERT_FILE",
+            "PEM certificate",
+        ),
+        (
+            "receiver",
+            {
+                "DATABASE_URL": "postgresql:///x",
+                "WEBHOOK_BEARER_TOKEN": "t",
+                "RECEIVER_TLS_CERT_FILE": "{pki.server_cert}",
+                "RECEIVER_TLS_KEY_FILE": "{junk}",
+            },
+            "RECEIVER_TLS_KEY_FILE",
+            "PEM private key",
+        ),
+    ],
+)
+def test_a_tls_file_that_is_not_the_pem_it_should_be_exits_2_naming_the_key(
+    tmp_path: Path, command: str, environ: dict[str, str], key: str, kind: str
+) -> None:
+    # It used to pass: the exporter then polled for ever with grpc's "Could not load any root certificate"
+    # on stderr, and the simulator exited 1 with "cannot listen on ...: Failed to bind".
+    pki = make_pki(tmp_path)
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    env = {name: value.format(pki=pki, junk=junk) for name, value in environ.items()}
+    done = _cli("check-config", command, env=env)
+    assert done.returncode == 2
+    path = env[key]
+    assert done.stderr.strip().splitlines() == [
+        f"dict-rate-limit check-config: invalid configuration: {key}: file {path!r} holds no {kind}"
+    ]
+    env[key] = pki.server_key if kind == "PEM private key" else pki.server_cert  # the real file passes
+    assert _cli("check-config", command, env=env).returncode == 0
 
 
 def test_help_lists_both_spellings_with_the_variable_and_default() -> None:
