@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import logging
 import math
 import os
@@ -111,6 +112,24 @@ def _host_port(raw: Any) -> str:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"must be HOST:PORT (got {raw!r})")
+    return value
+
+
+_HOST_LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_HOST_LABEL}(\.{_HOST_LABEL})*\.?")
+
+
+def _listen_host(raw: Any) -> str:
+    """An address to bind: an IP literal or a host name; empty means every interface."""
+    value = _str(raw)
+    if value:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            if not _HOST_NAME.fullmatch(value):
+                raise ValueError(
+                    f"must be an IP address or a host name, without a port (got {raw!r})"
+                ) from None
     return value
 
 
@@ -246,10 +265,26 @@ def _require_pair(settings: Any, first: str, second: str, message: str) -> None:
 
 
 def _require_files(settings: Any, *names: str) -> None:
+    """Each named PEM file exists and holds what its key says: a private key (``*_key_file``) or
+    certificates; grpc would only say "Failed to bind" or log "Could not load any root certificate"."""
     for name in names:
         path = getattr(settings, name)
-        if path and not Path(path).is_file():
+        if not path:
+            continue
+        if not Path(path).is_file():
             raise ConfigError(name.upper(), f"file {path!r} does not exist")
+        try:
+            content = Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(name.upper(), f"cannot read {path!r}: {exc.strerror}") from None
+        wanted = (
+            rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----"
+            if name.endswith("_key_file")
+            else rb"-----BEGIN CERTIFICATE-----"
+        )
+        if not re.search(wanted, content):
+            kind = "PEM private key" if name.endswith("_key_file") else "PEM certificate"
+            raise ConfigError(name.upper(), f"file {path!r} holds no {kind}")
 
 
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
@@ -275,8 +310,38 @@ def _opt_urls(raw: Any) -> str | None:
     return value
 
 
-def _host_port_or_none(raw: Any) -> str | None:
-    return _host_port(raw) if _str(raw) else None
+def _pulsar_url(raw: Any) -> str:
+    """A Pulsar service URL the client takes: pulsar://, pulsar+ssl://, http(s)://; one or more hosts."""
+    value = _str(raw)
+    if not re.fullmatch(r"(pulsar|pulsar\+ssl|https?)://[^/\s,]+(,[^/\s,]+)*/?", value):
+        raise ValueError(
+            f"must be pulsar://HOST:PORT (or pulsar+ssl://, http(s)://; hosts comma-separated) (got {raw!r})"
+        )
+    return value
+
+
+def _pulsar_topic(raw: Any) -> str:
+    """A topic Pulsar accepts: persistent://tenant/namespace/topic, non-persistent://..., or a short name."""
+    value = _str(raw)
+    domain, sep, rest = value.rpartition("://")
+    parts = (rest if sep else value).split("/")
+    complete = domain in {"persistent", "non-persistent"} and len(parts) in (3, 4)
+    short = not sep and len(parts) in (1, 3)
+    if not (complete or short) or not all(parts) or any(c.isspace() for c in value):
+        raise ValueError(f"must be persistent://TENANT/NAMESPACE/TOPIC (got {raw!r})")
+    return value
+
+
+def _listen_address_or_none(raw: Any) -> str | None:
+    """HOST:PORT, or :PORT for every interface (what Prometheus exporters' --web.listen-address takes)."""
+    value = _str(raw)
+    if not value:
+        return None
+    try:
+        _host_port(f"0.0.0.0{value}" if value.startswith(":") else value)
+    except ValueError:
+        raise ValueError(f"must be HOST:PORT or :PORT (got {raw!r})") from None
+    return value
 
 
 @dataclass(frozen=True)
@@ -295,7 +360,9 @@ class LogKeys(_Keys):
 @dataclass(frozen=True)
 class HttpKeys(_Keys):
     listen_host: str = key(
-        "0.0.0.0", _str, "Address the HTTP servers bind (all interfaces by default, as in a container)."
+        "0.0.0.0",
+        _listen_host,
+        "Address the HTTP servers bind (all interfaces by default, as in a container).",
     )
     metrics_port: int = key(9090, _number(int, 0, 65535), "Port of /metrics (and /, /api/v1/policies).")
     health_check_port: int = key(
@@ -305,8 +372,8 @@ class HttpKeys(_Keys):
     )
     web_listen_address: str | None = key(
         None,
-        _host_port_or_none,
-        "HOST:PORT of the metrics server; overrides LISTEN_HOST and METRICS_PORT "
+        _listen_address_or_none,
+        "HOST:PORT of the metrics server (:PORT: every interface); overrides LISTEN_HOST and METRICS_PORT "
         "for it (the Prometheus exporters' flag).",
         flags=("--web.listen-address",),
     )
@@ -340,7 +407,7 @@ class HttpKeys(_Keys):
         """(host, port) the metrics server binds: WEB_LISTEN_ADDRESS, else LISTEN_HOST and METRICS_PORT."""
         if self.web_listen_address:
             host, _, port = self.web_listen_address.rpartition(":")
-            return host.strip("[]"), int(port)
+            return host.strip("[]") or "0.0.0.0", int(port)
         return self.listen_host, self.metrics_port
 
     def _check(self) -> None:
@@ -558,8 +625,8 @@ class ReceiverKeys(_Keys):
 
 @dataclass(frozen=True)
 class PulsarKeys(_Keys):
-    pulsar_url: str = key("pulsar://127.0.0.1:6650", _str, "Pulsar service URL.")
-    pulsar_topic: str = key(DEFAULT_PULSAR_TOPIC, _str, "Topic alert events are published to.")
+    pulsar_url: str = key("pulsar://127.0.0.1:6650", _pulsar_url, "Pulsar service URL.")
+    pulsar_topic: str = key(DEFAULT_PULSAR_TOPIC, _pulsar_topic, "Topic alert events are published to.")
     pulsar_auth_token: str | None = key(
         None, _opt_str, "Pulsar JWT token, if the broker requires one.", secret=True
     )
@@ -812,7 +879,11 @@ def _yaml_document(path: str | None) -> dict[Any, Any]:
     except OSError as exc:
         raise ConfigError("CONFIG_FILE", f"cannot read {path!r}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError("CONFIG_FILE", f"{path!r} is not valid YAML: {exc}") from None
+        # One line, as every configuration error: the line number and PyYAML's short "problem".
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ConfigError("CONFIG_FILE", f"{path!r} is not valid YAML{where}: {problem}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -131,3 +132,6 @@ def setup(level: str = "info", fmt: str = "auto") -> None:
     # Libraries that are chatty at INFO and say nothing an operator acts on.
     for noisy in ("aiohttp.access", "pulsar", "grpc"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # grpc's C core writes its own lines to stderr ("I1201 12:00:00.000 ... Handshake failed"), outside
+    # these formats: keep only its errors (before any command imports grpc). GRPC_VERBOSITY set wins.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")

@@ -12,6 +12,7 @@ import pytest
 
 from exporter import config
 from exporter.config import ConfigError, PolicyThreshold, check_budget, warn_about_budget
+from tests.support.certs import make_pki
 
 RECEIVER_ENV = {"DATABASE_URL": "postgresql:///x", "WEBHOOK_BEARER_TOKEN": "t"}
 
@@ -82,6 +83,18 @@ def test_an_unknown_yaml_key_is_refused(tmp_path: Path) -> None:
     file.write_text("poll_interval: 30\n")
     with pytest.raises(ConfigError, match=r"^poll_interval: unknown key"):
         config.load("exporter", flags={"config_file": str(file)}, environ={})
+
+
+def test_a_config_file_that_is_not_yaml_exits_2_with_one_line_and_its_line_number(tmp_path: Path) -> None:
+    file = tmp_path / "config.yaml"
+    file.write_text("poll_interval_seconds: 60\nmetrics_port: [9090\n")
+    done = _cli("check-config", "exporter", "--config.file", str(file))
+    assert done.returncode == 2
+    # PyYAML's own message spans several lines (context, a caret): it used to be printed as it is.
+    assert done.stderr.strip().splitlines() == [
+        f"dict-rate-limit check-config: invalid configuration: CONFIG_FILE: '{file}' is not valid YAML "
+        "(line 3): expected ',' or ']', but got '<stream end>'"
+    ]
 
 
 def test_secrets_come_from_files_and_are_masked(tmp_path: Path) -> None:
@@ -162,6 +175,42 @@ def test_check_config_exits_2_with_one_line_naming_the_key() -> None:
         "dict-rate-limit check-config: invalid configuration: "
         "HEALTH_CHECK_PORT: must be a number (got 'http')"
     ]
+
+
+_RECEIVER = {"DATABASE_URL": "postgresql:///x", "WEBHOOK_BEARER_TOKEN": "t"}
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("PULSAR_URL", "pulsar-broker:6650"),
+        ("PULSAR_URL", "ftp://broker:6650"),
+        ("PULSAR_URL", ""),
+        ("PULSAR_TOPIC", ""),
+        ("PULSAR_TOPIC", "persistent://lb-conn/rate-limit-alerts"),
+        ("PULSAR_TOPIC", "kafka://lb-conn/dict/rate-limit-alerts"),
+    ],
+)
+def test_a_malformed_pulsar_url_or_topic_exits_2_naming_the_key(key: str, value: str) -> None:
+    # These used to start the receiver, which then logged "Pulsar unavailable" forever.
+    done = _cli("check-config", "receiver", env={**_RECEIVER, key: value})
+    assert done.returncode == 2, done.stdout
+    assert done.stderr.startswith(f"dict-rate-limit check-config: invalid configuration: {key}: must be ")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("PULSAR_URL", "pulsar+ssl://a:6651,b:6651"),
+        ("PULSAR_URL", "http://pulsar-broker:8080"),
+        ("PULSAR_TOPIC", "non-persistent://lb-conn/dict/rate-limit-alerts"),
+        ("PULSAR_TOPIC", "rate-limit-alerts"),
+    ],
+)
+def test_every_pulsar_url_and_topic_form_the_client_takes_is_accepted(key: str, value: str) -> None:
+    done = _cli("check-config", "receiver", env={**_RECEIVER, key: value})
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)[key] == value
 
 
 def test_check_config_refuses_an_interval_that_would_drain_policies_list() -> None:
@@ -280,6 +329,88 @@ def test_prometheus_style_flags_sit_beside_the_seed_variables_and_win_over_them(
     settings = config.load("exporter", flags={"cfg_web_listen_address": "127.0.0.1:9555"}, environ={})
     assert settings.metrics_listen == ("127.0.0.1", 9555)
     assert config.load("exporter", environ={"METRICS_PORT": "9100"}).metrics_listen == ("0.0.0.0", 9100)
+
+
+def test_web_listen_address_takes_the_exporters_colon_port_form_for_every_interface() -> None:
+    # `--web.listen-address=:9100` is how every Prometheus exporter is started; it used to exit 2.
+    done = _cli("check-config", "exporter", "--web.listen-address=:9100")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["WEB_LISTEN_ADDRESS"] == ":9100"
+    settings = config.load("exporter", environ={"WEB_LISTEN_ADDRESS": ":9100", "LISTEN_HOST": "127.0.0.1"})
+    assert settings.metrics_listen == ("0.0.0.0", 9100)
+    assert settings.listen_host == "127.0.0.1"  # the health port keeps LISTEN_HOST
+    for bad in (":", ":http", "9100"):
+        with pytest.raises(ConfigError) as caught:
+            config.load("exporter", environ={"WEB_LISTEN_ADDRESS": bad})
+        assert caught.value.key == "WEB_LISTEN_ADDRESS"
+        assert caught.value.reason == f"must be HOST:PORT or :PORT (got {bad!r})"
+
+
+@pytest.mark.parametrize("value", ["127.0.0.1:9090", "not a host", "[::1]", "-bad", "a..b"])
+def test_a_listen_host_that_cannot_be_bound_exits_2_naming_the_key(value: str) -> None:
+    # It used to pass, and the command then exited 1 with "cannot start: [Errno -2] Name or service not
+    # known", naming no key (`exporter --listen 127.0.0.1:0`, argparse's abbreviation of --listen-host, too).
+    done = _cli("check-config", "exporter", env={"LISTEN_HOST": value})
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "dict-rate-limit check-config: invalid configuration: LISTEN_HOST: must be an IP address or a host "
+        f"name, without a port (got {value!r})"
+    ]
+
+
+@pytest.mark.parametrize(
+    "value", ["", "0.0.0.0", "127.0.0.1", "::", "::1", "localhost", "exporter.lb-conn.svc"]
+)
+def test_every_bindable_listen_host_is_accepted(value: str) -> None:
+    assert config.load("exporter", environ={"LISTEN_HOST": value}).listen_host == value
+
+
+@pytest.mark.parametrize(
+    ("command", "environ", "key", "kind"),
+    [
+        ("exporter", {"BRIDGE_TLS_CA_FILE": "{junk}"}, "BRIDGE_TLS_CA_FILE", "PEM certificate"),
+        (
+            "exporter",
+            {"BRIDGE_TLS_CERT_FILE": "{pki.client_cert}", "BRIDGE_TLS_KEY_FILE": "{pki.client_cert}"},
+            "BRIDGE_TLS_KEY_FILE",
+            "PEM private key",
+        ),
+        (
+            "simulator",
+            {"SIMULATOR_TLS_CERT_FILE": "{junk}", "SIMULATOR_TLS_KEY_FILE": "{pki.server_key}"},
+            "SIMULATOR_TLS_CERT_FILE",
+            "PEM certificate",
+        ),
+        (
+            "receiver",
+            {
+                "DATABASE_URL": "postgresql:///x",
+                "WEBHOOK_BEARER_TOKEN": "t",
+                "RECEIVER_TLS_CERT_FILE": "{pki.server_cert}",
+                "RECEIVER_TLS_KEY_FILE": "{junk}",
+            },
+            "RECEIVER_TLS_KEY_FILE",
+            "PEM private key",
+        ),
+    ],
+)
+def test_a_tls_file_that_is_not_the_pem_it_should_be_exits_2_naming_the_key(
+    tmp_path: Path, command: str, environ: dict[str, str], key: str, kind: str
+) -> None:
+    # It used to pass: the exporter then polled for ever with grpc's "Could not load any root certificate"
+    # on stderr, and the simulator exited 1 with "cannot listen on ...: Failed to bind".
+    pki = make_pki(tmp_path)
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    env = {name: value.format(pki=pki, junk=junk) for name, value in environ.items()}
+    done = _cli("check-config", command, env=env)
+    assert done.returncode == 2
+    path = env[key]
+    assert done.stderr.strip().splitlines() == [
+        f"dict-rate-limit check-config: invalid configuration: {key}: file {path!r} holds no {kind}"
+    ]
+    env[key] = pki.server_key if kind == "PEM private key" else pki.server_cert  # the real file passes
+    assert _cli("check-config", command, env=env).returncode == 0
 
 
 def test_help_lists_both_spellings_with_the_variable_and_default() -> None:

@@ -138,3 +138,38 @@ def test_sigterm_while_the_receiver_waits_for_its_database_stops_it_at_once(tmp_
             process.communicate()
     assert process.returncode == 0, err.decode()
     assert took < 5.0, f"took {took:.1f} s to honour SIGTERM during start-up"
+
+
+def test_a_second_simulator_on_the_port_of_a_running_one_cannot_start() -> None:
+    # grpc's default SO_REUSEPORT let the second one start and share the first one's calls.
+    with _busy_port() as port:
+        pass
+    first = subprocess.Popen(
+        [sys.executable, "-m", "exporter.cli", "simulator", "--listen", f"127.0.0.1:{port}"],
+        env=_env(),
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert first.poll() is None
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        try:
+            second = subprocess.run(
+                [sys.executable, "-m", "exporter.cli", "simulator", "--listen", f"127.0.0.1:{port}"],
+                env=_env(),
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            pytest.fail("a second simulator started on the port of a running one")
+    finally:
+        first.terminate()
+        first.wait(timeout=20)
+    _assert_cannot_start(second, "simulator")

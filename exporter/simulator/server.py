@@ -221,7 +221,9 @@ class SimulatorServer:
         return f"{host}:{self._port}"
 
     async def start(self) -> None:
-        server = grpc.aio.server()
+        # grpc sets SO_REUSEPORT by default on Linux: a second simulator on a busy port would start and
+        # silently share the calls with the first. Without it, a taken address fails as it does elsewhere.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_RateLimitServiceServicer_to_server(_Servicer(self), server)  # type: ignore[no-untyped-call]
         cert, key, client_ca = self._tls
         try:
