@@ -512,5 +512,13 @@ def resolve_scenario(spec: str | None) -> Scenario:
     if not spec:
         return builtin_scenario("default")
     if Path(spec).exists() or spec not in BUILTIN:
-        return load_scenario(spec)
+        try:
+            return load_scenario(spec)
+        except ScenarioError as exc:
+            if Path(spec).exists():
+                raise
+            # A mistyped built-in name reads as a missing file: say which names exist.
+            names = ", ".join(BUILTIN)
+            reason = f"{exc.reason}, and no built-in scenario has this name ({names})"
+            raise ScenarioError(spec, 0, "(file)", reason) from None
     return builtin_scenario(spec)

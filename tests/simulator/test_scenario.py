@@ -156,6 +156,14 @@ def test_resolve_defaults_to_the_built_in_default_and_reads_files(tmp_path: Path
     assert "cannot be read" in str(caught.value)
 
 
+def test_an_unknown_scenario_name_lists_the_built_in_ones() -> None:
+    with pytest.raises(sc.ScenarioError) as caught:
+        sc.resolve_scenario("404-storm")  # the built-in is 404_storm
+    assert "cannot be read" in str(caught.value)
+    assert "no built-in scenario has this name" in str(caught.value)
+    assert all(name in str(caught.value) for name in sc.BUILTIN)
+
+
 def test_refill_and_fault_parse_and_are_checked() -> None:
     scenario = sc.parse_scenario(
         "refill: period\nevents:\n  - at: 5\n    fault: {kind: nan_404, for: 10}\n"
