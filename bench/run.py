@@ -19,6 +19,10 @@ HERE = Path(__file__).resolve().parent
 
 
 def main() -> int:
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        names = ", ".join(path.stem.removeprefix("bench_") for path in sorted(HERE.glob("bench_*.py")))
+        print(f"{__doc__}\nBenchmarks: {names}.")
+        return 0
     failed = []
     words = [word for word in sys.argv[1:] if not word.startswith("-")]
     options = [word for word in sys.argv[1:] if word.startswith("-")]  # --quick: passed to every benchmark
