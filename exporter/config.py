@@ -613,6 +613,13 @@ class SimulatorKeys(_Keys):
         _require_files(
             self, "simulator_tls_cert_file", "simulator_tls_key_file", "simulator_tls_client_ca_file"
         )
+        # The scenario is read at start-up: a missing or invalid file must fail check-config the same way.
+        from exporter.simulator.scenario import ScenarioError, resolve_scenario  # only for the simulator
+
+        try:
+            resolve_scenario(self.simulator_scenario)
+        except ScenarioError as exc:
+            raise ConfigError("SIMULATOR_SCENARIO", str(exc)) from None
 
 
 # --- one settings type per command

@@ -230,6 +230,8 @@ def test_a_yaml_file_may_hold_other_commands_keys_which_a_command_ignores(tmp_pa
         ),
         ("migrate", {}, "DATABASE_URL"),
         ("simulator", {"SIMULATOR_TLS_CERT_FILE": "/x.pem"}, "SIMULATOR_TLS_CERT_FILE"),
+        ("simulator", {"SIMULATOR_SCENARIO": "/nonexistent/incident.yaml"}, "SIMULATOR_SCENARIO"),
+        ("simulator", {"SIMULATOR_SCENARIO": "no-such-built-in"}, "SIMULATOR_SCENARIO"),
     ],
 )
 def test_check_config_fails_exactly_where_the_command_would(
