@@ -257,3 +257,30 @@ def test_service_monitors_and_services_still_meet_in_each_overlay(target: str) -
     for name in DEPLOYMENTS:
         labels = objects(target, "Deployment")[name]["spec"]["template"]["metadata"]["labels"]
         assert services[name]["spec"]["selector"].items() <= labels.items()
+
+
+def _documented_overlays() -> dict[str, dict[str, str]]:
+    """The overlay table of docs/deployment.md, one dict per overlay keyed by the table's header."""
+    lines = (ROOT / "docs" / "deployment.md").read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| overlay |"))
+    header = [cell.strip() for cell in lines[start].strip("|").split("|")]
+    rows: dict[str, dict[str, str]] = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        values = (cell.strip().strip("`") for cell in line.strip("|").split("|"))
+        cells = dict(zip(header, values, strict=True))
+        rows[cells["overlay"]] = cells
+    return rows
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_documented_overlay_table_is_what_each_overlay_renders(overlay: str) -> None:
+    documented = _documented_overlays()[overlay]
+    deployments = objects(overlay, "Deployment")
+    assert documented["namespace"] == OVERLAYS[overlay]
+    for part in ("exporter", "receiver"):
+        replicas = deployments[f"dict-rate-limit-{part}"]["spec"]["replicas"]
+        assert documented[part] == f"{replicas} replica{'s' if replicas != 1 else ''}", part
+        image = deployments[f"dict-rate-limit-{part}"]["spec"]["template"]["spec"]["containers"][0]["image"]
+        assert image.endswith(":" + documented["image tag"]), part
