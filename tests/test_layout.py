@@ -160,3 +160,19 @@ def test_the_wheel_ships_the_migrations_and_package_data(wheel: zipfile.ZipFile)
 def test_the_wheel_carries_no_dev_stack_and_no_tests(wheel: zipfile.ZipFile) -> None:
     tops = {name.split("/")[0] for name in wheel.namelist()}
     assert tops == {"exporter", *[t for t in tops if t.endswith(".dist-info")]}
+
+
+def test_no_script_edits_sys_path_to_find_the_package() -> None:
+    """bench/, dashboards/, devstack/, tests/ and the package import the installed package (issue 10)."""
+    edits = []
+    for folder in ("exporter", "devstack", "bench", "dashboards", "tests", "scripts"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if (
+                    isinstance(node, ast.Attribute)
+                    and node.attr == "path"
+                    and isinstance(node.value, ast.Name)
+                    and node.value.id == "sys"
+                ):
+                    edits.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert edits == []
