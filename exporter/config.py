@@ -275,8 +275,17 @@ def _opt_urls(raw: Any) -> str | None:
     return value
 
 
-def _host_port_or_none(raw: Any) -> str | None:
-    return _host_port(raw) if _str(raw) else None
+def _listen_address_or_none(raw: Any) -> str | None:
+    """HOST:PORT, or :PORT (every interface), as the Prometheus exporters' --web.listen-address takes."""
+    value = _str(raw)
+    if not value:
+        return None
+    if value.startswith(":") and value[1:].isdigit() and 0 <= int(value[1:]) <= 65535:
+        return value
+    try:
+        return _host_port(value)
+    except ValueError:
+        raise ValueError(f"must be HOST:PORT or :PORT (got {raw!r})") from None
 
 
 @dataclass(frozen=True)
@@ -305,9 +314,9 @@ class HttpKeys(_Keys):
     )
     web_listen_address: str | None = key(
         None,
-        _host_port_or_none,
-        "HOST:PORT of the metrics server; overrides LISTEN_HOST and METRICS_PORT "
-        "for it (the Prometheus exporters' flag).",
+        _listen_address_or_none,
+        "HOST:PORT (or :PORT, every interface) of the metrics server; overrides LISTEN_HOST and "
+        "METRICS_PORT for it (the Prometheus exporters' flag).",
         flags=("--web.listen-address",),
     )
     web_telemetry_path: str = key(
@@ -340,7 +349,7 @@ class HttpKeys(_Keys):
         """(host, port) the metrics server binds: WEB_LISTEN_ADDRESS, else LISTEN_HOST and METRICS_PORT."""
         if self.web_listen_address:
             host, _, port = self.web_listen_address.rpartition(":")
-            return host.strip("[]"), int(port)
+            return host.strip("[]") or "0.0.0.0", int(port)
         return self.listen_host, self.metrics_port
 
     def _check(self) -> None:

@@ -323,3 +323,14 @@ def test_the_404_window_defaults_to_five_minutes_and_has_its_flags() -> None:
     text = " ".join(done.stdout.split())
     assert "--bridge.participant-ispb PARTICIPANT_ISPB, --participant-ispb PARTICIPANT_ISPB" in text
     assert "[env ERROR_404_WINDOW_SECONDS; default 300.0]" in text
+
+
+def test_web_listen_address_takes_the_prometheus_exporters_port_only_form() -> None:
+    # node_exporter's default is --web.listen-address=:9100: every interface, that port.
+    done = _cli("check-config", "exporter", "--web.listen-address", ":9555", env={"LISTEN_HOST": "127.0.0.1"})
+    assert done.returncode == 0, done.stderr
+    settings = config.load("exporter", flags={"cfg_web_listen_address": ":9555"}, environ={})
+    assert settings.metrics_listen == ("0.0.0.0", 9555)
+    refused = _cli("check-config", "exporter", "--web.listen-address", ":http")
+    assert refused.returncode == 2
+    assert "--web.listen-address: must be HOST:PORT or :PORT" in refused.stderr
