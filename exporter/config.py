@@ -106,6 +106,12 @@ def _choice(*options: str) -> Callable[[Any], str]:
     return parse
 
 
+def _log_level(raw: Any) -> str:
+    """debug, info, warning or error; ``warn`` too, the Prometheus exporters' spelling of --log.level."""
+    value = _str(raw).lower()
+    return _choice("debug", "info", "warning", "error")("warning" if value == "warn" else raw)
+
+
 def _host_port(raw: Any) -> str:
     value = _str(raw)
     host, sep, port = value.rpartition(":")
@@ -291,7 +297,7 @@ def _listen_address_or_none(raw: Any) -> str | None:
 @dataclass(frozen=True)
 class LogKeys(_Keys):
     log_level: str = key(
-        "info", _choice("debug", "info", "warning", "error"), "Log level.", flags=("--log.level",)
+        "info", _log_level, "Log level: debug, info, warning (or warn), error.", flags=("--log.level",)
     )
     log_format: str = key(
         "auto",

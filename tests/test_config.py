@@ -334,3 +334,10 @@ def test_web_listen_address_takes_the_prometheus_exporters_port_only_form() -> N
     refused = _cli("check-config", "exporter", "--web.listen-address", ":http")
     assert refused.returncode == 2
     assert "--web.listen-address: must be HOST:PORT or :PORT" in refused.stderr
+
+
+def test_log_level_takes_the_prometheus_exporters_warn() -> None:
+    assert config.load("exporter", flags={"cfg_log_level": "warn"}, environ={}).log_level == "warning"
+    assert config.load("exporter", environ={"LOG_LEVEL": "WARN"}).log_level == "warning"
+    with pytest.raises(ConfigError, match="LOG_LEVEL: must be one of debug, info, warning, error"):
+        config.load("exporter", environ={"LOG_LEVEL": "loud"})
