@@ -801,6 +801,12 @@ def add_flags(parser: argparse.ArgumentParser, command: str) -> None:
     defaults = {f.name: f for f in dataclasses.fields(AllInOneSettings)} | {
         f.name: f for f in dataclasses.fields(SimulatorSettings)
     }
+    secrets = [k for k in keys if k.secret]
+    if secrets:
+        # Secrets have no flag (they would show in ps); --help still names where they come from.
+        parser.epilog = "Secrets, from the environment only (or a file named by the _FILE variable): " + (
+            "; ".join(f"{k.env} (or {k.env}_FILE): {k.help.rstrip('.')}" for k in secrets) + "."
+        )
     for k in keys:
         if not k.flags:
             continue

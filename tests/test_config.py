@@ -341,3 +341,14 @@ def test_log_level_takes_the_prometheus_exporters_warn() -> None:
     assert config.load("exporter", environ={"LOG_LEVEL": "WARN"}).log_level == "warning"
     with pytest.raises(ConfigError, match="LOG_LEVEL: must be one of debug, info, warning, error"):
         config.load("exporter", environ={"LOG_LEVEL": "loud"})
+
+
+def test_help_names_the_secrets_that_have_no_flag() -> None:
+    # README: --help lists every key with its environment variable; secrets have no flag, but must be named.
+    done = _cli("receiver", "--help")
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())
+    assert "DATABASE_URL (or DATABASE_URL_FILE)" in text
+    assert "WEBHOOK_BEARER_TOKEN (or WEBHOOK_BEARER_TOKEN_FILE)" in text
+    assert "--webhook-bearer-token" not in text
+    assert "WEBHOOK_BEARER_TOKEN" not in " ".join(_cli("simulator", "--help").stdout.split())
