@@ -27,6 +27,7 @@ from pathlib import Path
 import psycopg
 
 from exporter.config import MigrateSettings
+from exporter.dsn import redact
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,7 @@ def run(settings: MigrateSettings, direction: str = "up", to: int | None = None)
             for migration, done in status(settings.database_url):
                 print(f"{migration.version:04d} {migration.name:<32} {'applied' if done else 'pending'}")
     except (MigrationError, psycopg.Error) as exc:
-        print(f"dict-rate-limit migrate: {exc}", file=sys.stderr)
+        line = " ".join(str(exc).split())  # one line: libpq's hints and psycopg's query excerpts fold in
+        print(f"dict-rate-limit migrate: {redact(line, settings.database_url)}", file=sys.stderr)
         return 1
     return 0
