@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import re
+import ssl
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -628,6 +629,20 @@ class SimulatorKeys(_Keys):
         _require_files(
             self, "simulator_tls_cert_file", "simulator_tls_key_file", "simulator_tls_client_ca_file"
         )
+        if self.simulator_tls_cert_file and self.simulator_tls_key_file:
+            # gRPC would only say it failed to bind the port: name the file that does not load instead.
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            try:
+                context.load_cert_chain(self.simulator_tls_cert_file, self.simulator_tls_key_file)
+            except (ssl.SSLError, OSError) as exc:
+                raise ConfigError(
+                    "SIMULATOR_TLS_CERT_FILE", f"cannot load the certificate and key: {exc}"
+                ) from None
+            if self.simulator_tls_client_ca_file:
+                try:
+                    context.load_verify_locations(self.simulator_tls_client_ca_file)
+                except (ssl.SSLError, OSError) as exc:
+                    raise ConfigError("SIMULATOR_TLS_CLIENT_CA_FILE", f"cannot load the CA: {exc}") from None
         # The scenario is read at start-up: a missing or invalid file must fail check-config the same way.
         from exporter.simulator.scenario import ScenarioError, resolve_scenario  # only for the simulator
 

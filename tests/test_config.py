@@ -352,3 +352,18 @@ def test_help_names_the_secrets_that_have_no_flag() -> None:
     assert "WEBHOOK_BEARER_TOKEN (or WEBHOOK_BEARER_TOKEN_FILE)" in text
     assert "--webhook-bearer-token" not in text
     assert "WEBHOOK_BEARER_TOKEN" not in " ".join(_cli("simulator", "--help").stdout.split())
+
+
+def test_a_simulator_tls_file_that_is_not_pem_fails_naming_it(tmp_path: Path) -> None:
+    garbage = tmp_path / "server.pem"
+    garbage.write_text("not a certificate\n")
+    environ = {
+        "SIMULATOR_TLS_CERT_FILE": str(garbage),
+        "SIMULATOR_TLS_KEY_FILE": str(garbage),
+        "SIMULATOR_LISTEN": "127.0.0.1:0",
+    }
+    for command in (("check-config", "simulator"), ("simulator",)):
+        done = _cli(*command, env=environ)
+        assert done.returncode == 2, done.stderr
+        line = f"dict-rate-limit {command[0]}: invalid configuration: SIMULATOR_TLS_CERT_FILE: cannot load"
+        assert done.stderr.strip().splitlines()[-1].startswith(line), done.stderr
