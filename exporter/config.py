@@ -259,6 +259,17 @@ def _require_files(settings: Any, *names: str) -> None:
             raise ConfigError(name.upper(), f"file {path!r} does not exist")
 
 
+def _require_tls_chain(key_name: str, cert_file: str | None, key_file: str | None) -> None:
+    """A server certificate and key that load together, or a ConfigError naming ``key_name``: the servers
+    would otherwise fail later with a message about binding the port (gRPC) or exit as a start-up failure."""
+    if not (cert_file and key_file):
+        return
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_file, key_file)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(key_name, f"cannot load the certificate and key: {exc}") from None
+
+
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
 
@@ -570,6 +581,7 @@ class ReceiverKeys(_Keys):
             "TLS needs both RECEIVER_TLS_CERT_FILE and RECEIVER_TLS_KEY_FILE",
         )
         _require_files(self, "receiver_tls_cert_file", "receiver_tls_key_file")
+        _require_tls_chain("RECEIVER_TLS_CERT_FILE", self.receiver_tls_cert_file, self.receiver_tls_key_file)
 
 
 @dataclass(frozen=True)
@@ -629,20 +641,16 @@ class SimulatorKeys(_Keys):
         _require_files(
             self, "simulator_tls_cert_file", "simulator_tls_key_file", "simulator_tls_client_ca_file"
         )
-        if self.simulator_tls_cert_file and self.simulator_tls_key_file:
-            # gRPC would only say it failed to bind the port: name the file that does not load instead.
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        _require_tls_chain(
+            "SIMULATOR_TLS_CERT_FILE", self.simulator_tls_cert_file, self.simulator_tls_key_file
+        )
+        if self.simulator_tls_client_ca_file:
             try:
-                context.load_cert_chain(self.simulator_tls_cert_file, self.simulator_tls_key_file)
+                ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(
+                    self.simulator_tls_client_ca_file
+                )
             except (ssl.SSLError, OSError) as exc:
-                raise ConfigError(
-                    "SIMULATOR_TLS_CERT_FILE", f"cannot load the certificate and key: {exc}"
-                ) from None
-            if self.simulator_tls_client_ca_file:
-                try:
-                    context.load_verify_locations(self.simulator_tls_client_ca_file)
-                except (ssl.SSLError, OSError) as exc:
-                    raise ConfigError("SIMULATOR_TLS_CLIENT_CA_FILE", f"cannot load the CA: {exc}") from None
+                raise ConfigError("SIMULATOR_TLS_CLIENT_CA_FILE", f"cannot load the CA: {exc}") from None
         # The scenario is read at start-up: a missing or invalid file must fail check-config the same way.
         from exporter.simulator.scenario import ScenarioError, resolve_scenario  # only for the simulator
 

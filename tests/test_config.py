@@ -12,6 +12,7 @@ import pytest
 
 from exporter import config
 from exporter.config import ConfigError, PolicyThreshold, check_budget, warn_about_budget
+from tests.support.certs import make_pki
 
 RECEIVER_ENV = {"DATABASE_URL": "postgresql:///x", "WEBHOOK_BEARER_TOKEN": "t"}
 
@@ -367,3 +368,20 @@ def test_a_simulator_tls_file_that_is_not_pem_fails_naming_it(tmp_path: Path) ->
         assert done.returncode == 2, done.stderr
         line = f"dict-rate-limit {command[0]}: invalid configuration: SIMULATOR_TLS_CERT_FILE: cannot load"
         assert done.stderr.strip().splitlines()[-1].startswith(line), done.stderr
+
+
+def test_a_receiver_key_not_matching_its_certificate_is_a_configuration_error(tmp_path: Path) -> None:
+    # The same failure as in the web configuration file (exit 2 there): one runtime, one exit code.
+    pki = make_pki(tmp_path)
+    environ = {
+        **RECEIVER_ENV,
+        "RECEIVER_TLS_CERT_FILE": pki.server_cert,
+        "RECEIVER_TLS_KEY_FILE": pki.client_key,
+    }
+    for command in (("check-config", "receiver"), ("receiver",)):
+        done = _cli(*command, env=environ)
+        assert done.returncode == 2, done.stderr
+        line = f"dict-rate-limit {command[0]}: invalid configuration: RECEIVER_TLS_CERT_FILE: cannot load"
+        assert done.stderr.strip().splitlines()[-1].startswith(line), done.stderr
+    matching = {**environ, "RECEIVER_TLS_KEY_FILE": pki.server_key}
+    assert _cli("check-config", "receiver", env=matching).returncode == 0
