@@ -425,6 +425,14 @@ class BridgeKeys(_Keys):
             "mTLS needs both BRIDGE_TLS_CERT_FILE and BRIDGE_TLS_KEY_FILE",
         )
         _require_files(self, "bridge_tls_ca_file", "bridge_tls_cert_file", "bridge_tls_key_file")
+        # Files that exist but do not load would fail every poll for ever (the exporter keeps running):
+        # the same fault as a missing file, so the same exit 2, here and from check-config.
+        _require_tls_chain("BRIDGE_TLS_CERT_FILE", self.bridge_tls_cert_file, self.bridge_tls_key_file)
+        if self.bridge_tls_ca_file:
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(self.bridge_tls_ca_file)
+            except (ssl.SSLError, OSError) as exc:
+                raise ConfigError("BRIDGE_TLS_CA_FILE", f"cannot load the CA: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -385,3 +385,25 @@ def test_a_receiver_key_not_matching_its_certificate_is_a_configuration_error(tm
         assert done.stderr.strip().splitlines()[-1].startswith(line), done.stderr
     matching = {**environ, "RECEIVER_TLS_KEY_FILE": pki.server_key}
     assert _cli("check-config", "receiver", env=matching).returncode == 0
+
+
+def test_bridge_tls_files_that_do_not_load_are_configuration_errors(tmp_path: Path) -> None:
+    # A missing file already was (exit 2); one that exists but does not load failed every poll for ever.
+    pki = make_pki(tmp_path)
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match="BRIDGE_TLS_CA_FILE: cannot load the CA"):
+        config.load("exporter", environ={"BRIDGE_TLS_CA_FILE": str(garbage)})
+    mismatched = {"BRIDGE_TLS_CERT_FILE": pki.client_cert, "BRIDGE_TLS_KEY_FILE": pki.server_key}
+    with pytest.raises(ConfigError, match="BRIDGE_TLS_CERT_FILE: cannot load the certificate and key"):
+        config.load("exporter", environ=mismatched)
+    good = {
+        "BRIDGE_TLS_CA_FILE": pki.ca,
+        "BRIDGE_TLS_CERT_FILE": pki.client_cert,
+        "BRIDGE_TLS_KEY_FILE": pki.client_key,
+    }
+    assert config.load("exporter", environ=good).bridge_tls_ca_file == pki.ca
+    entry = tmp_path / "participants.yaml"
+    entry.write_text(f"participants:\n  - name: bank-a\n    bridge_tls_ca_file: {garbage}\n")
+    with pytest.raises(ConfigError, match=r"participants\[0\]\.bridge_tls_ca_file: cannot load the CA"):
+        config.load("exporter", flags={"config_file": str(entry)}, environ={})
