@@ -5,19 +5,15 @@ simulator's manual clock for 10 simulated minutes, lists the policies over real 
 exporter does, and derives with :func:`exporter.service.derivation.derive`. The baseline, measured in the
 same run on the same answers, is the previous derivation (per-interval gross consumption clamped at 0,
 rate over the last interval). Also runs it with continuous refill, and at several phases of the polls
-against DICT's steps. One command: ``python bench/bench_step_refill.py``.
+against DICT's steps. One command: ``.venv/bin/python -m bench.bench_step_refill`` (or the file itself).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from exporter.bridge.client import BridgeClient
 from exporter.service.derivation import (

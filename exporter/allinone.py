@@ -74,6 +74,7 @@ def build_apps(
             app[SERVICE], app[RECEIVER] = service, webhook[RECEIVER]
             apps[port] = app
     metrics_app, health_app = apps[metrics_port], apps[settings.health_check_port]
+    metrics_app[exporter_web.TELEMETRY_PATH] = settings.web_telemetry_path
     metrics_app.router.add_get("/", exporter_web.landing)
     metrics_app.router.add_get(settings.web_telemetry_path, metrics)
     metrics_app.router.add_get("/api/v1/policies", exporter_web.policies)

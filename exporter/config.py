@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import re
+import ssl
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,12 @@ def _choice(*options: str) -> Callable[[Any], str]:
         return value
 
     return parse
+
+
+def _log_level(raw: Any) -> str:
+    """debug, info, warning or error; ``warn`` too, the Prometheus exporters' spelling of --log.level."""
+    value = _str(raw).lower()
+    return _choice("debug", "info", "warning", "error")("warning" if value == "warn" else raw)
 
 
 def _host_port(raw: Any) -> str:
@@ -287,6 +294,17 @@ def _require_files(settings: Any, *names: str) -> None:
             raise ConfigError(name.upper(), f"file {path!r} holds no {kind}")
 
 
+def _require_tls_chain(key_name: str, cert_file: str | None, key_file: str | None) -> None:
+    """A server certificate and key that load together, or a ConfigError naming ``key_name``: the servers
+    would otherwise fail later with a message about binding the port (gRPC) or exit as a start-up failure."""
+    if not (cert_file and key_file):
+        return
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_file, key_file)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(key_name, f"cannot load the certificate and key: {exc}") from None
+
+
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
 
@@ -347,7 +365,7 @@ def _listen_address_or_none(raw: Any) -> str | None:
 @dataclass(frozen=True)
 class LogKeys(_Keys):
     log_level: str = key(
-        "info", _choice("debug", "info", "warning", "error"), "Log level.", flags=("--log.level",)
+        "info", _log_level, "Log level: debug, info, warning (or warn), error.", flags=("--log.level",)
     )
     log_format: str = key(
         "auto",
@@ -465,6 +483,14 @@ class BridgeKeys(_Keys):
             "mTLS needs both BRIDGE_TLS_CERT_FILE and BRIDGE_TLS_KEY_FILE",
         )
         _require_files(self, "bridge_tls_ca_file", "bridge_tls_cert_file", "bridge_tls_key_file")
+        # Files that exist but do not load would fail every poll for ever (the exporter keeps running):
+        # the same fault as a missing file, so the same exit 2, here and from check-config.
+        _require_tls_chain("BRIDGE_TLS_CERT_FILE", self.bridge_tls_cert_file, self.bridge_tls_key_file)
+        if self.bridge_tls_ca_file:
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(self.bridge_tls_ca_file)
+            except (ssl.SSLError, OSError) as exc:
+                raise ConfigError("BRIDGE_TLS_CA_FILE", f"cannot load the CA: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -621,6 +647,7 @@ class ReceiverKeys(_Keys):
             "TLS needs both RECEIVER_TLS_CERT_FILE and RECEIVER_TLS_KEY_FILE",
         )
         _require_files(self, "receiver_tls_cert_file", "receiver_tls_key_file")
+        _require_tls_chain("RECEIVER_TLS_CERT_FILE", self.receiver_tls_cert_file, self.receiver_tls_key_file)
 
 
 @dataclass(frozen=True)
@@ -680,6 +707,23 @@ class SimulatorKeys(_Keys):
         _require_files(
             self, "simulator_tls_cert_file", "simulator_tls_key_file", "simulator_tls_client_ca_file"
         )
+        _require_tls_chain(
+            "SIMULATOR_TLS_CERT_FILE", self.simulator_tls_cert_file, self.simulator_tls_key_file
+        )
+        if self.simulator_tls_client_ca_file:
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(
+                    self.simulator_tls_client_ca_file
+                )
+            except (ssl.SSLError, OSError) as exc:
+                raise ConfigError("SIMULATOR_TLS_CLIENT_CA_FILE", f"cannot load the CA: {exc}") from None
+        # The scenario is read at start-up: a missing or invalid file must fail check-config the same way.
+        from exporter.simulator.scenario import ScenarioError, resolve_scenario  # only for the simulator
+
+        try:
+            resolve_scenario(self.simulator_scenario)
+        except ScenarioError as exc:
+            raise ConfigError("SIMULATOR_SCENARIO", str(exc)) from None
 
 
 # --- one settings type per command
@@ -846,6 +890,12 @@ def add_flags(parser: argparse.ArgumentParser, command: str) -> None:
     defaults = {f.name: f for f in dataclasses.fields(AllInOneSettings)} | {
         f.name: f for f in dataclasses.fields(SimulatorSettings)
     }
+    secrets = [k for k in keys if k.secret]
+    if secrets:
+        # Secrets have no flag (they would show in ps); --help still names where they come from.
+        parser.epilog = "Secrets, from the environment only (or a file named by the _FILE variable): " + (
+            "; ".join(f"{k.env} (or {k.env}_FILE): {k.help.rstrip('.')}" for k in secrets) + "."
+        )
     for k in keys:
         if not k.flags:
             continue

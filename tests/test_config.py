@@ -279,6 +279,8 @@ def test_a_yaml_file_may_hold_other_commands_keys_which_a_command_ignores(tmp_pa
         ),
         ("migrate", {}, "DATABASE_URL"),
         ("simulator", {"SIMULATOR_TLS_CERT_FILE": "/x.pem"}, "SIMULATOR_TLS_CERT_FILE"),
+        ("simulator", {"SIMULATOR_SCENARIO": "/nonexistent/incident.yaml"}, "SIMULATOR_SCENARIO"),
+        ("simulator", {"SIMULATOR_SCENARIO": "no-such-built-in"}, "SIMULATOR_SCENARIO"),
     ],
 )
 def test_check_config_fails_exactly_where_the_command_would(
@@ -371,7 +373,8 @@ def test_every_bindable_listen_host_is_accepted(value: str) -> None:
         ("exporter", {"BRIDGE_TLS_CA_FILE": "{junk}"}, "BRIDGE_TLS_CA_FILE", "PEM certificate"),
         (
             "exporter",
-            {"BRIDGE_TLS_CERT_FILE": "{pki.client_cert}", "BRIDGE_TLS_KEY_FILE": "{pki.client_cert}"},
+            # The server's pair: the real-file step below swaps in the server key, which must match.
+            {"BRIDGE_TLS_CERT_FILE": "{pki.server_cert}", "BRIDGE_TLS_KEY_FILE": "{pki.server_cert}"},
             "BRIDGE_TLS_KEY_FILE",
             "PEM private key",
         ),
@@ -452,3 +455,89 @@ def test_the_404_window_defaults_to_five_minutes_and_has_its_flags() -> None:
     text = " ".join(done.stdout.split())
     assert "--bridge.participant-ispb PARTICIPANT_ISPB, --participant-ispb PARTICIPANT_ISPB" in text
     assert "[env ERROR_404_WINDOW_SECONDS; default 300.0]" in text
+
+
+def test_web_listen_address_takes_the_prometheus_exporters_port_only_form() -> None:
+    # node_exporter's default is --web.listen-address=:9100: every interface, that port.
+    done = _cli("check-config", "exporter", "--web.listen-address", ":9555", env={"LISTEN_HOST": "127.0.0.1"})
+    assert done.returncode == 0, done.stderr
+    settings = config.load("exporter", flags={"cfg_web_listen_address": ":9555"}, environ={})
+    assert settings.metrics_listen == ("0.0.0.0", 9555)
+    refused = _cli("check-config", "exporter", "--web.listen-address", ":http")
+    assert refused.returncode == 2
+    assert "--web.listen-address: must be HOST:PORT or :PORT" in refused.stderr
+
+
+def test_log_level_takes_the_prometheus_exporters_warn() -> None:
+    assert config.load("exporter", flags={"cfg_log_level": "warn"}, environ={}).log_level == "warning"
+    assert config.load("exporter", environ={"LOG_LEVEL": "WARN"}).log_level == "warning"
+    with pytest.raises(ConfigError, match="LOG_LEVEL: must be one of debug, info, warning, error"):
+        config.load("exporter", environ={"LOG_LEVEL": "loud"})
+
+
+def test_help_names_the_secrets_that_have_no_flag() -> None:
+    # README: --help lists every key with its environment variable; secrets have no flag, but must be named.
+    done = _cli("receiver", "--help")
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())
+    assert "DATABASE_URL (or DATABASE_URL_FILE)" in text
+    assert "WEBHOOK_BEARER_TOKEN (or WEBHOOK_BEARER_TOKEN_FILE)" in text
+    assert "--webhook-bearer-token" not in text
+    assert "WEBHOOK_BEARER_TOKEN" not in " ".join(_cli("simulator", "--help").stdout.split())
+
+
+def test_a_simulator_tls_file_that_is_not_pem_fails_naming_it(tmp_path: Path) -> None:
+    garbage = tmp_path / "server.pem"
+    garbage.write_text("not a certificate\n")
+    environ = {
+        "SIMULATOR_TLS_CERT_FILE": str(garbage),
+        "SIMULATOR_TLS_KEY_FILE": str(garbage),
+        "SIMULATOR_LISTEN": "127.0.0.1:0",
+    }
+    for command in (("check-config", "simulator"), ("simulator",)):
+        done = _cli(*command, env=environ)
+        assert done.returncode == 2, done.stderr
+        line = f"dict-rate-limit {command[0]}: invalid configuration: SIMULATOR_TLS_CERT_FILE: file"
+        assert done.stderr.strip().splitlines()[-1].startswith(line), done.stderr
+        assert "holds no PEM certificate" in done.stderr
+
+
+def test_a_receiver_key_not_matching_its_certificate_is_a_configuration_error(tmp_path: Path) -> None:
+    # The same failure as in the web configuration file (exit 2 there): one runtime, one exit code.
+    pki = make_pki(tmp_path)
+    environ = {
+        **RECEIVER_ENV,
+        "RECEIVER_TLS_CERT_FILE": pki.server_cert,
+        "RECEIVER_TLS_KEY_FILE": pki.client_key,
+    }
+    for command in (("check-config", "receiver"), ("receiver",)):
+        done = _cli(*command, env=environ)
+        assert done.returncode == 2, done.stderr
+        line = f"dict-rate-limit {command[0]}: invalid configuration: RECEIVER_TLS_CERT_FILE: cannot load"
+        assert done.stderr.strip().splitlines()[-1].startswith(line), done.stderr
+    matching = {**environ, "RECEIVER_TLS_KEY_FILE": pki.server_key}
+    assert _cli("check-config", "receiver", env=matching).returncode == 0
+
+
+def test_bridge_tls_files_that_do_not_load_are_configuration_errors(tmp_path: Path) -> None:
+    # A missing file already was (exit 2); one that exists but does not load failed every poll for ever.
+    pki = make_pki(tmp_path)
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    # Not PEM at all is refused by the PEM check first; PEM that does not load, by the load check below.
+    with pytest.raises(ConfigError, match=r"BRIDGE_TLS_CA_FILE: file .* holds no PEM certificate"):
+        config.load("exporter", environ={"BRIDGE_TLS_CA_FILE": str(garbage)})
+    mismatched = {"BRIDGE_TLS_CERT_FILE": pki.client_cert, "BRIDGE_TLS_KEY_FILE": pki.server_key}
+    with pytest.raises(ConfigError, match="BRIDGE_TLS_CERT_FILE: cannot load the certificate and key"):
+        config.load("exporter", environ=mismatched)
+    good = {
+        "BRIDGE_TLS_CA_FILE": pki.ca,
+        "BRIDGE_TLS_CERT_FILE": pki.client_cert,
+        "BRIDGE_TLS_KEY_FILE": pki.client_key,
+    }
+    assert config.load("exporter", environ=good).bridge_tls_ca_file == pki.ca
+    entry = tmp_path / "participants.yaml"
+    entry.write_text(f"participants:\n  - name: bank-a\n    bridge_tls_ca_file: {garbage}\n")
+    participant = r"participants\[0\]\.bridge_tls_ca_file: file .* holds no PEM certificate"
+    with pytest.raises(ConfigError, match=participant):
+        config.load("exporter", flags={"config_file": str(entry)}, environ={})

@@ -102,3 +102,12 @@ def test_a_malformed_url_is_a_config_error_that_never_echoes_the_password(comman
     assert done.returncode == 2, (done.stdout, done.stderr)
     assert "S3cret" not in done.stdout + done.stderr
     assert "DATABASE_URL: not a valid connection string: invalid percent-encoded token" in done.stderr
+
+
+def test_migrate_against_an_unreachable_server_fails_in_one_line_without_the_password() -> None:
+    done = _cli("migrate", env={"DATABASE_URL": "postgresql://u:S3cretPw@127.0.0.1:1/db"})
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr  # libpq's hint ("Is the server running...") on the same line
+    assert lines[0].startswith("dict-rate-limit migrate: connection failed: ")
+    assert "S3cretPw" not in done.stderr

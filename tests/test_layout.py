@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import importlib
 import pkgutil
+import re
 import subprocess
 import sys
 import zipfile
@@ -160,3 +161,39 @@ def test_the_wheel_ships_the_migrations_and_package_data(wheel: zipfile.ZipFile)
 def test_the_wheel_carries_no_dev_stack_and_no_tests(wheel: zipfile.ZipFile) -> None:
     tops = {name.split("/")[0] for name in wheel.namelist()}
     assert tops == {"exporter", *[t for t in tops if t.endswith(".dist-info")]}
+
+
+def test_no_script_edits_sys_path_to_find_the_package() -> None:
+    """bench/, dashboards/, devstack/, tests/ and the package import the installed package (issue 10)."""
+    edits = []
+    for folder in ("exporter", "devstack", "bench", "dashboards", "tests", "scripts"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if (
+                    isinstance(node, ast.Attribute)
+                    and node.attr == "path"
+                    and isinstance(node.value, ast.Name)
+                    and node.value.id == "sys"
+                ):
+                    edits.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert edits == []
+
+
+def _documents() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def test_the_docs_links_and_named_test_files_exist() -> None:
+    """README and docs name the paths as they are (issue 10 moved every module and test into rooms)."""
+    missing = []
+    for document in _documents():
+        text = document.read_text(encoding="utf-8")
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            external = target.startswith(("http://", "https://", "mailto:"))
+            if not external and not (document.parent / target).exists():
+                missing.append(f"{document.name}: link {target}")
+        named_files = r"`((?:tests|bench|devstack|exporter|dashboards|scripts)/[\w./-]+\.py)`"
+        for named in re.findall(named_files, text):
+            if not (ROOT / named).exists():
+                missing.append(f"{document.name}: {named}")
+    assert missing == []

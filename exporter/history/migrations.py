@@ -27,6 +27,7 @@ from pathlib import Path
 import psycopg
 
 from exporter.config import MigrateSettings
+from exporter.dsn import redact
 from exporter.runtime import describe
 
 log = logging.getLogger(__name__)
@@ -194,7 +195,8 @@ def run(settings: MigrateSettings, direction: str = "up", to: int | None = None)
             for migration, done in status(settings.database_url):
                 print(f"{migration.version:04d} {migration.name:<32} {'applied' if done else 'pending'}")
     except (MigrationError, psycopg.Error) as exc:
-        # One line (libpq's connection errors carry a newline and a tab), as every other command's.
-        print(f"dict-rate-limit migrate: {describe(exc)}", file=sys.stderr)
+        # One line (libpq's errors carry a newline and a tab, psycopg's query excerpts too), as every
+        # other command's, and never the password of DATABASE_URL.
+        print(f"dict-rate-limit migrate: {redact(describe(exc), settings.database_url)}", file=sys.stderr)
         return 1
     return 0

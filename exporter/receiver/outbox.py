@@ -325,7 +325,15 @@ def run(settings: OutboxSettings, *, action: str = "list", ids: Sequence[int] | 
         for row in set_aside_events(settings.database_url):
             outbox_id, event_id, event_type, endpoint, name, at, reason = row
             print(f"{outbox_id}\t{event_id}\t{event_type}\t{endpoint or name}\t{at.isoformat()}\t{reason}")
+    except psycopg.errors.UndefinedTable:
+        print(
+            "dict-rate-limit outbox: the database has no alert outbox yet: "
+            "run `dict-rate-limit migrate` first",
+            file=sys.stderr,
+        )
+        return 1
     except psycopg.Error as exc:
-        print(f"dict-rate-limit outbox: {redact(str(exc).strip(), settings.database_url)}", file=sys.stderr)
+        line = " ".join(str(exc).split())  # one line: psycopg's messages carry the query and a caret
+        print(f"dict-rate-limit outbox: {redact(line, settings.database_url)}", file=sys.stderr)
         return 1
     return 0

@@ -359,9 +359,9 @@ async def handle_metrics(request: web.Request) -> web.Response:
 
 
 async def handle_landing(request: web.Request) -> web.Response:
-    text = (
-        "dict-rate-limit receiver: POST /alerts (Alertmanager webhook), /metrics, /health/live, /health/ready"
-    )
+    path = request.app[STATE].settings.web_telemetry_path
+    text = "dict-rate-limit receiver: POST /alerts (Alertmanager webhook), " + path
+    text += ", /health/live, /health/ready"
     return web.Response(text=text + "\n")
 
 

@@ -365,14 +365,21 @@ def render_prometheusrule(
 
 def overlay_selectors(overlay_dir: Path) -> Selectors:
     """The selectors of one Kubernetes overlay: the jobs its ServiceMonitors produce, in its namespace
-    (read from its kustomization.yaml). Alertmanager is the cluster's, outside the overlay: not narrowed."""
+    (read from its kustomization.yaml). Alertmanager is the cluster's, outside the overlay: not narrowed.
+
+    The job label is the Service's name, so an overlay's ``namePrefix``/``nameSuffix`` are part of it
+    (a rule selecting the unprefixed job would select nothing, and its liveness alerts would stay silent).
+    """
     kustomization = yaml.safe_load((Path(overlay_dir) / "kustomization.yaml").read_text(encoding="utf-8"))
-    namespace = kustomization.get("namespace") if isinstance(kustomization, dict) else None
+    if not isinstance(kustomization, dict):
+        kustomization = {}
+    namespace = kustomization.get("namespace")
     if not isinstance(namespace, str) or not namespace:
         raise RulesBundleError(f"{overlay_dir}/kustomization.yaml sets no namespace")
+    prefix, suffix = str(kustomization.get("namePrefix") or ""), str(kustomization.get("nameSuffix") or "")
     return Selectors(
-        exporter=f'job="{EXPORTER_JOB}",namespace="{namespace}"',
-        receiver=f'job="{RECEIVER_JOB}",namespace="{namespace}"',
+        exporter=f'job="{prefix}{EXPORTER_JOB}{suffix}",namespace="{namespace}"',
+        receiver=f'job="{prefix}{RECEIVER_JOB}{suffix}",namespace="{namespace}"',
     )
 
 

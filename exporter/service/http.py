@@ -6,6 +6,7 @@ Every handler reads state the poller already holds: no request ever calls the Br
 from __future__ import annotations
 
 import json
+from html import escape as html_escape
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -37,6 +38,8 @@ class ExporterState(Protocol):
 
 
 SERVICE: web.AppKey[ExporterState] = web.AppKey("exporter_service")
+#: The path the exposition is served on (``--web.telemetry-path``), for the landing page's link.
+TELEMETRY_PATH: web.AppKey[str] = web.AppKey("telemetry_path")
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 LANDING = """<!DOCTYPE html>
@@ -45,7 +48,7 @@ LANDING = """<!DOCTYPE html>
 <p>Version {version}. Values are cached from one Bridge poll every {interval:g} s;
 scrapes never call the Bridge.</p>
 <ul>
-<li><a href="/metrics">/metrics</a>: Prometheus exposition</li>
+<li><a href="{telemetry_path}">{telemetry_path}</a>: Prometheus exposition</li>
 <li><a href="/api/v1/policies">/api/v1/policies</a>: the latest snapshot as JSON</li>
 <li><a href="/health/live">/health/live</a>, <a href="/health/ready">/health/ready</a>,
 <a href="/health/startup">/health/startup</a> (port {health_port})</li>
@@ -93,6 +96,7 @@ async def landing(request: web.Request) -> web.Response:
         version=service.version,
         interval=service.poll_interval_seconds,
         health_port=service.health_port,
+        telemetry_path=html_escape(request.app.get(TELEMETRY_PATH, "/metrics")),
     )
     return web.Response(text=html, content_type="text/html")
 
@@ -120,6 +124,7 @@ async def startup(request: web.Request) -> web.Response:
 
 
 def add_metrics_routes(app: web.Application, telemetry_path: str = "/metrics") -> None:
+    app[TELEMETRY_PATH] = telemetry_path
     app.router.add_get("/", landing)
     app.router.add_get(telemetry_path, metrics)
     app.router.add_get("/api/v1/policies", policies)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -257,3 +258,53 @@ def test_service_monitors_and_services_still_meet_in_each_overlay(target: str) -
     for name in DEPLOYMENTS:
         labels = objects(target, "Deployment")[name]["spec"]["template"]["metadata"]["labels"]
         assert services[name]["spec"]["selector"].items() <= labels.items()
+
+
+def _documented_overlays() -> dict[str, dict[str, str]]:
+    """The overlay table of docs/deployment.md, one dict per overlay keyed by the table's header."""
+    lines = (ROOT / "docs" / "deployment.md").read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| overlay |"))
+    header = [cell.strip() for cell in lines[start].strip("|").split("|")]
+    rows: dict[str, dict[str, str]] = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        values = (cell.strip().strip("`") for cell in line.strip("|").split("|"))
+        cells = dict(zip(header, values, strict=True))
+        rows[cells["overlay"]] = cells
+    return rows
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_documented_overlay_table_is_what_each_overlay_renders(overlay: str) -> None:
+    documented = _documented_overlays()[overlay]
+    deployments = objects(overlay, "Deployment")
+    assert documented["namespace"] == OVERLAYS[overlay]
+    for part in ("exporter", "receiver"):
+        replicas = deployments[f"dict-rate-limit-{part}"]["spec"]["replicas"]
+        assert documented[part] == f"{replicas} replica{'s' if replicas != 1 else ''}", part
+        image = deployments[f"dict-rate-limit-{part}"]["spec"]["template"]["spec"]["containers"][0]["image"]
+        assert image.endswith(":" + documented["image tag"]), part
+
+
+def test_an_overlay_with_a_name_prefix_gets_rules_for_its_prefixed_jobs(tmp_path: Path) -> None:
+    """A kustomize namePrefix renames the Services, hence the jobs (issue 11): the overlay's rules follow."""
+    overlay = tmp_path / "prod"
+    overlay.mkdir()
+    base = Path(os.path.relpath(DEPLOY / "base", overlay))
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: pix-prod\n"
+        f"namePrefix: prod-\nnameSuffix: -a\nresources:\n  - {base}\n",
+        encoding="utf-8",
+    )
+    selectors = rules_render.overlay_selectors(overlay)
+    result = subprocess.run(
+        [kubectl(), "kustomize", str(overlay)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    rendered = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    services = {doc["metadata"]["name"] for doc in rendered if doc["kind"] == "Service"}
+    assert services == {"prod-dict-rate-limit-exporter-a", "prod-dict-rate-limit-receiver-a"}
+    # The ServiceMonitors' job label is the Service name: the selectors name exactly those jobs.
+    assert selectors.exporter == 'job="prod-dict-rate-limit-exporter-a",namespace="pix-prod"'
+    assert selectors.receiver == 'job="prod-dict-rate-limit-receiver-a",namespace="pix-prod"'

@@ -141,3 +141,12 @@ def test_outbox_replay_of_nothing_says_so(database_url: str) -> None:
     done = _cli("outbox", "replay", database_url=database_url)
     assert done.returncode == 0, done.stderr
     assert json.dumps([]) in done.stdout
+
+
+@pytest.mark.parametrize("action", ["list", "replay"])
+def test_outbox_on_an_unmigrated_database_says_to_migrate_in_one_line(database_url: str, action: str) -> None:
+    done = _cli("outbox", action, database_url=database_url)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "dict-rate-limit outbox: the database has no alert outbox yet: run `dict-rate-limit migrate` first"
+    ]

@@ -407,3 +407,15 @@ async def test_start_up_fails_clearly_on_an_unmigrated_database(database_url: st
     runner = web.AppRunner(create_app(settings_for(database_url), relay=None))
     with pytest.raises(StartupError, match="dict-rate-limit migrate"):
         await runner.setup()
+
+
+async def test_the_landing_page_names_the_metrics_path_it_serves(
+    aiohttp_client: MakeClient, database_url: str
+) -> None:
+    migrate(database_url)
+    app = create_app(settings_for(database_url, web_telemetry_path="/probe"), relay=None)
+    client = await aiohttp_client(app)
+    assert (await client.get("/probe")).status == 200
+    landing = await (await client.get("/")).text()
+    assert "/probe" in landing
+    assert "/metrics" not in landing

@@ -118,6 +118,11 @@ async def test_prometheus_style_flags_choose_the_metrics_address_and_path() -> N
             assert "dict_rate_limit_bridge_up" in body
             async with http.get(f"http://127.0.0.1:{metrics_port}/metrics") as response:
                 assert response.status == 404
+            # The landing page links the exposition where it is served, not the default path.
+            async with http.get(f"http://127.0.0.1:{metrics_port}/") as response:
+                landing = await response.text()
+            assert '<a href="/probe">/probe</a>' in landing
+            assert 'href="/metrics"' not in landing
         process.send_signal(signal.SIGTERM)
         _stdout, stderr = await asyncio.wait_for(process.communicate(), 15)
         assert process.returncode == 0
