@@ -60,9 +60,15 @@ def variables() -> list[cogbuilder.Builder[dm.VariableModel]]:
         dashboard.DatasourceVariable("postgres_datasource")
         .label("PostgreSQL data source")
         .type(PG.type_val or ""),
-        # job: ".+" for All, as the linter asks (every series has a job). cluster and namespace: ".*", so
-        # that All also matches a Prometheus that adds neither label (the demo's).
-        label_values("job", "Job", 'label_values(up{job=~"dict-rate-limit-.*"}, job)', all_value=".+"),
+        # job: every job that serves the product (its build-info series, whatever the job is named: the
+        # seeds' `dict-rate-limit`, a kustomize prefix...); ".+" for All, as the linter asks (every series
+        # has a job). cluster and namespace: ".*", so All also matches a Prometheus that adds neither label.
+        label_values(
+            "job",
+            "Job",
+            'label_values({__name__=~"dict_rate_limit_(exporter|receiver)_build_info"}, job)',
+            all_value=".+",
+        ),
         label_values("cluster", "Cluster", 'label_values(up{job=~"$job"}, cluster)', all_value=".*"),
         label_values(
             "namespace",

@@ -133,6 +133,10 @@ def test_variables_select_datasources_category_and_policy() -> None:
         assert variables[name]["type"] == "query"
         assert variables[name]["datasource"]["uid"] == "${prometheus_datasource}"
         assert variables[name]["allValue"] == (".+" if name == "job" else ".*")
+    # The job list is the jobs exposing the product's build info, not a job-name pattern: the seeds' job
+    # `dict-rate-limit` or a prefixed one (kustomize namePrefix) must be selectable too.
+    assert "job=" not in variables["job"]["query"]
+    assert "_build_info" in variables["job"]["query"]
     # A single-participant exporter has no participant label: All (".*") matches the empty value.
     assert variables["participant"]["includeAll"]
     assert re.fullmatch(variables["participant"]["allValue"], "")

@@ -189,6 +189,8 @@ def test_every_panel_and_variable_query_returns_data_on_a_live_stack(
 ) -> None:
     # One stack for all checks: starting it costs more than the checks.
     found = variable_values(running_stack)
+    # Every job serving the product is offered, whatever it is named (not only dict-rate-limit-*).
+    assert {"dict-rate-limit-exporter", "dict-rate-limit-receiver"} <= set(found["job"])
     assert found["category"] == ["A"]
     assert found["participant"] == []  # a single-participant exporter: no label, All still selects it
     assert {"ENTRIES_WRITE", "CLAIMS_READ", "PERSONS_STATISTICS_READ"} <= set(found["policy"])
