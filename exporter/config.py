@@ -369,8 +369,9 @@ class LogKeys(_Keys):
     )
     log_format: str = key(
         "auto",
-        _choice("json", "human", "auto"),
-        "json (one object per line), human, or auto (human on a terminal, json otherwise).",
+        _choice("json", "human", "auto", "logfmt"),
+        "json (one object per line), human, logfmt (key=value, as Prometheus), or auto (human on a "
+        "terminal, json otherwise).",
         flags=("--log.format",),
     )
 

@@ -84,6 +84,42 @@ class HumanFormatter(logging.Formatter):
         return line
 
 
+#: go-kit's level names, which Prometheus' own logfmt lines use.
+_LOGFMT_LEVELS = {"WARNING": "warn", "CRITICAL": "error"}
+
+
+class LogfmtFormatter(logging.Formatter):
+    """``--log.format logfmt``: key=value pairs as Prometheus and its exporters write them (ts, level, msg).
+
+    Values are quoted and escaped as in the human format, and a traceback goes in ``exc`` with its newlines
+    escaped: a line is always one record.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+        pairs: list[tuple[object, object]] = [
+            ("ts", stamp.replace("+00:00", "Z")),
+            ("level", _LOGFMT_LEVELS.get(record.levelname, record.levelname.lower())),
+            ("logger", record.name),
+            ("msg", record.getMessage()),
+        ]
+        ctx = getattr(record, "ctx", None)
+        if isinstance(ctx, dict):
+            pairs.extend(ctx.items())
+        if record.exc_info:
+            pairs.append(("exc", self.formatException(record.exc_info)))
+        return " ".join(f"{printable(k)}={_logfmt_value(v)}" for k, v in pairs)
+
+
+def _logfmt_value(value: object) -> str:
+    # logfmt's quoting: bare when nothing could end the value, else a quoted string with JSON's escapes
+    # (\" \\ \n and \u00XX for other control characters), so a value never forges another pair or line.
+    text = str(value).encode("utf-8", "backslashreplace").decode()  # a lone surrogate as \udXXX text
+    if text and not any(c in text for c in ' ="\\') and text.isprintable():
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
 class RepeatFilter(logging.Filter):
     """Lets the same warning or error (logger, level and message template) through once per ``interval``.
 
@@ -123,7 +159,8 @@ def setup(level: str = "info", fmt: str = "auto") -> None:
     if fmt == "auto":
         fmt = "human" if sys.stderr.isatty() else "json"
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(HumanFormatter() if fmt == "human" else JsonFormatter())
+    formatters = {"human": HumanFormatter, "logfmt": LogfmtFormatter}
+    handler.setFormatter(formatters.get(fmt, JsonFormatter)())
     handler.addFilter(ContextFilter())
     handler.addFilter(RepeatFilter())
     root = logging.getLogger()

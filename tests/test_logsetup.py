@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime
+import sys
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -35,6 +36,34 @@ def test_human_lines_are_short_and_keep_the_context() -> None:
     line = logsetup.HumanFormatter().format(_record("poll failed", {"code": "UNAVAILABLE"}))
     assert line.endswith("WARN exporter.service.poller: poll failed code=UNAVAILABLE")
     assert line[8] == "Z"  # HH:MM:SSZ: UTC, said so
+
+
+def test_logfmt_lines_are_key_value_pairs_as_prometheus_writes_them() -> None:
+    record = _record("poll failed", {"code": "UNAVAILABLE", "detail": 'say "no"\nnext'})
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        record.exc_info = sys.exc_info()
+    line = logsetup.LogfmtFormatter().format(record)
+    assert "\n" not in line  # the traceback's newlines too are escaped: one record, one line
+    assert line.startswith("ts=")
+    stamp = datetime.fromisoformat(line.split()[0].removeprefix("ts=").replace("Z", "+00:00"))
+    assert stamp.utcoffset() == timedelta(0)
+    assert ' level=warn logger=exporter.service.poller msg="poll failed" code=UNAVAILABLE ' in line
+    assert 'detail="say \\"no\\"\\nnext"' in line
+    assert ' exc="Traceback' in line
+    assert "RuntimeError: boom" in line
+
+
+@pytest.mark.parametrize("hostile", ["a b=c", 'x" level=error msg="forged', "x\ny", "\udc80", "\x1b[31m"])
+def test_a_hostile_value_can_never_forge_a_logfmt_pair_or_line(hostile: str) -> None:
+    line = logsetup.LogfmtFormatter().format(_record("alert", {"endpoint_id": hostile}))
+    assert "\n" not in line
+    line.encode()  # always writable: a lone surrogate is escaped, not passed on
+    assert line.split()[1] == "level=warn"
+    value = line.split(" endpoint_id=", 1)[1]  # the rest of the line is that one quoted value
+    assert value.startswith('"')
+    assert json.loads(value) == hostile.encode("utf-8", "backslashreplace").decode()
 
 
 def test_setup_installs_one_handler_at_the_requested_level(capsys: pytest.CaptureFixture[str]) -> None:
