@@ -60,7 +60,12 @@ DEFAULT_LOOKUP_MIN_ANSWERS = 100
 
 _VERSION_LINE = re.compile(r"^# bundle-version: (\d+\.\d+\.\d+)$", re.MULTILINE)
 _DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d|w|y)")
-_MATCHER = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"\s*')
+#: A label matcher; its value in any of PromQL's three string forms: "double", 'single' or `raw`.
+_MATCHER = re.compile(
+    r"\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"
+    r'(?:"((?:[^"\\]|\\.)*)"|\'((?:[^\'\\]|\\.)*)\'|`([^`]*)`)\s*'
+)
+_SINGLE_QUOTED_PART = re.compile(r'\\(.)|"', re.S)
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 _POLICY_NAME = re.compile(r"[A-Za-z0-9_]+")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
@@ -189,13 +194,24 @@ def parse_selector(text: str, option: str) -> str:
         match = _MATCHER.match(body, position)
         if match is None:
             raise RulesBundleError(f'{option}: not a list of label matchers like job="x": {text!r}')
-        matchers.append(f'{match[1]}{match[2]}"{match[3]}"')
+        matchers.append(f'{match[1]}{match[2]}"{_double_quoted(match)}"')
         position = match.end()
         if position < len(body) and body[position] == ",":
             position += 1
         elif position < len(body.rstrip()):
             raise RulesBundleError(f"{option}: matchers must be separated by commas: {text!r}")
     return ",".join(matchers)
+
+
+def _double_quoted(match: re.Match[str]) -> str:
+    """A matcher's value as the inside of a double-quoted PromQL string (the rules' own form)."""
+    if match[3] is not None:
+        return match[3]
+    if match[4] is not None:  # 'single': \' needs no escape inside "...", a bare " does
+        return _SINGLE_QUOTED_PART.sub(
+            lambda part: '\\"' if part[1] is None else ("'" if part[1] == "'" else "\\" + part[1]), match[4]
+        )
+    return match[5].replace("\\", "\\\\").replace('"', '\\"')  # `raw`: no escapes at all
 
 
 def parse_label_list(text: str, option: str) -> tuple[str, ...]:

@@ -575,6 +575,15 @@ def test_selectors_parse_with_or_without_braces_and_escapes() -> None:
     assert parse_selector('a="with \\"quote\\""', "x") == 'a="with \\"quote\\""'
 
 
+def test_selectors_take_the_single_quoted_and_raw_strings_of_promql() -> None:
+    assert parse_selector("{job='dict-rate-limit', namespace=~'pix-.*'}", "x") == (
+        'job="dict-rate-limit",namespace=~"pix-.*"'
+    )
+    assert parse_selector("a='it\\'s \"x\"'", "x") == 'a="it\'s \\"x\\""'
+    assert parse_selector("a='tab\\there'", "x") == 'a="tab\\there"'
+    assert parse_selector('a=`raw \\d "q"`', "x") == 'a="raw \\\\d \\"q\\""'
+
+
 def test_templates_and_rules_declare_the_same_bundle_version() -> None:
     assert bundle_version(TEMPLATES_DIR) == bundle_version(RULES)
 
