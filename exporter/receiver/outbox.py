@@ -321,6 +321,12 @@ def run(settings: OutboxSettings, *, action: str = "list", ids: Sequence[int] | 
         if action == "replay":
             done = replay(settings.database_url, ids or None)
             print(f"returned to the relay: {len(done)} event(s) {done}")
+            # An id asked for by name that is not set aside (a typo, already replayed, never an outbox id)
+            # is said, and fails the command: a script replaying ids must not believe it worked.
+            missed = sorted(set(ids or ()) - set(done))
+            if missed:
+                print(f"dict-rate-limit outbox: not set aside, nothing done: {missed}", file=sys.stderr)
+                return 1
             return 0
         for row in set_aside_events(settings.database_url):
             outbox_id, event_id, event_type, endpoint, name, at, reason = row

@@ -143,6 +143,14 @@ def test_outbox_replay_of_nothing_says_so(database_url: str) -> None:
     assert json.dumps([]) in done.stdout
 
 
+def test_outbox_replay_of_an_id_that_is_not_set_aside_says_so_and_exits_1(database_url: str) -> None:
+    migrate(database_url)
+    done = _cli("outbox", "replay", "--id", "424242", database_url=database_url)
+    assert done.returncode == 1
+    said = done.stderr.strip().splitlines()
+    assert said == ["dict-rate-limit outbox: not set aside, nothing done: [424242]"]
+
+
 @pytest.mark.parametrize("action", ["list", "replay"])
 def test_outbox_on_an_unmigrated_database_says_to_migrate_in_one_line(database_url: str, action: str) -> None:
     done = _cli("outbox", action, database_url=database_url)
