@@ -1044,8 +1044,10 @@ def load(
         raw[name] = (name, value)
     for k in everything.values():
         if k.secret and env.get(k.env + "_FILE"):
+            if env.get(k.env):  # two sources of one secret: which one is meant cannot be guessed
+                raise ConfigError(k.env + "_FILE", f"set {k.env} or {k.env}_FILE, not both")
             raw[k.name] = (k.env + "_FILE", _read_secret_file(k.env + "_FILE", env[k.env + "_FILE"]))
-        if k.env in env:
+        elif k.env in env:  # beside a _FILE, an empty variable is no value (a declared, unset entry)
             raw[k.name] = (k.env, env[k.env])
         flag_value = flags.get(f"cfg_{k.name}")
         if flag_value is not None:

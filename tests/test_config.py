@@ -416,6 +416,19 @@ def test_a_tls_file_that_is_not_the_pem_it_should_be_exits_2_naming_the_key(
     assert _cli("check-config", command, env=env).returncode == 0
 
 
+@pytest.mark.parametrize("name", ["DATABASE_URL", "WEBHOOK_BEARER_TOKEN", "PULSAR_AUTH_TOKEN"])
+def test_a_secret_set_both_directly_and_from_a_file_is_refused_naming_both(tmp_path: Path, name: str) -> None:
+    from_file = "postgresql:///from-the-file" if name == "DATABASE_URL" else "from-the-file"
+    secret = tmp_path / "secret"
+    secret.write_text(from_file + "\n")
+    environ = {"DATABASE_URL": "postgresql:///x", "WEBHOOK_BEARER_TOKEN": "t", name: "direct"}
+    with pytest.raises(ConfigError, match=f"{name}_FILE: set {name} or {name}_FILE, not both"):
+        config.load("receiver", environ={**environ, f"{name}_FILE": str(secret)})
+    # An empty variable beside the file is no second value (an unset-but-declared env entry).
+    loaded = config.load("receiver", environ={**environ, name: "", f"{name}_FILE": str(secret)})
+    assert getattr(loaded, name.lower()) == from_file
+
+
 def test_help_lists_both_spellings_with_the_variable_and_default() -> None:
     done = _cli("exporter", "--help")
     assert done.returncode == 0
