@@ -98,6 +98,25 @@ def _number(
     return parse
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)?")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def _seconds(minimum: float, maximum: float) -> Callable[[Any], float]:
+    """Seconds, as a number or a Go-style duration (``30s``, ``500ms``, ``1m``: the seeds' form)."""
+
+    def parse(raw: Any) -> float:
+        match = None if isinstance(raw, bool) else _DURATION.fullmatch(_str(raw))
+        if match is None:
+            raise ValueError(f"must be seconds or a duration such as 30s or 500ms (got {raw!r})")
+        value = float(match[1]) * _DURATION_UNITS[match[2]]
+        if not minimum <= value <= maximum:
+            raise ValueError(f"must be between {minimum:g} s and {maximum:g} s (got {raw!r})")
+        return value
+
+    return parse
+
+
 def _choice(*options: str) -> Callable[[Any], str]:
     def parse(raw: Any) -> str:
         value = _str(raw).lower()
@@ -567,6 +586,15 @@ class DatabaseKeys(_Keys):
     database_max_connections: int = key(
         10, _number(int, 1), "Connection pool size (receiver: concurrent notifications being committed)."
     )
+    database_min_connections: int = key(
+        1, _number(int, 0), "Connections each pool keeps open when idle (at most DATABASE_MAX_CONNECTIONS)."
+    )
+    database_connection_timeout: float = key(
+        5.0,
+        _seconds(1, 300),
+        "How long a new connection may take to connect, and a receiver request waits for a pooled one "
+        "(then 503, Alertmanager retries); seconds or a duration such as 30s.",
+    )
     rate_limit_retention_months: int = key(
         13, _number(int, 1), "Months of bucket history kept (whole monthly partitions are dropped)."
     )
@@ -575,6 +603,8 @@ class DatabaseKeys(_Keys):
         # A connection string libpq refuses would otherwise fail later, on every retry, quoting the password.
         if self.database_url and (reason := dsn.problem(self.database_url)):
             raise ConfigError("DATABASE_URL", f"not a valid connection string: {reason}")
+        if self.database_min_connections > self.database_max_connections:
+            raise ConfigError("DATABASE_MIN_CONNECTIONS", "must not be above DATABASE_MAX_CONNECTIONS")
 
 
 @dataclass(frozen=True)

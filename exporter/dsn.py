@@ -10,6 +10,7 @@ refuses (its error then quotes the offending token, so :func:`redact` must hide 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from urllib.parse import unquote
@@ -155,3 +156,9 @@ def problem(dsn: str) -> str | None:
     except psycopg.Error as exc:
         return redact(str(exc).strip(), dsn)
     return None
+
+
+def connect_timeout(seconds: float) -> int:
+    """libpq's ``connect_timeout`` for DATABASE_CONNECTION_TIMEOUT: whole seconds, and libpq takes 2 as
+    its least (a smaller value is silently raised to 2)."""
+    return max(2, math.ceil(seconds))

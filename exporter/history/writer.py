@@ -27,6 +27,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from exporter import dsn
 from exporter.backoff import Backoff
 from exporter.config import PolicyThreshold
 from exporter.history.maintenance import Maintenance
@@ -138,6 +139,8 @@ class HistoryWriter:
         retention_months: int = 13,
         maintenance_interval: float = 86400.0,
         max_connections: int = 4,
+        min_connections: int = 1,
+        connect_timeout: float = 5.0,
         observe: Callable[[str, float], None] | None = None,
         thresholds: Callable[[str], PolicyThreshold] | None = None,
         participant_thresholds: Mapping[str, Callable[[str], PolicyThreshold]] | None = None,
@@ -171,8 +174,9 @@ class HistoryWriter:
         # attempt starts a fresh one, so a long outage is followed by a quick recovery.
         self._pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             database_url,
-            min_size=1,
+            min_size=min(min_connections, max_connections),
             max_size=max_connections,
+            kwargs={"connect_timeout": dsn.connect_timeout(connect_timeout)},
             open=False,
             configure=_configure,
             check=AsyncConnectionPool.check_connection,

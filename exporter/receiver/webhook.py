@@ -25,7 +25,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import AsyncConnectionPool
 
-from exporter import runtime
+from exporter import dsn, runtime
 from exporter.config import ReceiverSettings
 from exporter.receiver.metrics import MAX_KNOWN_POLICIES, ReceiverMetrics
 from exporter.receiver.outbox import OutboxRelay, RelayTuning
@@ -43,8 +43,6 @@ OUTBOX_TABLE = "dict_rate_limit_alert_outbox"
 RECORD_FUNCTION = "dict_rate_limit_record_alerts(text[],jsonb,interval,text)"
 KNOWN_POLICIES = "SELECT DISTINCT endpoint_id FROM dict_rate_limit_policies ORDER BY 1 LIMIT %s"
 KNOWN_POLICIES_REFRESH_SECONDS = 60.0
-#: How long a request waits for a pooled connection before answering 503 (Alertmanager then retries).
-POOL_TIMEOUT_SECONDS = 5.0
 
 
 #: The receiver cannot start (unmigrated database...); ``str()`` is the one line shown.
@@ -132,15 +130,19 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     assert settings.database_url is not None  # check_settings
     pool: AsyncConnectionPool = AsyncConnectionPool(
         settings.database_url,
-        min_size=1,
+        min_size=settings.database_min_connections,
         max_size=settings.database_max_connections,
         open=False,
-        timeout=POOL_TIMEOUT_SECONDS,
+        # How long a request waits for a pooled connection before answering 503 (Alertmanager retries).
+        timeout=settings.database_connection_timeout,
         # No check at each checkout (a round trip per request): a connection the server dropped fails
         # its statement, the request is retried once on another connection (_record), and the pool
         # replaces the broken one. Autocommit: a notification is one statement (store.py, sql/0009), its
         # own transaction, with no BEGIN and COMMIT round trips around it.
-        kwargs={"autocommit": True},
+        kwargs={
+            "autocommit": True,
+            "connect_timeout": dsn.connect_timeout(settings.database_connection_timeout),
+        },
         name="receiver",
     )
     try:

@@ -192,6 +192,8 @@ class ExporterService:
                 retention_months=self.settings.rate_limit_retention_months,
                 maintenance_interval=self.settings.maintenance_interval_seconds,
                 max_connections=self.settings.database_max_connections,
+                min_connections=self.settings.database_min_connections,
+                connect_timeout=self.settings.database_connection_timeout,
                 observe=self.metrics.observe,
                 thresholds=self.settings.threshold_for,
                 participant_thresholds={p.name: p.settings.threshold_for for p in self.settings.participants},
