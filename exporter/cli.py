@@ -182,9 +182,7 @@ def _report_options(args: argparse.Namespace) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # Before anything imports grpc (reading the configuration can: a scenario's fault codes): its C core
-    # reads GRPC_VERBOSITY once, and its INFO lines would break the JSON logs (see logsetup.setup).
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    logsetup.quiet_grpc()  # before the configuration is read: a scenario's fault codes import grpc
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         return run_demo(args)

@@ -324,6 +324,16 @@ def _require_tls_chain(key_name: str, cert_file: str | None, key_file: str | Non
         raise ConfigError(key_name, f"cannot load the certificate and key: {exc}") from None
 
 
+def _require_ca(key_name: str, ca_file: str | None) -> None:
+    """A CA bundle that loads, or a ConfigError naming ``key_name`` (the same check for every CA key)."""
+    if not ca_file:
+        return
+    try:
+        ssl.create_default_context(cafile=ca_file)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(key_name, f"cannot load the CA: {exc}") from None
+
+
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
 
@@ -506,11 +516,7 @@ class BridgeKeys(_Keys):
         # Files that exist but do not load would fail every poll for ever (the exporter keeps running):
         # the same fault as a missing file, so the same exit 2, here and from check-config.
         _require_tls_chain("BRIDGE_TLS_CERT_FILE", self.bridge_tls_cert_file, self.bridge_tls_key_file)
-        if self.bridge_tls_ca_file:
-            try:
-                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(self.bridge_tls_ca_file)
-            except (ssl.SSLError, OSError) as exc:
-                raise ConfigError("BRIDGE_TLS_CA_FILE", f"cannot load the CA: {exc}") from None
+        _require_ca("BRIDGE_TLS_CA_FILE", self.bridge_tls_ca_file)
 
 
 @dataclass(frozen=True)
@@ -587,13 +593,17 @@ class DatabaseKeys(_Keys):
         10, _number(int, 1), "Connection pool size (receiver: concurrent notifications being committed)."
     )
     database_min_connections: int = key(
-        1, _number(int, 0), "Connections each pool keeps open when idle (at most DATABASE_MAX_CONNECTIONS)."
+        1,
+        _number(int, 0),
+        "Connections the receiver's and the history writer's pools keep open when idle (at most "
+        "DATABASE_MAX_CONNECTIONS).",
     )
     database_connection_timeout: float = key(
         5.0,
         _seconds(1, 300),
-        "How long a new connection may take to connect, and a receiver request waits for a pooled one "
-        "(then 503, Alertmanager retries); seconds or a duration such as 30s.",
+        "How long a connection of those pools may take to connect, and a receiver request waits for a "
+        "pooled one (then 503, Alertmanager retries); seconds or a duration such as 30s. The poller "
+        "lease keeps its own, shorter bound (its failover time depends on it).",
     )
     rate_limit_retention_months: int = key(
         13, _number(int, 1), "Months of bucket history kept (whole monthly partitions are dropped)."
@@ -741,13 +751,7 @@ class SimulatorKeys(_Keys):
         _require_tls_chain(
             "SIMULATOR_TLS_CERT_FILE", self.simulator_tls_cert_file, self.simulator_tls_key_file
         )
-        if self.simulator_tls_client_ca_file:
-            try:
-                ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(
-                    self.simulator_tls_client_ca_file
-                )
-            except (ssl.SSLError, OSError) as exc:
-                raise ConfigError("SIMULATOR_TLS_CLIENT_CA_FILE", f"cannot load the CA: {exc}") from None
+        _require_ca("SIMULATOR_TLS_CLIENT_CA_FILE", self.simulator_tls_client_ca_file)
         # The scenario is read at start-up: a missing or invalid file must fail check-config the same way.
         from exporter.simulator.scenario import ScenarioError, resolve_scenario  # only for the simulator
 

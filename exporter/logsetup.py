@@ -169,6 +169,11 @@ def setup(level: str = "info", fmt: str = "auto") -> None:
     # Libraries that are chatty at INFO and say nothing an operator acts on.
     for noisy in ("aiohttp.access", "pulsar", "grpc"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
-    # grpc's C core writes its own lines to stderr ("I1201 12:00:00.000 ... Handshake failed"), outside
-    # these formats: keep only its errors (before any command imports grpc). GRPC_VERBOSITY set wins.
+    quiet_grpc()
+
+
+def quiet_grpc() -> None:
+    """grpc's C core writes its own lines to stderr ("I1201 12:00:00.000 ... Handshake failed"), outside
+    these formats: keep only its errors. It reads GRPC_VERBOSITY once, when grpc is first imported, so the
+    CLI calls this before reading the configuration (which can import grpc); a GRPC_VERBOSITY set wins."""
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")

@@ -429,6 +429,23 @@ def test_a_secret_set_both_directly_and_from_a_file_is_refused_naming_both(tmp_p
     assert getattr(loaded, name.lower()) == from_file
 
 
+@pytest.mark.parametrize(
+    ("command", "key"), [("exporter", "BRIDGE_TLS_CA_FILE"), ("simulator", "SIMULATOR_TLS_CLIENT_CA_FILE")]
+)
+def test_a_ca_file_that_looks_like_pem_but_does_not_load_is_refused_naming_the_key(
+    tmp_path: Path, command: str, key: str
+) -> None:
+    # Past the PEM check (the markers are there), refused by loading it, as grpc would at the first call.
+    broken = tmp_path / "broken-ca.pem"
+    broken.write_text("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n")
+    environ = {key: str(broken)}
+    if command == "simulator":
+        pki = make_pki(tmp_path)
+        environ |= {"SIMULATOR_TLS_CERT_FILE": pki.server_cert, "SIMULATOR_TLS_KEY_FILE": pki.server_key}
+    with pytest.raises(ConfigError, match=f"{key}: cannot load the CA"):
+        config.load(command, environ=environ)
+
+
 def test_help_lists_both_spellings_with_the_variable_and_default() -> None:
     done = _cli("exporter", "--help")
     assert done.returncode == 0

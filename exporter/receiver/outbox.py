@@ -36,6 +36,7 @@ from exporter.dsn import redact
 from exporter.receiver.events import AlertEvent, OutboxRow
 from exporter.receiver.metrics import SET_ASIDE_REASONS, ReceiverMetrics
 from exporter.receiver.publisher import Message, PulsarPublisher
+from exporter.runtime import describe
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +340,7 @@ def run(settings: OutboxSettings, *, action: str = "list", ids: Sequence[int] | 
         )
         return 1
     except psycopg.Error as exc:
-        line = " ".join(str(exc).split())  # one line: psycopg's messages carry the query and a caret
-        print(f"dict-rate-limit outbox: {redact(line, settings.database_url)}", file=sys.stderr)
+        # One line (psycopg's messages carry the query and a caret), never the password.
+        print(f"dict-rate-limit outbox: {redact(describe(exc), settings.database_url)}", file=sys.stderr)
         return 1
     return 0
