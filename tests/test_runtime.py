@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from devstack.embedded import free_port, wait_for_port
 from tests.support.receiver import migrate
 
 
@@ -142,22 +143,14 @@ def test_sigterm_while_the_receiver_waits_for_its_database_stops_it_at_once(tmp_
 
 def test_a_second_simulator_on_the_port_of_a_running_one_cannot_start() -> None:
     # grpc's default SO_REUSEPORT let the second one start and share the first one's calls.
-    with _busy_port() as port:
-        pass
+    port = free_port()
     first = subprocess.Popen(
         [sys.executable, "-m", "exporter.cli", "simulator", "--listen", f"127.0.0.1:{port}"],
         env=_env(),
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert first.poll() is None
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_for_port("127.0.0.1", port, timeout=30, process=first)
         try:
             second = subprocess.run(
                 [sys.executable, "-m", "exporter.cli", "simulator", "--listen", f"127.0.0.1:{port}"],
