@@ -110,4 +110,5 @@ def test_migrate_against_an_unreachable_server_fails_in_one_line_without_the_pas
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr  # libpq's hint ("Is the server running...") on the same line
     assert lines[0].startswith("dict-rate-limit migrate: connection failed: ")
+    assert "Is the server running" in lines[0]  # libpq's second line, folded in, not dropped
     assert "S3cretPw" not in done.stderr
